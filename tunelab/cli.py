@@ -1,0 +1,178 @@
+"""Command line: one small function per verb, parsing only; the work lives in the library.
+
+Exit codes: 0 success, 2 user error (bad config, data, arguments), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _generation_settings(args):
+    from .generate import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    ).validate()
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    if args.resume is not None:
+        result = train(None, args.overrides, resume=args.resume, progress=not args.no_progress)
+    else:
+        if args.config is None:
+            raise UserError("tunelab train needs a CONFIG.yaml (or --resume RUN)")
+        result = train(args.config, args.overrides, progress=not args.no_progress)
+    print(result.run_dir)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate_text
+    from .load import load
+
+    model, tokenizer = load(args.run_or_model)
+    print(generate_text(model, tokenizer, args.prompt, _generation_settings(args)))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import chat_loop
+    from .load import load
+
+    model, tokenizer = load(args.run_or_model)
+    chat_loop(model, tokenizer, _generation_settings(args))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.run import evaluate_run
+
+    _print_json(evaluate_run(args.run_or_model, args.data, args.overrides))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .data.check import check_file
+    from .models import load_tokenizer
+
+    report = check_file(args.file, load_tokenizer(args.model), args.format, args.max_length)
+    _print_json(report)
+    return 0 if report["invalid"] == 0 else 2
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for name, method in METHODS.items():
+        print(f"{name:10s} -> {method.artifact}/  {method.summary}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .runs import list_runs
+
+    rows = list_runs(args.dir)
+    if not rows:
+        print(f"no runs under {args.dir}")
+        return 0
+    for r in rows:
+        print(f"{r['run']:40s} {r['method']:8s} {r['model']:24s} loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo.run import run_demo
+
+    run_demo(out_dir=args.out_dir, steps=args.steps)
+    return 0
+
+
+def _add_generation_flags(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune language models efficiently.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config; prints the run directory")
+    p.add_argument("config", nargs="?", help="CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="one completion from a run or a model")
+    p.add_argument("run_or_model")
+    p.add_argument("--prompt", required=True)
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    p.add_argument("run_or_model")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="evaluate a run or model on its validation data or --data FILE")
+    p.add_argument("run_or_model")
+    p.add_argument("--data", help="a data file (default: the run's validation split)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("check", help="validate a data file; counts, token lengths, problems")
+    c.add_argument("file")
+    c.add_argument("--format", default="auto")
+    c.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
+    c.add_argument("--max-length", type=int, default=512)
+    c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("methods", help="list tuning methods with their defaults")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("runs", help="list runs with method, model, metrics, config hash")
+    p.add_argument("dir", nargs="?", default="runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("demo", help="the README demo: before/after LoRA on a generated date-normalisation task")
+    p.add_argument("--out-dir", default="runs")
+    p.add_argument("--steps", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

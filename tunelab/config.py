@@ -1,0 +1,232 @@
+"""Typed run configuration: YAML file + `dotted.key=value` overrides, validated by pydantic.
+
+Unknown keys and bad values are errors that name the key (and the YAML line where known) and
+suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    format: Literal["auto", "alpaca", "input_target", "messages", "sharegpt", "text", "classification"] = "auto"
+    max_length: int = Field(512, ge=8)
+    # "auto": the tokenizer's own template (ChatML if it has none); "chatml"; or a Jinja template string.
+    chat_template: str = "auto"
+    system_prompt: Optional[str] = None
+    loss_on: Literal["completion", "all"] = "completion"
+    skip_invalid: bool = False
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    log_every: int = Field(1, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1)
+    save_every: Optional[int] = Field(None, ge=1)
+    save_total_limit: Optional[int] = Field(None, ge=1)
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    metric_for_best: str = "eval_loss"
+    # module-name glob pattern -> LR multiplier, applied as optimizer parameter groups
+    lr_groups: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _positive_multipliers(cls, v):
+        for pattern, mult in v.items():
+            if mult <= 0:
+                raise ValueError(f"multiplier for '{pattern}' must be > 0, got {mult}")
+        return v
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # None: peft's default for the architecture (q/v projections); "all-linear"; or a list of names.
+    target_modules: Optional[Union[str, list[str]]] = None
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    dora: bool = False
+    rslora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+: B matrices at lr_ratio x the base LR
+    modules_to_save: Optional[list[str]] = None
+
+
+class Config(Section):
+    model: str = "smollm2-135m-instruct"
+    method: str = "lora"
+    task: Literal["causal_lm"] = "causal_lm"
+    run_name: Optional[str] = None
+    out_dir: str = "runs"
+    seed: int = 0
+    trust_remote_code: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        from .methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method '{v}'{_suggest(v, METHODS)}; choose from {', '.join(METHODS)}")
+        return v
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def hash(self) -> str:
+        """Short stable hash of the resolved config (run name and output folder excluded)."""
+        d = self.to_dict()
+        d.pop("run_name", None)
+        d.pop("out_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _section_fields(path: tuple) -> dict:
+    """Valid keys at a dotted path, for suggestions."""
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return {}
+        model = field.annotation
+    return model.model_fields
+
+
+def _yaml_lines(text: str) -> dict:
+    """Map dotted key -> 1-based line number in the YAML text."""
+    lines: dict = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def build_config(data: dict, source: str = "<config>", lines: Optional[dict] = None) -> Config:
+    """Validate a plain dict into a Config; errors name the key, line and closest valid key."""
+    lines = lines or {}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        messages = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            dotted = ".".join(loc)
+            where = f"{source}:{lines[dotted]}" if dotted in lines else source
+            if err["type"] == "extra_forbidden":
+                valid = _section_fields(loc[:-1])
+                hint = _suggest(loc[-1], valid)
+                messages.append(f"{where}: unknown key '{dotted}'{hint}")
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                messages.append(f"{where}: {dotted}: {msg} (got {err.get('input')!r})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
+    data: dict = {}
+    lines: dict = {}
+    source = "<overrides>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+        lines = _yaml_lines(text)
+        # relative data paths are relative to the config file's folder
+        for key in ("train", "eval"):
+            value = (data.get("data") or {}).get(key) if isinstance(data.get("data"), dict) else None
+            if isinstance(value, str) and not Path(value).is_absolute():
+                candidate = path.parent / value
+                if candidate.exists():
+                    data["data"][key] = str(candidate)
+    apply_overrides(data, overrides or [])
+    return build_config(data, source, lines)

@@ -1,0 +1,26 @@
+"""Batching: dynamic padding to the longest example of each micro-batch."""
+
+from __future__ import annotations
+
+import torch
+
+from .encode import IGNORE_INDEX
+
+
+def pad_batch(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad input ids (pad_id), labels (-100) and build the attention mask."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def count_loss_tokens(batch: dict) -> int:
+    """Tokens that contribute to the loss (labels shifted by one: the first position predicts nothing)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,68 @@
+"""From the config's data section to encoded train / validation examples."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+from ..errors import ConfigError
+from .encode import EncodeStats, encode_examples, resolve_chat_template
+from .formats import load_examples
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    val: list[dict]
+    format: str
+    template: str
+    train_stats: EncodeStats
+    val_stats: EncodeStats
+    skipped: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """Human-readable warnings about what happened to the data."""
+        notes = []
+        for name, s in (("train", self.train_stats), ("eval", self.val_stats)):
+            if s.truncated:
+                notes.append(f"{s.truncated} {name} examples were truncated to data.max_length")
+            if s.dropped_no_target:
+                notes.append(f"{s.dropped_no_target} {name} examples had no completion tokens left and were dropped")
+        if self.skipped:
+            notes.append(f"{len(self.skipped)} invalid records skipped (data.skip_invalid); first: {self.skipped[0]}")
+        return notes
+
+
+def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded random split; at least one validation example when fraction > 0 and there are 2+ examples."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
+    val_idx = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
+
+
+def prepare_data(cfg, tokenizer) -> PreparedData:
+    """Load, validate, split and encode the data named by the config (nothing is written)."""
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("data.train is not set: give a JSONL/JSON/CSV file (data.train=path/to/file.jsonl)")
+    train_examples, fmt, skipped = load_examples(d.train, d.format, d.skip_invalid)
+    if fmt == "classification":
+        raise ConfigError(f"{d.train}: text/label data needs task: classification, which this build does not support yet")
+    if d.eval:
+        val_examples, _, val_skipped = load_examples(d.eval, fmt, d.skip_invalid)
+        skipped += val_skipped
+    else:
+        train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed)
+    template = resolve_chat_template(tokenizer, d.chat_template)
+    train, train_stats = encode_examples(train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train)
+    val, val_stats = encode_examples(val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train)
+    if not train:
+        raise ConfigError(f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length")
+    return PreparedData(train, val, fmt, template, train_stats, val_stats, skipped)
+
+

@@ -1,0 +1,139 @@
+"""Rendering conversations with a chat template, tokenizing, and masking the prompt.
+
+Labels are -100 on everything the model should not learn (the prompt, padding) and equal to the
+input ids on completion tokens. Each assistant turn's loss span runs to and includes the template's
+end-of-turn token, so a fine-tuned model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import DataError
+from .formats import Example
+
+IGNORE_INDEX = -100
+
+# Used when a tokenizer has no chat template of its own: ChatML, closed by the tokenizer's EOS.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def resolve_chat_template(tokenizer, setting: str = "auto") -> str:
+    """The template to use: the tokenizer's own for `auto` (ChatML if none), ChatML, or a Jinja string."""
+    if setting == "auto":
+        return tokenizer.chat_template or CHATML_TEMPLATE
+    if setting == "chatml":
+        return CHATML_TEMPLATE
+    return setting
+
+
+def end_token_id(tokenizer) -> int:
+    for tok_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if tok_id is not None:
+            return tok_id
+    raise DataError("<tokenizer>", None, "the tokenizer has neither an EOS nor a SEP token to end examples with")
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped_no_target: int = 0
+    lengths: list = field(default_factory=list)
+
+
+def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def with_system_prompt(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def _completion_spans(tokenizer, template: str, messages: list[dict], full: str, where) -> list[tuple[int, int]]:
+    """Character spans of each assistant turn (content + end-of-turn marker) in the rendered text."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, template, messages[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError(
+                where[0], where[1], "the chat template does not render conversations prefix by prefix; use data.loss_on: all"
+            )
+        end = len(upto.rstrip(" \n"))  # the newline after the end-of-turn token is not part of the answer
+        spans.append((len(before), end))
+    return spans
+
+
+def encode_example(
+    example: Example,
+    tokenizer,
+    template: str,
+    max_length: int,
+    loss_on: str = "completion",
+    system_prompt: Optional[str] = None,
+    where=("<data>", None),
+) -> tuple[dict, bool]:
+    """Tokenize one example. Returns ({input_ids, labels}, truncated)."""
+    eos = end_token_id(tokenizer)
+    if example.messages is not None:
+        messages = with_system_prompt(example.messages, system_prompt)
+        full = render(tokenizer, template, messages)
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if loss_on == "all":
+            labels = list(ids)
+        else:
+            spans = _completion_spans(tokenizer, template, messages, full, where)
+            labels = [
+                tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+                for tok, (start, _end) in zip(ids, enc["offset_mapping"])
+            ]
+        # a template whose turns do not end with EOS: make the last answer end with it
+        last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
+        if last is not None and ids[last] != eos:
+            ids.insert(last + 1, eos)
+            labels.insert(last + 1, eos)
+    else:
+        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [eos]
+        labels = list(ids)
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}, truncated
+
+
+def encode_examples(examples: list[Example], tokenizer, template: str, max_length: int, loss_on: str,
+                    system_prompt: Optional[str] = None, path="<data>") -> tuple[list[dict], EncodeStats]:
+    """Encode many examples; drops (and counts) those left with no loss tokens after truncation."""
+    stats = EncodeStats()
+    out = []
+    for ex in examples:
+        enc, truncated = encode_example(ex, tokenizer, template, max_length, loss_on, system_prompt, (path, ex.line))
+        stats.truncated += truncated
+        # the first label can never be predicted (nothing precedes it): need one after position 0
+        if not any(lab != IGNORE_INDEX for lab in enc["labels"][1:]):
+            stats.dropped_no_target += 1
+            continue
+        enc["line"] = ex.line
+        out.append(enc)
+        stats.lengths.append(len(enc["input_ids"]))
+    stats.examples = len(out)
+    return out, stats
+
+
+def prompt_text(tokenizer, template: str, messages: list[dict], system_prompt: Optional[str] = None) -> str:
+    """The rendered prompt for generation: everything up to the assistant's reply."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return render(tokenizer, template, with_system_prompt(messages, system_prompt), add_generation_prompt=True)

@@ -1,0 +1,70 @@
+"""Device and precision choice in one place, and peak-memory measurement.
+
+CPUs here differ between machines: with AVX512-BF16 or AMX, bf16 matmuls are fast; on an AVX2-only CPU
+torch falls back to a scalar bf16 GEMM about 100x slower than fp32. So `precision: auto` detects the
+capability instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import sys
+import warnings
+
+import torch
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(c is not None for c in checks):
+        return any(c() for c in checks if c is not None)
+    try:  # older torch: read the CPU flags
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_capability() -> str:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{cap}+bf16" if cpu_has_native_bf16() else cap
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """Map `auto|fp32|bf16|fp16` to what will actually run on this device."""
+    if device.type == "cuda":
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return requested
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "fp16":
+        warnings.warn("fp16 is not supported for CPU training; using fp32", stacklevel=2)
+        return "fp32"
+    if requested == "bf16" and not cpu_has_native_bf16():
+        warnings.warn(
+            "precision bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls run in a slow "
+            "fallback (about 100x slower than fp32). Use precision: auto or fp32.",
+            stacklevel=2,
+        )
+    return requested
+
+
+def autocast_dtype(precision: str):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory in bytes and what it measures: CUDA max allocated, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024), "rss"

@@ -1,0 +1,5 @@
+"""Evaluation: token-weighted loss / perplexity and generation-based metrics."""
+
+from .loss import evaluate_loss
+
+__all__ = ["evaluate_loss"]

