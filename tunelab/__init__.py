@@ -18,21 +18,21 @@ __version__ = "0.1.0"
 
 def train(config=None, overrides=None, resume=None, progress=True):
     """Train from a YAML path, dict or Config; returns TrainResult(run_dir, summary)."""
-    from .train import train as _train
+    from .training import train as _train
 
     return _train(config, overrides, resume=resume, progress=progress)
 
 
 def load(run_or_model, device=None):
     """Load a run directory (base + trained artifact) or a bare model name; returns (model, tokenizer)."""
-    from .load import load as _load
+    from .loading import load as _load
 
     return _load(run_or_model, device=device)
 
 
 def generate(model, tokenizer, prompt, **settings):
     """One chat completion for `prompt` with the run's chat template; see tunelab.generate.GenerationSettings."""
-    from .generate import GenerationSettings, generate_text
+    from .generation import GenerationSettings, generate_text
 
     return generate_text(model, tokenizer, prompt, GenerationSettings(**settings))
 

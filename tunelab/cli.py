@@ -19,7 +19,7 @@ def _print_json(obj) -> None:
 
 
 def _generation_settings(args):
-    from .generate import GenerationSettings
+    from .generation import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -28,7 +28,7 @@ def _generation_settings(args):
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .training import train
 
     if args.resume is not None:
         result = train(None, args.overrides, resume=args.resume, progress=not args.no_progress)
@@ -41,8 +41,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate_text
-    from .load import load
+    from .generation import generate_text
+    from .loading import load
 
     model, tokenizer = load(args.run_or_model)
     print(generate_text(model, tokenizer, args.prompt, _generation_settings(args)))
@@ -50,8 +50,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .generate import chat_loop
-    from .load import load
+    from .generation import chat_loop
+    from .loading import load
 
     model, tokenizer = load(args.run_or_model)
     chat_loop(model, tokenizer, _generation_settings(args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,7 +20,8 @@ from .errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce numbers: YAML reads `run_name: 2024` as an int, which is still a fine name
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class DataConfig(Section):
@@ -116,8 +118,22 @@ class Config(Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# names other tools use for our keys; spelling distance alone would not find these
+_ALIASES = {
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio", "rank": "r", "lora_r": "r",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "max_seq_length": "max_length",
+    "model_name_or_path": "model", "output_dir": "out_dir",
+}
+
+
 def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    alias = _ALIASES.get(str(word).lower())
+    if alias in choices:
+        return f" (did you mean '{alias}'?)"
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -194,7 +210,10 @@ def build_config(data: dict, source: str = "<config>", lines: Optional[dict] = N
                 messages.append(f"{where}: unknown key '{dotted}'{hint}")
             else:
                 msg = err["msg"].removeprefix("Value error, ")
-                messages.append(f"{where}: {dotted}: {msg} (got {err.get('input')!r})")
+                hint = ""
+                if err["type"] == "literal_error" and isinstance(err.get("input"), str):
+                    hint = _suggest(err["input"], re.findall(r"'([^']*)'", err["ctx"]["expected"]))
+                messages.append(f"{where}: {dotted}: {msg} (got {err.get('input')!r}){hint}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
 
 

@@ -23,7 +23,6 @@ import torch
 from .errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_CACHE_VERSION = "v1"
 
 
 def tunelab_home() -> Path:
@@ -46,8 +45,10 @@ def _smollm2_gguf() -> Path:
 
 
 def _materialise(name: str, build: Callable[[Path], None]) -> Path:
-    """Build a cached model directory once, atomically (temp dir, then rename)."""
-    target = tunelab_home() / "models" / f"{name}-{_CACHE_VERSION}"
+    """Build a cached model directory once, atomically (temp dir, then rename).
+
+    `name` carries a version suffix: bump it when the builder changes so old caches are not reused."""
+    target = tunelab_home() / "models" / name
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,7 @@ def _build_smollm2_tokenizer(out: Path) -> None:
 
 
 def _smollm2_tokenizer_dir() -> Path:
-    return _materialise("smollm2-tokenizer", _build_smollm2_tokenizer)
+    return _materialise("smollm2-tokenizer-v1", _build_smollm2_tokenizer)
 
 
 def _build_smollm2(out: Path) -> None:
@@ -97,7 +98,7 @@ def _build_smollm2(out: Path) -> None:
     AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()).save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
-    print(f"converted in {time.time() - t0:.0f}s -> {out}", flush=True)
+    print(f"converted in {time.time() - t0:.0f}s", flush=True)
 
 
 def _build_tiny_llama(out: Path) -> None:
@@ -113,6 +114,7 @@ def _build_tiny_llama(out: Path) -> None:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        initializer_range=0.1,  # large enough that a tiny frozen model's logits can move (learnable in tests)
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -138,6 +140,7 @@ def _build_tiny_bert(out: Path) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=512,
+        initializer_range=0.1,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out, safe_serialization=True)
@@ -145,10 +148,10 @@ def _build_tiny_bert(out: Path) -> None:
 
 
 REGISTRY: dict[str, Callable[[], Path]] = {
-    "smollm2-135m-instruct": lambda: _materialise("smollm2-135m-instruct", _build_smollm2),
+    "smollm2-135m-instruct": lambda: _materialise("smollm2-135m-instruct-v1", _build_smollm2),
     "minilm-l6": _minilm_dir,
-    "tiny-llama": lambda: _materialise("tiny-llama", _build_tiny_llama),
-    "tiny-bert": lambda: _materialise("tiny-bert", _build_tiny_bert),
+    "tiny-llama": lambda: _materialise("tiny-llama-v2", _build_tiny_llama),
+    "tiny-bert": lambda: _materialise("tiny-bert-v2", _build_tiny_bert),
 }
 
 

@@ -95,12 +95,18 @@ def encode_example(
             labels = list(ids)
         else:
             spans = _completion_spans(tokenizer, template, messages, full, where)
+            # overlap, not start: a token straddling the span start (e.g. " the" after a prompt
+            # ending in a space) carries the answer's first word and must be learned
             labels = [
-                tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-                for tok, (start, _end) in zip(ids, enc["offset_mapping"])
+                tok if any(start < e and end > s for s, e in spans) else IGNORE_INDEX
+                for tok, (start, end) in zip(ids, enc["offset_mapping"])
             ]
         # a template whose turns do not end with EOS: make the last answer end with it
         last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
+        # whitespace after the end-of-turn token (ChatML's newline, supervised with loss_on: all)
+        # is not the end of the answer; looking past it avoids a second EOS after "<eos>\n"
+        while last and labels[last - 1] != IGNORE_INDEX and ids[last] != eos and not tokenizer.decode([ids[last]]).strip():
+            last -= 1
         if last is not None and ids[last] != eos:
             ids.insert(last + 1, eos)
             labels.insert(last + 1, eos)

@@ -45,10 +45,15 @@ class Record:
 
 
 def _decode(path: Path, raw: bytes, line: int) -> str:
+    """Decode one line (line > 0) or the whole file (line 0: the error names the line of the bad byte)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
+        if line:
+            raise DataError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        raise DataError(path, raw.count(b"\n", 0, exc.start) + 1,
+                        f"not valid UTF-8 ({exc.reason} at byte {exc.start - line_start} of the line)") from None
 
 
 def _check_depth(obj, path, line, depth=0):
@@ -71,19 +76,26 @@ def _parse_json(text: str, path: Path, line: int):
         raise DataError(path, line + exc.lineno - 1, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
 
 
-def _read_jsonl(path: Path, raw: bytes) -> list[Record]:
+def _read_jsonl(path: Path, raw: bytes, problems: Optional[list] = None) -> list[Record]:
+    """With a `problems` list, lines that do not parse are recorded there and skipped (skip_invalid)."""
     records = []
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        text = _decode(path, line_bytes, number)
-        if number == 1:
-            text = text.removeprefix("\ufeff")
-        text = text.strip()
-        if not text:
+        try:
+            text = _decode(path, line_bytes, number)
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            text = text.strip()
+            if not text:
+                continue
+            obj = _parse_json(text, path, number)
+            if not isinstance(obj, dict):
+                raise DataError(path, number, f"each line must be a JSON object, got {type(obj).__name__}")
+            _check_depth(obj, path, number)
+        except DataError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
             continue
-        obj = _parse_json(text, path, number)
-        if not isinstance(obj, dict):
-            raise DataError(path, number, f"each line must be a JSON object, got {type(obj).__name__}")
-        _check_depth(obj, path, number)
         records.append(Record(number, obj))
     return records
 
@@ -154,8 +166,10 @@ def _read_csv(path: Path, raw: bytes) -> list[Record]:
     return records
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Read a JSONL / JSON / CSV file into records with their line numbers."""
+def read_records(path: str | Path, problems: Optional[list] = None) -> list[Record]:
+    """Read a JSONL / JSON / CSV file into records with their line numbers.
+
+    With a `problems` list, unparseable JSONL lines are skipped and described there."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -163,20 +177,22 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(path, None, "file not found") from None
     except IsADirectoryError:
         raise DataError(path, None, "is a directory, expected a data file") from None
+    # checked first: an empty .json would otherwise be reported as invalid JSON
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():
+        raise DataError(path, None, "no records found (the file is empty)")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         records = _read_csv(path, raw)
     elif suffix == ".json":
         records = _read_json(path, raw)
     else:
-        records = _read_jsonl(path, raw)
+        records = _read_jsonl(path, raw, problems)
     if not records:
-        raise DataError(path, None, "no records found (the file is empty)")
+        raise DataError(path, None, f"no valid records ({len(problems)} invalid)" if problems else "no records found")
     return records
 
 
-def detect_format(record: Record, path) -> str:
-    keys = set(record.data)
+def _format_of(keys: set) -> Optional[str]:
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -189,6 +205,17 @@ def detect_format(record: Record, path) -> str:
         return "classification"
     if "text" in keys:
         return "text"
+    return None
+
+
+def detect_format(records: list[Record], path) -> str:
+    """The format of the first record whose fields fit one (the first record may be the malformed one)."""
+    for record in records:
+        fmt = _format_of(set(record.data))
+        if fmt:
+            return fmt
+    record = records[0]
+    keys = set(record.data)
     raise DataError(
         path,
         record.line,
@@ -285,10 +312,11 @@ def load_examples(path: str | Path, fmt: str = "auto", skip_invalid: bool = Fals
         close = difflib.get_close_matches(fmt, FORMATS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise DataError(path, None, f"unknown data format '{fmt}'{hint}; choose from auto, {', '.join(FORMATS)}")
-    records = read_records(path)
+    problems: list[str] = []
+    records = read_records(path, problems if skip_invalid else None)
     if fmt == "auto":
-        fmt = detect_format(records[0], path)
-    examples, problems = [], []
+        fmt = detect_format(records, path)
+    examples = []
     for record in records:
         try:
             examples.append(to_example(record, fmt, path))

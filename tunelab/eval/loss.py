@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..data.collate import count_loss_tokens, pad_batch
-from ..train.loss import loss_sum
+from ..training.loss import loss_sum
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from .loss import evaluate_loss
 
 
 def evaluate_run(run_or_model: str, data: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
-    from ..load import is_run_dir, load
+    from ..loading import is_run_dir, load
 
     run = Path(run_or_model)
     is_run = is_run_dir(run)

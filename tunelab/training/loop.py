@@ -131,8 +131,9 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
 
     # --- one optimizer step -------------------------------------------------------------------
-    def train_step(self, window: list[list[int]]) -> tuple[float, float, int]:
-        """Forward/backward over the micro-batches of one step; returns (loss, grad_norm, tokens)."""
+    def accumulate_gradients(self, window: list[list[int]]) -> tuple[float, int]:
+        """Forward/backward over the micro-batches of one step, each scaled by the window's loss-token
+        count so the summed gradient equals the full batch's. Returns (mean token loss, tokens seen)."""
         batches = [pad_batch([self.data.train[i] for i in micro], self.pad_id) for micro in window]
         n_loss_tokens = sum(count_loss_tokens(b) for b in batches)
         total, tokens = 0.0, 0
@@ -144,23 +145,28 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
             tokens += int(batch["attention_mask"].sum())
+        return total / n_loss_tokens, tokens
+
+    def optimizer_step(self) -> float:
+        """Clip, step (unless the gradients are non-finite), schedule; returns the gradient norm."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss = total / n_loss_tokens
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not self.scaler:
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss, grad_norm, tokens  # skipped: the caller counts it
-        if self.scaler:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm or float("inf")))
+        if self.scaler:  # the scaler skips non-finite steps itself and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+            self.scheduler.step()
+        elif math.isfinite(grad_norm):
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, tokens
+        return grad_norm
+
+    def train_step(self, window: list[list[int]]) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss, grad_norm, tokens)."""
+        loss, tokens = self.accumulate_gradients(window)
+        return loss, self.optimizer_step(), tokens
 
     def evaluate(self) -> dict:
         return evaluate_loss(self.model, self.data.val, self.pad_id, self.cfg.train.batch_size, self.device, self.autocast())

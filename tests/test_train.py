@@ -1,0 +1,202 @@
+"""Training on tiny-llama: the run directory, adapter portability, accumulation, resume, losses."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import build_config
+from tunelab.data.encode import IGNORE_INDEX
+from tunelab.training.loop import Trainer
+from tunelab.training.loss import plain_loss_sum, selected_loss_sum
+
+SPEC_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "tb", "eval.json"]
+SUMMARY_FIELDS = ["method", "model", "trainable_params", "total_params", "trainable_pct", "artifact_bytes",
+                  "train_wall_s", "train_tokens", "train_tokens_per_s", "peak_mem_bytes", "peak_mem_kind",
+                  "final_train_loss", "eval", "device", "precision", "versions"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import toy_rows
+
+    tmp = tmp_path_factory.mktemp("run")
+    data = tmp / "toy.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8")
+    cfg = {"model": "tiny-llama", "out_dir": str(tmp / "runs"), "run_name": "tiny",
+           "data": {"train": str(data), "val_fraction": 0.2, "max_length": 64},
+           "train": {"max_steps": 5, "batch_size": 4, "lr": 1e-2, "precision": "fp32"}}
+    return tunelab.train(cfg, progress=False)
+
+
+def test_run_directory_has_every_spec_file(tiny_run):
+    run = tiny_run.run_dir
+    for name in SPEC_FILES:
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    for key in SUMMARY_FIELDS:
+        assert key in summary, key
+    assert summary["steps"] == 5
+    assert summary["peak_mem_bytes"] > 50 * 2**20 and summary["peak_mem_kind"] == "rss"
+    assert summary["train_tokens"] > 0 and summary["train_tokens_per_s"] > 0
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["artifact_bytes"] > 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    for r in lines:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+    assert (run / "checkpoints" / "step-5" / "COMPLETE").exists()
+    assert list((run / "tb").iterdir())
+    # the saved config is complete and loads back
+    cfg = tunelab.config.load_config(run / "config.yaml")
+    assert cfg.model == "tiny-llama" and cfg.train.max_steps == 5
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_adapter_loads_in_plain_peft_with_same_logits(tiny_run):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tiny_run.run_dir / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save")
+    model, tok = tunelab.load(tiny_run.run_dir)
+    ids = tok("Repeat the word: 红色", return_tensors="pt")["input_ids"]
+    ours = _logits(model, ids)
+
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    plain = PeftModel.from_pretrained(base, adapter).eval()
+    assert torch.allclose(_logits(plain, ids), ours, atol=1e-5)
+    auto = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()  # base path from adapter_config, offline
+    assert torch.allclose(_logits(auto, ids), ours, atol=1e-5)
+    # and the adapter really changed something
+    with plain.disable_adapter():
+        assert not torch.allclose(_logits(plain, ids), ours, atol=1e-4)
+
+
+def _grads(tmp_path, toy_data, batch_size, grad_accum):
+    cfg = build_config({"model": "tiny-llama", "out_dir": str(tmp_path / f"g{batch_size}"),
+                        "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
+                        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "precision": "fp32"},
+                        "lora": {"dropout": 0.0, "init": "gaussian"}})
+    trainer = Trainer(cfg, progress=False)
+    window = [list(range(i, i + batch_size)) for i in range(0, 8, batch_size)]
+    counts = [sum(1 for x in trainer.data.train[i]["labels"][1:] if x != IGNORE_INDEX) for i in range(8)]
+    assert len(set(counts)) > 1, "the test needs examples with different numbers of loss tokens"
+    loss, _ = trainer.accumulate_gradients(window)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss, grads
+
+
+def test_grad_accumulation_equals_large_batch(tmp_path, toy_data):
+    loss_a, grads_a = _grads(tmp_path, toy_data, 2, 4)
+    loss_b, grads_b = _grads(tmp_path, toy_data, 8, 1)
+    assert abs(loss_a - loss_b) < 1e-5
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=0), name
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+
+
+def test_every_training_example_ends_with_eos_in_the_loss(tiny_config):
+    trainer = Trainer(build_config(tiny_config), progress=False)
+    eos = trainer.tokenizer.eos_token_id
+    for example in trainer.data.train + trainer.data.val:
+        supervised = [x for x in example["labels"] if x != IGNORE_INDEX]
+        assert supervised[-1] == eos
+
+
+def test_resume_reaches_the_same_final_loss(tmp_path, tiny_config):
+    tiny_config["train"].update(max_steps=6, save_every=3)
+    tiny_config["lora"] = {"dropout": 0.1}  # dropout draws from the RNG: resume must restore it
+    full = tunelab.train(tiny_config, progress=False)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full.run_dir, interrupted)
+    # make it look like a run killed after the step-3 checkpoint
+    for name in ("summary.json", "eval.json"):
+        (interrupted / name).unlink()
+    shutil.rmtree(interrupted / "checkpoints" / "step-6")
+    shutil.rmtree(interrupted / "adapter")
+    resumed = tunelab.train(None, resume=interrupted, progress=False)
+    assert resumed.summary["steps"] == 6
+    assert abs(resumed.summary["final_train_loss"] - full.summary["final_train_loss"]) < 1e-4
+    a = [json.loads(x)["loss"] for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_incomplete_checkpoint_is_ignored_and_corrupt_one_is_a_clear_error(tmp_path, tiny_config):
+    from tunelab.errors import UserError
+    from tunelab.training.checkpoint import MARKER, latest_checkpoint, load_checkpoint
+
+    tiny_config["train"].update(max_steps=4, save_every=2)
+    result = tunelab.train(tiny_config, progress=False)
+    ckpts = result.run_dir / "checkpoints"
+    (ckpts / "step-4" / MARKER).unlink()
+    assert latest_checkpoint(ckpts).name == "step-2"
+    weights = ckpts / "step-2" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    trainer = Trainer(build_config(tiny_config), progress=False)
+    with pytest.raises(UserError, match="corrupted or truncated"):
+        load_checkpoint(ckpts / "step-2", trainer.model, trainer.optimizer, trainer.scheduler)
+
+
+def test_loss_decreases_on_learnable_task(tiny_config):
+    tiny_config["train"].update(max_steps=30, lr=1e-2, batch_size=8, log_every=1)
+    tiny_config["lora"] = {"target_modules": "all-linear", "r": 8}
+    result = tunelab.train(tiny_config, progress=False)
+    losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_epochs_set_the_number_of_steps(tiny_config):
+    tiny_config["train"].pop("max_steps")
+    tiny_config["train"].update(epochs=2, batch_size=4, grad_accum=2)
+    trainer = Trainer(build_config(tiny_config), progress=False)
+    n = len(trainer.data.train)
+    assert trainer.total_steps == 2 * -(-(-(-n // 4)) // 2)
+
+
+def test_selected_position_loss_equals_plain_loss_and_gradients(smol_tokenizer):
+    from tunelab.data.collate import pad_batch
+    from tunelab.models import load_causal_lm
+
+    model = load_causal_lm("tiny-llama")
+    examples = [{"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
+                for n in (7, 12, 9)]
+    batch = pad_batch(examples, smol_tokenizer.pad_token_id)
+    plain = plain_loss_sum(model, batch)
+    plain.backward()
+    g_plain = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    fast = selected_loss_sum(model, batch, chunk=4)  # several chunks, recomputed in backward
+    fast.backward()
+    g_fast = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert abs(float(plain) - float(fast)) < 1e-5 * max(1.0, abs(float(plain)))
+    assert torch.allclose(g_plain, g_fast, atol=1e-5)
+
+
+def test_lr_groups_and_loraplus_set_group_lrs(tiny_config):
+    from tunelab.methods import get_method
+    from tunelab.training.optim import param_groups
+
+    tiny_config["lora"] = {"lr_ratio": 16}
+    tiny_config["train"]["lr_groups"] = {"*q_proj*": 0.1}
+    cfg = build_config(tiny_config)
+    trainer = Trainer(cfg, progress=False)
+    by_name = {}
+    for group in param_groups(trainer.model, cfg, get_method("lora")):
+        for p in group["params"]:
+            by_name[id(p)] = group["lr"]
+    lr = cfg.train.lr
+    for name, p in trainer.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        expected = lr * (16 if ".lora_B." in name else 1) * (0.1 if "q_proj" in name else 1)
+        assert by_name[id(p)] == pytest.approx(expected), name
