@@ -186,10 +186,18 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
+def _quiet_transformers() -> None:
+    # per-tensor "Loading weights" bars are noise for models that load in a second
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_causal_lm(name: str, device: Optional[torch.device] = None, dtype=torch.float32, trust_remote_code=False):
     """Load a causal LM from the registry or disk, weights as `dtype` (fp32 master weights by default)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,214 @@
+"""Config: defaults, YAML, dotted overrides, and errors that name the key and suggest a fix."""
+
+import pytest
+
+from tunelab.config import Config, apply_overrides, build_config, load_config, parse_override
+from tunelab.errors import ConfigError
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(*args, **kwargs)
+    return str(err.value)
+
+
+def test_defaults():
+    cfg = load_config()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert cfg.model == "smollm2-135m-instruct"
+    assert cfg.method == "lora"
+    assert cfg.out_dir == "runs"
+    assert cfg.data.val_fraction == 0.1
+    assert cfg.data.format == "auto"
+    assert cfg.data.loss_on == "completion"
+    assert cfg.train.log_every == 1
+    assert cfg.train.scheduler == "cosine"
+    assert cfg == Config()
+
+
+def test_yaml_loading(tmp_path):
+    path = write(tmp_path, """\
+model: tiny-llama
+method: lora
+seed: 3
+data:
+  train: train.jsonl
+  max_length: 128
+  format: alpaca
+train:
+  lr: 1.0e-3
+  epochs: 2
+  scheduler: linear
+lora:
+  r: 8
+  target_modules: [q_proj, v_proj]
+""")
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    cfg = load_config(path)
+    assert cfg.model == "tiny-llama" and cfg.seed == 3
+    assert cfg.data.max_length == 128 and cfg.data.format == "alpaca"
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 2.0 and cfg.train.scheduler == "linear"
+    assert cfg.lora.r == 8 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora.alpha == 32  # untouched keys keep their defaults
+    # a relative data path is relative to the config file's folder
+    assert cfg.data.train == str(tmp_path / "train.jsonl")
+
+
+def test_empty_yaml_and_bom(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+    cfg = load_config(write(tmp_path, "\ufeffseed: 5\n"))
+    assert cfg.seed == 5
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-4", "train.packing=true", "lora.target_modules=[q_proj,k_proj]",
+                             "train.batch_size=4", "lora.dropout=0.1", "train.max_steps=10", "data.eval=null"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-4
+    assert cfg.train.packing is True
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int)
+    assert cfg.lora.dropout == 0.1
+    assert cfg.train.max_steps == 10
+    assert cfg.data.eval is None
+
+
+def test_parse_override():
+    assert parse_override("train.batch_size=4") == ("train.batch_size", 4)
+    assert parse_override("train.packing=false") == ("train.packing", False)
+    assert parse_override("lora.target_modules=[q_proj, k_proj]") == ("lora.target_modules", ["q_proj", "k_proj"])
+    assert parse_override("data.system_prompt=a=b") == ("data.system_prompt", "a=b")  # split on the first '='
+    assert parse_override("run_name=") == ("run_name", None)
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("=3")
+
+
+def test_overrides_win_over_yaml(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.01\n  batch_size: 2\n")
+    cfg = load_config(path, ["train.lr=0.5"])
+    assert cfg.train.lr == 0.5 and cfg.train.batch_size == 2
+
+
+def test_override_creates_nested_keys():
+    data = apply_overrides({}, ["lora.r=4", "train.lr_groups.lm_head=0.5", "data.train=x.jsonl"])
+    assert data == {"lora": {"r": 4}, "train": {"lr_groups": {"lm_head": 0.5}}, "data": {"train": "x.jsonl"}}
+    cfg = build_config(data)
+    assert cfg.lora.r == 4 and cfg.train.lr_groups == {"lm_head": 0.5}
+    # a scalar in the way is replaced by a mapping
+    assert apply_overrides({"train": 3}, ["train.lr=0.1"]) == {"train": {"lr": 0.1}}
+
+
+def test_numeric_value_for_a_string_key():
+    # YAML reads `run_name: 2024` as an int; it is still a fine run name
+    cfg = load_config(None, ["run_name=2024"])
+    assert cfg.run_name == "2024"
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,closest", [("learning_rate", "lr"), ("lrr", "lr"), ("batchsize", "batch_size"),
+                                         ("epoch", "epochs"), ("num_train_epochs", "epochs")])
+def test_unknown_train_key_suggests_closest(tmp_path, key, closest):
+    path = write(tmp_path, f"model: tiny-llama\ntrain:\n  epochs: 1\n  {key}: 1\n")
+    message = config_error(path)
+    assert f"unknown key 'train.{key}'" in message
+    assert f"did you mean '{closest}'" in message
+    assert f"{path}:4" in message  # the YAML line of the key
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = write(tmp_path, "method: lora\nmodle: tiny-llama\n")
+    message = config_error(path)
+    assert "unknown key 'modle'" in message and "did you mean 'model'" in message
+    assert f"{path}:2" in message
+
+
+def test_unknown_key_from_override():
+    message = config_error(None, ["lora.rank=4"])
+    assert "unknown key 'lora.rank'" in message and "did you mean 'r'" in message
+    message = config_error(None, ["data.fromat=alpaca"])
+    assert "unknown key 'data.fromat'" in message and "did you mean 'format'" in message
+
+
+def test_unknown_section_key_without_close_match(tmp_path):
+    message = config_error(None, ["zzzzzz=1"])
+    assert "unknown key 'zzzzzz'" in message
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=-1e-4", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("lora.r=0", "lora.r"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("data.val_fraction=1", "data.val_fraction"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.lr_groups.lm_head=-1", "train.lr_groups"),
+])
+def test_bad_values_name_the_key(override, key):
+    message = config_error(None, [override])
+    assert key in message
+
+
+def test_bad_value_in_yaml_names_key_and_line(tmp_path):
+    path = write(tmp_path, "model: tiny-llama\nlora:\n  alpha: 16\n  r: 0\n")
+    message = config_error(path)
+    assert "lora.r" in message and f"{path}:4" in message
+
+
+def test_unknown_method_suggests_closest():
+    message = config_error(None, ["method=lorra"])
+    assert "method" in message and "did you mean 'lora'" in message
+
+
+def test_unknown_choice_values_suggest_closest():
+    message = config_error(None, ["train.scheduler=cosin"])
+    assert "train.scheduler" in message and "did you mean 'cosine'" in message
+    message = config_error(None, ["data.format=alpacca"])
+    assert "data.format" in message and "did you mean 'alpaca'" in message
+    message = config_error(None, ["train.scheduler=exponential"])
+    assert "train.scheduler" in message and "'cosine'" in message  # lists the valid choices
+
+
+def test_several_errors_reported_together():
+    message = config_error(None, ["train.lrr=1", "lora.r=0"])
+    assert "train.lrr" in message and "lora.r" in message
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = write(tmp_path, "model: tiny-llama\ntrain:\n  lr: [1\n  epochs: 2\n")
+    message = config_error(path)
+    assert str(path) in message and "invalid YAML" in message
+
+
+def test_config_not_a_mapping_and_missing_file(tmp_path):
+    assert "mapping" in config_error(write(tmp_path, "- a\n- b\n"))
+    assert "not found" in config_error(tmp_path / "missing.yaml")
+
+
+# --- round trip -----------------------------------------------------------------------------------
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["model=tiny-llama", "train.lr=3e-4", "lora.target_modules=[q_proj,v_proj]",
+                             "train.lr_groups.lm_head=0.1", "data.system_prompt=你是一个助手。", "run_name=rt",
+                             "train.packing=true", "data.val_fraction=0"])
+    path = write(tmp_path, cfg.to_yaml(), "resolved.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+    assert again.hash() == cfg.hash()
+    assert "你是一个助手。" in path.read_text(encoding="utf-8")
+
+
+def test_hash_ignores_run_name_and_out_dir():
+    a = load_config(None, ["run_name=a", "out_dir=x"])
+    b = load_config(None, ["run_name=b", "out_dir=y"])
+    c = load_config(None, ["train.lr=0.1"])
+    assert a.hash() == b.hash() != c.hash()

@@ -1,0 +1,72 @@
+"""Generation settings, greedy determinism, chat template use, the chat loop and the CLI verb."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.errors import UserError
+from tunelab.generation import GenerationSettings, chat_loop, generate_batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tunelab.load("tiny-llama")
+
+
+def test_defaults_match_the_spec():
+    s = GenerationSettings()
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (256, 0.7, 0.9, 50, 1.1)
+
+
+def test_temperature_zero_is_greedy_and_matches_plain_generate(tiny):
+    model, tok = tiny
+    settings = GenerationSettings(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    kwargs = settings.generate_kwargs(tok)
+    assert kwargs["do_sample"] is False
+    first = generate_batch(model, tok, ["Say something"], settings)
+    assert first == generate_batch(model, tok, ["Say something"], settings)
+    # the same tokens as transformers' own greedy decoding on the chat-templated prompt
+    text = tok.apply_chat_template([{"role": "user", "content": "Say something"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert first[0] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_sampling_with_a_seed_is_reproducible_and_respects_max_new_tokens(tiny):
+    model, tok = tiny
+    settings = GenerationSettings(max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0, seed=3)
+    a = generate_batch(model, tok, ["hello", "你好"], settings)
+    b = generate_batch(model, tok, ["hello", "你好"], settings)
+    assert a == b
+    for text in a:
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 6
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0),
+                                 dict(top_k=-1), dict(repetition_penalty=0)])
+def test_invalid_settings_are_user_errors(bad):
+    with pytest.raises(UserError):
+        GenerationSettings(**bad).validate()
+
+
+def test_chat_loop_keeps_history_and_resets(tiny):
+    model, tok = tiny
+    out = io.StringIO()
+    chat_loop(model, tok, GenerationSettings(max_new_tokens=3, temperature=0), io.StringIO("hello\n/reset\nhi again\n/exit\n"), out)
+    assert out.getvalue().count("model> ") == 2
+
+
+def test_cli_generate_on_a_bare_model_name():
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "generate", "tiny-llama", "--prompt", "hi",
+                           "--max-new-tokens", "4", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() != "" or proc.stdout == "\n"
+    bad = subprocess.run([sys.executable, "-m", "tunelab", "generate", "tiny-llama", "--prompt", "hi", "--top-p", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
