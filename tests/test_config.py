@@ -212,3 +212,14 @@ def test_hash_ignores_run_name_and_out_dir():
     b = load_config(None, ["run_name=b", "out_dir=y"])
     c = load_config(None, ["train.lr=0.1"])
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_shipped_example_and_demo_configs_validate():
+    from pathlib import Path
+
+    from tunelab.demo.run import demo_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples" / "alpaca-lora.yaml")
+    assert Path(cfg.data.train).is_file()
+    assert demo_config(root / "examples" / "data" / "tiny-alpaca.jsonl", "runs").train.max_steps == 40

@@ -10,7 +10,7 @@ import tunelab
 from tunelab.config import build_config
 from tunelab.data.encode import IGNORE_INDEX
 from tunelab.training.loop import Trainer
-from tunelab.training.loss import plain_loss_sum, selected_loss_sum
+from tunelab.losses import plain_loss_sum, selected_loss_sum
 
 SPEC_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "tb", "eval.json"]
 SUMMARY_FIELDS = ["method", "model", "trainable_params", "total_params", "trainable_pct", "artifact_bytes",
@@ -200,3 +200,11 @@ def test_lr_groups_and_loraplus_set_group_lrs(tiny_config):
             continue
         expected = lr * (16 if ".lora_B." in name else 1) * (0.1 if "q_proj" in name else 1)
         assert by_name[id(p)] == pytest.approx(expected), name
+
+
+def test_eval_command_reproduces_the_final_eval(tiny_run):
+    from tunelab.eval.run import evaluate_run
+
+    metrics = evaluate_run(str(tiny_run.run_dir))
+    assert metrics["eval_loss"] == pytest.approx(tiny_run.summary["eval"]["eval_loss"], abs=1e-5)
+    assert json.loads((tiny_run.run_dir / "eval.json").read_text())["eval_loss"] == pytest.approx(metrics["eval_loss"])

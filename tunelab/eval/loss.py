@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..data.collate import count_loss_tokens, pad_batch
-from ..training.loss import loss_sum
+from ..losses import loss_sum
 
 
 @torch.no_grad()

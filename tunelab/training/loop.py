@@ -31,7 +31,7 @@ from ..methods import get_method
 from ..models import load_causal_lm, load_tokenizer
 from .accounting import count_params
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
-from .loss import loss_sum
+from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..data.encode import IGNORE_INDEX
+from .data.encode import IGNORE_INDEX
 
 # model types whose logits are exactly lm_head(final hidden state): no soft-capping or scaling
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
