@@ -23,11 +23,12 @@ def train(config=None, overrides=None, resume=None, progress=True):
     return _train(config, overrides, resume=resume, progress=progress)
 
 
-def load(run_or_model, device=None):
-    """Load a run directory (base + trained artifact) or a bare model name; returns (model, tokenizer)."""
+def load(run_or_model, device=None, adapters=None):
+    """Load a run directory (base + trained artifact) or a bare model name; returns (model, tokenizer).
+    `adapters={"task": RUN}` adds more adapters on the same base (switch with model.set_adapter)."""
     from .loading import load as _load
 
-    return _load(run_or_model, device=device)
+    return _load(run_or_model, device=device, adapters=adapters)
 
 
 def generate(model, tokenizer, prompt, **settings):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -40,7 +40,7 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: Optional[float] = Field(None, gt=0)  # None: the method's default (tunelab methods)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -83,6 +83,49 @@ class LoraConfig(Section):
     modules_to_save: Optional[list[str]] = None
 
 
+class QuantConfig(Section):
+    bits: Optional[Literal[4, 8]] = None  # 4: QLoRA (NF4 base weights); 8: LLM.int8 base weights
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 where native, else fp32
+
+
+class AdapterConfig(Section):
+    kind: Literal["houlsby", "pfeiffer"] = "houlsby"
+    reduction: int = Field(16, ge=1)  # hidden size / bottleneck size
+    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class VirtualTokensConfig(Section):
+    num_virtual_tokens: int = Field(20, ge=1)
+    init_text: Optional[str] = None  # prompt tuning: initialise the soft prompt from this text
+    encoder_hidden_size: Optional[int] = Field(None, ge=1)  # ptuning: the prompt encoder's MLP width
+    projection: bool = False  # prefix: reparameterise the prefix through an MLP
+
+
+class FreezeConfig(Section):
+    # the last N blocks, or explicit block indices (negative counts from the end) / parameter-name patterns
+    trainable_layers: Union[int, list[Union[int, str]]] = 2
+    train_embeddings: bool = False
+    train_lm_head: bool = False
+    train_norm: bool = True  # the final norm
+
+
+class AdaLoraSection(Section):
+    init_r: int = Field(12, ge=1)
+    target_r: int = Field(8, ge=1)
+    tinit_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of steps before rank pruning starts
+    tfinal_ratio: float = Field(0.2, ge=0.0, lt=1.0)  # share of final steps at the target budget
+    delta_t: int = Field(1, ge=1)  # steps between budget reallocations
+    orth_reg_weight: float = Field(0.5, ge=0.0)
+
+
+class IA3Section(Section):
+    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+    feedforward_modules: Optional[list[str]] = None
+
+
 class Config(Section):
     model: str = "smollm2-135m-instruct"
     method: str = "lora"
@@ -94,6 +137,15 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    prefix: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
+    prompt: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
+    ptuning: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection)
+    ia3: IA3Section = Field(default_factory=IA3Section)
+    adapter_name: str = "default"  # the task name when several adapters share a base (tunelab.load adapters=)
 
     @field_validator("method")
     @classmethod
@@ -103,6 +155,15 @@ class Config(Section):
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}'{_suggest(v, METHODS)}; choose from {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _method_defaults(self):
+        """Fill what depends on the method (the default LR), so the saved config is fully resolved."""
+        if self.train.lr is None:
+            from .methods import METHODS
+
+            self.train.lr = METHODS[self.method].default_lr
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

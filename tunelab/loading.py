@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import Optional
 
 from .config import load_config
 from .data.encode import resolve_chat_template
@@ -18,34 +17,56 @@ def is_run_dir(path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "summary.json").is_file()
 
 
-def load(run_or_model, device=None):
+def _load_run(path: Path, device):
+    cfg = load_config(path / "config.yaml")
+    method = get_method(cfg.method)
+    artifact = path / method.artifact
+    if not artifact.is_dir():
+        raise UserError(f"{path}: missing {method.artifact}/ (the trained {method.artifact})")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    base = method.load_base(cfg, device) if method.needs_base else None
+    try:
+        model = method.load(base, artifact, cfg)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{artifact}: cannot load the trained {method.artifact}: {exc}") from None
+    tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template)
+    model.tunelab_config = cfg
+    return model, tokenizer, cfg
+
+
+def load(run_or_model, device=None, adapters: Optional[dict] = None):
     """(model, tokenizer), in eval mode, with the run's chat template set on the tokenizer.
 
-    The run's config is attached as `model.tunelab_config` (generation reads its system prompt).
+    `adapters={"task": RUN, ...}` loads more PEFT adapters onto the same base (stored once); switch
+    with `model.set_adapter("task")`, and `with model.disable_adapter():` gives the base back. The
+    first run's adapter is named by its config's `adapter_name`. The run's config is attached as
+    `model.tunelab_config` (generation reads its system prompt).
     """
     device = device or pick_device()
     path = Path(str(run_or_model))
     if path.is_dir() and (path / "config.yaml").is_file():
         if not is_run_dir(path):
             raise UserError(f"{path}: the run has no summary.json (unfinished?); resume it with tunelab train --resume {path}")
-        cfg = load_config(path / "config.yaml")
-        method = get_method(cfg.method)
-        artifact = path / method.artifact
-        if not artifact.is_dir():
-            raise UserError(f"{path}: missing {method.artifact}/ (the trained {method.artifact})")
-        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-        base = load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code)
-        try:
-            model = method.load(base, artifact, cfg)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{artifact}: cannot load the trained {method.artifact}: {exc}") from None
-        tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template)
-        model.tunelab_config = cfg
+        model, tokenizer, cfg = _load_run(path, device)
+        for name, run in (adapters or {}).items():
+            _add_adapter(model, cfg, name, Path(run))
     else:
+        if adapters:
+            raise UserError("adapters= needs a run directory as the first argument")
         tokenizer = load_tokenizer(str(run_or_model))
         model = load_causal_lm(str(run_or_model), device)
         tokenizer.chat_template = resolve_chat_template(tokenizer, "auto")
         model.tunelab_config = None
-    model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _add_adapter(model, cfg, name: str, run: Path) -> None:
+    if not hasattr(model, "load_adapter") or not hasattr(model, "peft_config"):
+        raise UserError(f"method '{cfg.method}' does not produce PEFT adapters; several adapters need a PEFT method")
+    other = load_config(run / "config.yaml")
+    if other.model != cfg.model:
+        raise UserError(f"{run}: trained on '{other.model}', not on the shared base '{cfg.model}'")
+    if name in model.peft_config:
+        return  # already loaded (the first run's adapter is named by its config's adapter_name)
+    model.load_adapter(str(run / get_method(other.method).artifact), adapter_name=name)

@@ -23,7 +23,14 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def supports_selected_loss(model) -> bool:
+    if _is_prompt_learning(model):  # peft adds virtual tokens in its own forward
+        return False
     lm = _causal_lm(model)
     return getattr(lm.config, "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")
 
@@ -31,7 +38,8 @@ def supports_selected_loss(model) -> bool:
 def plain_loss_sum(model, batch) -> torch.Tensor:
     """Sum of token NLL over label positions, from the model's full logits."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
+    # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
+    logits = logits[:, -batch["input_ids"].shape[1] : -1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 

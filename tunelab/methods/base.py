@@ -1,16 +1,28 @@
-"""What every tuning method provides: apply to a base model, save its artifact, load it back."""
+"""What every tuning method provides: load the base, make it trainable, save its artifact, load it back."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 
 class Method:
     name: str = ""
     artifact: str = "adapter"  # "adapter" (small, needs the base) or "model" (a full model directory)
     summary: str = ""
+    default_lr: float = 2e-4
+    block: str = ""  # the config section holding the method's options
 
-    def apply(self, model, cfg):
+    def load_base(self, cfg, device):
+        """The base model this method trains on (fp32 master weights unless the method quantizes)."""
+        from ..models import load_causal_lm
+
+        return load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code)
+
+    needs_base = True  # False: the artifact is a whole model and loads without the base
+
+    def apply(self, model, cfg, total_steps: int = 1000):
         """Make the model trainable for this method; returns the model to train."""
         raise NotImplementedError
 
@@ -24,3 +36,30 @@ class Method:
     def lr_multiplier(self, param_name: str, cfg) -> float:
         """Per-parameter LR multiplier the method asks for (LoRA+ raises B's); 1.0 by default."""
         return 1.0
+
+    def extra_loss(self, model):
+        """A regulariser added to the mean token loss (AdaLoRA's orthogonality); None by default."""
+        return None
+
+    def on_step_end(self, model, step: int) -> None:
+        """Called after each optimizer step, before gradients are cleared (AdaLoRA's budget schedule)."""
+
+
+class PeftMethod(Method):
+    """A method backed by a peft config: saved and loaded in the plain PEFT layout."""
+
+    def peft_config(self, cfg, model, total_steps: int = 1000):
+        raise NotImplementedError
+
+    def apply(self, model, cfg, total_steps: int = 1000):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(cfg, model, total_steps))
+
+    def save(self, model, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(self, base_model, artifact_dir: Path, cfg):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, artifact_dir, adapter_name=cfg.adapter_name, is_trainable=False)

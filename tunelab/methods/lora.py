@@ -1,10 +1,15 @@
-"""LoRA and its variants through peft: DoRA, rsLoRA, PiSSA/OLoRA init, LoRA+ learning rates."""
+"""LoRA and its variants through peft: DoRA, rsLoRA, PiSSA/OLoRA init, LoRA+ learning rates, QLoRA.
+
+The variants are LoRA with one option forced, so they also combine as options (QLoRA + DoRA:
+`method: qlora` with `lora.dora: true`).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import torch
 
-from .base import Method
+from ..device import cpu_has_native_bf16
+from .base import PeftMethod
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -29,24 +34,91 @@ def peft_lora_config(cfg, task_type: str = "CAUSAL_LM"):
     )
 
 
-class LoraMethod(Method):
+def compute_dtype(setting: str):
+    if setting == "auto":
+        on_gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if on_gpu_bf16 or (not torch.cuda.is_available() and cpu_has_native_bf16()) else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
+
+
+def bnb_config(quant):
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype),
+    )
+
+
+class LoraMethod(PeftMethod):
     name = "lora"
-    artifact = "adapter"
-    summary = "low-rank updates B@A on chosen linear layers (peft); r=16, alpha=32, dropout=0.05, q/v by default"
+    block = "lora"
+    summary = "low-rank updates B@A on chosen linear layers; r=16, alpha=32, dropout=0.05, q/v projections"
+    forced: dict = {}
 
-    def apply(self, model, cfg):
-        from peft import get_peft_model
+    def options(self, cfg):
+        return cfg.lora.model_copy(update=self.forced)
 
-        return get_peft_model(model, peft_lora_config(cfg))
+    def peft_config(self, cfg, model, total_steps: int = 1000):
+        return peft_lora_config(cfg.model_copy(update={"lora": self.options(cfg)}))
 
-    def save(self, model, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+    def quant_bits(self, cfg):
+        return cfg.quant.bits
 
-    def load(self, base_model, artifact_dir: Path, cfg):
-        from peft import PeftModel
+    def load_base(self, cfg, device):
+        bits = self.quant_bits(cfg)
+        if not bits:
+            return super().load_base(cfg, device)
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
 
-        return PeftModel.from_pretrained(base_model, artifact_dir, is_trainable=False)
+        from ..models import resolve_model_path
+
+        quant = cfg.quant.model_copy(update={"bits": bits})
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(cfg.model), quantization_config=bnb_config(quant), dtype=torch.float32,
+            device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+        )
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     def lr_multiplier(self, param_name: str, cfg) -> float:
-        ratio = cfg.lora.lr_ratio
+        ratio = self.options(cfg).lr_ratio
         return ratio if ratio and ".lora_B." in param_name else 1.0
+
+
+class DoraMethod(LoraMethod):
+    name = "dora"
+    summary = "LoRA with weight decomposition (magnitude + direction); lora.* options apply"
+    forced = {"dora": True}
+
+
+class RsLoraMethod(LoraMethod):
+    name = "rslora"
+    summary = "LoRA scaled by alpha/sqrt(r), stable at high ranks; lora.* options apply"
+    forced = {"rslora": True}
+
+
+class PissaMethod(LoraMethod):
+    name = "pissa"
+    summary = "LoRA initialised from the principal singular vectors (the base keeps the residual)"
+    forced = {"init": "pissa"}
+
+
+class LoraPlusMethod(LoraMethod):
+    name = "loraplus"
+    summary = "LoRA+ : B matrices at lora.lr_ratio x the LR (default 16)"
+
+    def options(self, cfg):
+        return cfg.lora.model_copy(update={"lr_ratio": cfg.lora.lr_ratio or 16.0})
+
+
+class QLoraMethod(LoraMethod):
+    name = "qlora"
+    summary = "LoRA on a 4-bit NF4 base (double quantization; bf16 compute where native) via bitsandbytes"
+
+    def quant_bits(self, cfg):
+        return cfg.quant.bits or 4

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json, atomic_write_text, dir_bytes
 from ..methods import get_method
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_tokenizer
 from .accounting import count_params
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
@@ -90,17 +90,16 @@ class Trainer:
             log(f"note: {note}")
 
         # 2. model + method
+        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg)
         self.method = get_method(cfg.method)
-        model = load_causal_lm(cfg.model, self.device, torch.float32, cfg.trust_remote_code)
+        model = self.method.load_base(cfg, self.device)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.model = self.method.apply(model, cfg)
-        self.model.to(self.device)
+        self.model = self.method.apply(model, cfg, self.total_steps)
         self.model.train()
 
         # 3. optimizer and schedule
-        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg)
         self.groups = param_groups(self.model, cfg, self.method)
         self.optimizer = build_optimizer(self.model, cfg, self.method)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
@@ -145,6 +144,9 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
             tokens += int(batch["attention_mask"].sum())
+        extra = self.method.extra_loss(self.model)  # once per step, not per micro-batch
+        if extra is not None:
+            (self.scaler.scale(extra) if self.scaler else extra).backward()
         return total / n_loss_tokens, tokens
 
     def optimizer_step(self) -> float:
@@ -160,6 +162,8 @@ class Trainer:
         elif math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
+        if math.isfinite(grad_norm):
+            self.method.on_step_end(self.model, self.state["step"] + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -281,7 +285,7 @@ class Trainer:
         if final_eval:
             final_eval["step"] = self.state["best_step"] if self.best_weights is not None else step
             atomic_write_json(self.run_dir / "eval.json", final_eval)
-        artifact = save_artifact(self.method, self.model, self.run_dir)
+        artifact = save_artifact(self.method, self.model, self.run_dir, self.tokenizer)
         self.metrics.close()
         peak, kind = peak_memory(self.device)
         summary = {

@@ -43,12 +43,15 @@ def create_run_dir(cfg) -> Path:
             n += 1
 
 
-def save_artifact(method, model, run_dir: Path) -> Path:
-    """Save the method's artifact (adapter/ or model/) atomically: temp folder, then rename."""
+def save_artifact(method, model, run_dir: Path, tokenizer=None) -> Path:
+    """Save the method's artifact (adapter/ or model/) atomically: temp folder, then rename.
+    A full model directory also gets the tokenizer, so it loads on its own."""
     final = run_dir / method.artifact
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{method.artifact}."))
     try:
         method.save(model, tmp)
+        if method.artifact == "model" and tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

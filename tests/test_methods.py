@@ -1,0 +1,146 @@
+"""Every method on tiny-llama: it learns, saves, reloads to the same logits, and counts parameters right."""
+
+import json
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import build_config
+from tunelab.methods import METHODS
+from tunelab.training.accounting import count_params
+from tunelab.training.loop import Trainer
+
+# LRs that make a tiny random model learn in 30 steps (the defaults are tuned for real models)
+TINY_LR = {"full": 1e-3, "freeze": 3e-3, "lora": 1e-2, "dora": 1e-2, "rslora": 1e-2, "pissa": 1e-2, "loraplus": 3e-3,
+           "qlora": 1e-2, "adapter": 1e-2, "prefix": 1e-1, "prompt": 3e-1, "ptuning": 3e-2, "ia3": 1e-1, "adalora": 3e-2}
+PEFT_BACKED = {"lora", "dora", "rslora", "pissa", "loraplus", "prefix", "prompt", "ptuning", "ia3", "adalora"}
+ZERO_INIT = ["lora", "dora", "rslora", "loraplus", "ia3", "adapter", "adalora", "full", "freeze"]
+
+
+def config(tmp_path, toy_data, method, **train):
+    return build_config({
+        "model": "tiny-llama", "method": method, "out_dir": str(tmp_path / "runs"), "run_name": method,
+        "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
+        "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]} | train,
+        "lora": {"target_modules": "all-linear", "r": 8},
+        "adapter": {"reduction": 4},
+        "prefix": {"num_virtual_tokens": 4}, "prompt": {"num_virtual_tokens": 4, "init_text": "repeat the colour"},
+        "ptuning": {"num_virtual_tokens": 4},
+    })
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_every_spec_method_is_registered():
+    assert set(TINY_LR) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(TINY_LR))
+def test_method_learns_saves_and_reloads_exactly(tmp_path, toy_data, smol_tokenizer, method):
+    trainer = Trainer(config(tmp_path, toy_data, method), progress=False)
+    result = trainer.run()
+    losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.25, (method, first, last)
+
+    ids = smol_tokenizer("Repeat the word: 蓝色", return_tensors="pt")["input_ids"]
+    trained = logits(trainer.model, ids)
+    model, _ = tunelab.load(result.run_dir)
+    assert (logits(model, ids) - trained).abs().max() < 1e-5
+
+    s = result.summary
+    trainable, total = count_params(trainer.model)
+    assert (s["trainable_params"], s["total_params"]) == (trainable, total)
+    assert s["artifact_bytes"] > 0 and (result.run_dir / METHODS[method].artifact).is_dir()
+    if method in PEFT_BACKED:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        cfg = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
+                                          result.run_dir / "adapter")
+        assert (logits(plain, ids) - trained).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ZERO_INIT)
+def test_zero_initialised_methods_leave_the_base_unchanged_at_step_0(tmp_path, toy_data, smol_tokenizer, method):
+    trainer = Trainer(config(tmp_path, toy_data, method), progress=False)
+    from tunelab.models import load_causal_lm
+
+    ids = smol_tokenizer("hello 你好", return_tensors="pt")["input_ids"]
+    base = logits(load_causal_lm("tiny-llama"), ids)
+    assert (logits(trainer.model, ids) - base).abs().max() < 1e-5
+
+
+def test_freeze_trains_exactly_the_chosen_blocks(tmp_path, toy_data):
+    from tunelab.models import load_causal_lm
+
+    cfg = config(tmp_path, toy_data, "freeze", max_steps=3)
+    cfg.freeze.trainable_layers = 1
+    cfg.freeze.train_norm = False
+    trainer = Trainer(cfg, progress=False)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.layers.1.") for n in trainable)
+    assert trainable == {n for n, _ in trainer.model.named_parameters() if n.startswith("model.layers.1.")}
+    trainer.run()
+    base = dict(load_causal_lm("tiny-llama").named_parameters())
+    for name, p in trainer.model.named_parameters():
+        if name in trainable:
+            continue
+        assert torch.equal(p.detach(), base[name].detach()), name
+    assert any(not torch.equal(p.detach(), base[n].detach()) for n, p in trainer.model.named_parameters() if n in trainable)
+
+
+def test_loraplus_defaults_to_ratio_16(tmp_path, toy_data):
+    from tunelab.training.optim import param_groups
+
+    cfg = config(tmp_path, toy_data, "loraplus")
+    trainer = Trainer(cfg, progress=False)
+    lrs = {g["name"]: g["lr"] for g in param_groups(trainer.model, cfg, METHODS["loraplus"])}
+    assert sorted(lrs.values()) == pytest.approx([cfg.train.lr, 16 * cfg.train.lr])
+
+
+def test_qlora_counts_the_packed_base_and_shrinks_it(tmp_path, toy_data):
+    lora = Trainer(config(tmp_path, toy_data, "lora"), progress=False)
+    qlora = Trainer(config(tmp_path, toy_data, "qlora"), progress=False)
+    assert count_params(qlora.model) == count_params(lora.model)
+    assert any(p.__class__.__name__ == "Params4bit" for p in qlora.model.parameters())
+
+
+def test_method_default_lr_fills_the_config():
+    cfg = build_config({"method": "prompt"})
+    assert cfg.train.lr == METHODS["prompt"].default_lr > METHODS["lora"].default_lr
+    assert build_config({"method": "lora", "train": {"lr": 1e-5}}).train.lr == 1e-5
+
+
+def test_adapters_on_a_shared_base_switch_and_disable(tmp_path, write_jsonl, smol_tokenizer):
+    from conftest import toy_rows
+
+    runs = {}
+    for task, seed in (("colours", 0), ("shuffled", 1)):
+        rows = toy_rows(seed=seed)
+        if task == "shuffled":
+            rows = [{"instruction": r["output"], "output": r["instruction"]} for r in rows]
+        cfg = config(tmp_path, write_jsonl(rows, f"{task}.jsonl"), "lora", max_steps=5)
+        cfg.run_name, cfg.adapter_name = task, task
+        runs[task] = tunelab.train(cfg, progress=False).run_dir
+    model, _ = tunelab.load(runs["colours"], adapters={"shuffled": runs["shuffled"]})
+    ids = smol_tokenizer("Repeat the word: red", return_tensors="pt")["input_ids"]
+    model.set_adapter("colours")
+    a = logits(model, ids)
+    model.set_adapter("shuffled")
+    b = logits(model, ids)
+    assert (a - b).abs().max() > 1e-3
+    with model.disable_adapter():
+        base = logits(model, ids)
+    from tunelab.models import load_causal_lm
+
+    assert (base - logits(load_causal_lm("tiny-llama"), ids)).abs().max() < 1e-6
+    # one base: the adapters share every base weight tensor
+    n_base = sum(1 for n, _ in model.named_parameters() if "lora_" not in n)
+    assert n_base == sum(1 for _ in load_causal_lm("tiny-llama").parameters())

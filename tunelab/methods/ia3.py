@@ -1,0 +1,18 @@
+"""IA3 through peft: learned per-channel rescaling of keys, values and feed-forward activations."""
+
+from __future__ import annotations
+
+from .base import PeftMethod
+
+
+class IA3Method(PeftMethod):
+    name = "ia3"
+    block = "ia3"
+    default_lr = 3e-3
+    summary = "learned rescaling vectors on keys, values and the feed-forward (tiny, no rank); LR 3e-3"
+
+    def peft_config(self, cfg, model, total_steps: int = 1000):
+        from peft import IA3Config
+
+        return IA3Config(task_type="CAUSAL_LM", target_modules=cfg.ia3.target_modules,
+                         feedforward_modules=cfg.ia3.feedforward_modules)
