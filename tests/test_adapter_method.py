@@ -115,7 +115,7 @@ def test_bert_step0_is_identity_with_the_right_sublayers(kind):
     assert sum(p.numel() for p in params.values()) == adapter_param_count(hidden, 4, len(names))
 
 
-def test_bert_classifier_head_stays_frozen():
+def test_bert_classifier_head_trains_with_the_adapters_and_is_saved(tmp_path):
     base, model = tiny_bert(head=True), tiny_bert(head=True)
     ids = bert_ids(base)
     with torch.no_grad():
@@ -124,9 +124,18 @@ def test_bert_classifier_head_stays_frozen():
     with torch.no_grad():
         assert (model(input_ids=ids).logits - before).abs().max().item() < 1e-6
     params = trainable(model)
-    assert not any(n.startswith("classifier.") for n in params)
-    assert all(".adapter." in n for n in params)
-    assert sum(p.numel() for p in params.values()) == adapter_param_count(model.config.hidden_size, 4, 4)
+    head = {n for n in params if n.startswith("classifier.")}
+    assert head == {"classifier.weight", "classifier.bias"}  # a new head must learn
+    assert all(".adapter." in n for n in set(params) - head)
+    n_head = sum(params[n].numel() for n in head)
+    assert sum(p.numel() for p in params.values()) - n_head == adapter_param_count(model.config.hidden_size, 4, 4)
+    with torch.no_grad():
+        model.classifier.weight.add_(0.5)
+        expected = model(input_ids=ids).logits
+    METHOD.save(model, tmp_path / "art")
+    reloaded = METHOD.load(tiny_bert(head=True), tmp_path / "art", adapter_cfg())
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - expected).abs().max().item() < 1e-6
 
 
 def test_bottleneck_is_at_least_one_and_up_starts_at_zero():

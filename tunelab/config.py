@@ -35,6 +35,8 @@ class DataConfig(Section):
     system_prompt: Optional[str] = None
     loss_on: Literal["completion", "all"] = "completion"
     skip_invalid: bool = False
+    # classification: the label names in class-id order; filled from the training data when unset
+    labels: Optional[list[str]] = None
 
 
 class TrainConfig(Section):
@@ -129,7 +131,7 @@ class IA3Section(Section):
 class Config(Section):
     model: str = "smollm2-135m-instruct"
     method: str = "lora"
-    task: Literal["causal_lm"] = "causal_lm"
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     run_name: Optional[str] = None
     out_dir: str = "runs"
     seed: int = 0

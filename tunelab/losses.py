@@ -69,7 +69,15 @@ def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
     return total
 
 
+def classification_loss_sum(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
 def loss_sum(model, batch, fast: bool = True) -> torch.Tensor:
+    """Summed loss of a batch: per answer token for LMs, per example for classification (1-D labels)."""
+    if batch["labels"].dim() == 1:
+        return classification_loss_sum(model, batch)
     if fast and supports_selected_loss(model):
         return selected_loss_sum(model, batch)
     return plain_loss_sum(model, batch)

@@ -193,6 +193,27 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def load_classifier(name: str, labels: list[str], device=None, dtype=torch.float32, trust_remote_code=False,
+                    pad_token_id=None, **kwargs):
+    """A sequence-classification model (a new seeded head when the checkpoint has none) for `labels`."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+            dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs,
+        )
+    except OSError as exc:
+        raise UserError(f"cannot load model '{name}' offline (safetensors only): {exc}") from None
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token by it
+    if device is not None and "device_map" not in kwargs:
+        model.to(device)
+    return model
+
+
 def load_causal_lm(name: str, device: Optional[torch.device] = None, dtype=torch.float32, trust_remote_code=False):
     """Load a causal LM from the registry or disk, weights as `dtype` (fp32 master weights by default)."""
     from transformers import AutoModelForCausalLM

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 
 from ..errors import ConfigError
+from .classification import encode_classification, label_names
 from .encode import EncodeStats, encode_examples, resolve_chat_template
 from .formats import load_examples
 
@@ -51,13 +52,24 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     if not d.train:
         raise ConfigError("data.train is not set: give a JSONL/JSON/CSV file (data.train=path/to/file.jsonl)")
     train_examples, fmt, skipped = load_examples(d.train, d.format, d.skip_invalid)
-    if fmt == "classification":
-        raise ConfigError(f"{d.train}: text/label data needs task: classification, which this build does not support yet")
+    if (fmt == "classification") != (cfg.task == "classification"):
+        raise ConfigError(
+            f"{d.train}: {fmt} data does not fit task: {cfg.task} "
+            + ("(text/label data needs task: classification)" if fmt == "classification" else "(classification needs text/label records)")
+        )
     if d.eval:
         val_examples, _, val_skipped = load_examples(d.eval, fmt, d.skip_invalid)
         skipped += val_skipped
     else:
         train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed)
+    if cfg.task == "classification":
+        if not d.labels:
+            d.labels = label_names(train_examples)  # saved with the resolved config: the run's label map
+        if len(d.labels) < 2:
+            raise ConfigError(f"{d.train}: classification needs at least 2 labels, found {d.labels}")
+        train, train_stats = encode_classification(train_examples, tokenizer, d.max_length, d.labels, d.train)
+        val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, d.labels, d.eval or d.train)
+        return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped)
     template = resolve_chat_template(tokenizer, d.chat_template)
     train, train_stats = encode_examples(train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train)
     val, val_stats = encode_examples(val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train)

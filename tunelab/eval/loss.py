@@ -1,4 +1,5 @@
-"""Eval loss and perplexity, token-weighted over the whole split (not a mean of batch means)."""
+"""Eval loss and perplexity, token-weighted over the whole split (not a mean of batch means).
+For classification: mean loss per example and accuracy."""
 
 from __future__ import annotations
 
@@ -13,18 +14,27 @@ from ..losses import loss_sum
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, device=None, autocast=None) -> dict:
-    """{'eval_loss', 'eval_ppl', 'eval_tokens'} over all examples; empty dict when there are none."""
+    """{'eval_loss', 'eval_ppl', 'eval_tokens'} (LM) or {'eval_loss', 'eval_accuracy', 'eval_examples'}
+    (classification) over all examples; empty dict when there are none."""
     if not examples:
         return {}
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, correct = 0.0, 0, 0
+    classification = "label" in examples[0]
     device = device or next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
         with autocast or contextlib.nullcontext():
-            total += float(loss_sum(model, batch))
+            if classification:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                total += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                total += float(loss_sum(model, batch))
         tokens += count_loss_tokens(batch)
     model.train(was_training)
     mean = total / max(tokens, 1)
+    if classification:
+        return {"eval_loss": mean, "eval_accuracy": correct / tokens, "eval_examples": tokens}
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .base import PeftMethod
+from .base import PeftMethod, peft_task_type
 
 
 class AdaLoraMethod(PeftMethod):
@@ -26,7 +26,7 @@ class AdaLoraMethod(PeftMethod):
         tinit, tfinal = int(a.tinit_ratio * total_steps), int(a.tfinal_ratio * total_steps)
         if tinit + tfinal >= total_steps:
             raise ConfigError(f"adalora: tinit_ratio + tfinal_ratio must leave steps for budgeting (total {total_steps})")
-        return AdaLoraConfig(task_type="CAUSAL_LM", init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal,
+        return AdaLoraConfig(task_type=peft_task_type(cfg), init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal,
                              deltaT=a.delta_t, total_step=total_steps, orth_reg_weight=a.orth_reg_weight,
                              lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                              target_modules=cfg.lora.target_modules)

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UserError
-from .base import Method
+from .base import Method, classification_head
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+HEAD_FILE = "head.safetensors"  # a classification head trained alongside the adapters
 
 KINDS = ("houlsby", "pfeiffer")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -210,6 +211,9 @@ class BottleneckAdapterMethod(Method):
         settings = AdapterSettings.from_section(getattr(cfg, "adapter", None))
         targets = insert_adapters(model, settings)
         model.tunelab_adapter_config = {**asdict(settings), "targets": targets}
+        head = classification_head(model)
+        if head is not None:  # a new classification head must train with the adapters
+            head.requires_grad_(True)
         return model
 
     def save(self, model, out_dir: Path) -> None:
@@ -234,6 +238,9 @@ class BottleneckAdapterMethod(Method):
             "hidden_size": _hidden_size(model),
         }
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        head = classification_head(model)
+        if head is not None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}, str(out_dir / HEAD_FILE))
 
     def load(self, base_model, artifact_dir: Path, cfg):
         """Adapters from the artifact (its own config, not `cfg`) on `base_model`; eval mode, frozen."""
@@ -254,6 +261,11 @@ class BottleneckAdapterMethod(Method):
                 f"{saved.get('base_model_name_or_path')})"
             )
         _load_adapter_weights(base_model, artifact_dir / WEIGHTS_FILE)
+        head = classification_head(base_model)
+        if head is not None and (artifact_dir / HEAD_FILE).is_file():
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(str(artifact_dir / HEAD_FILE)))
         for param in base_model.parameters():
             param.requires_grad_(False)
         base_model.tunelab_adapter_config = {**asdict(settings), "targets": targets}

@@ -18,6 +18,8 @@ class Method:
         """The base model this method trains on (fp32 master weights unless the method quantizes)."""
         from ..models import load_causal_lm
 
+        if cfg.task == "classification":
+            return load_classification_base(cfg, device)
         return load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code)
 
     needs_base = True  # False: the artifact is a whole model and loads without the base
@@ -43,6 +45,28 @@ class Method:
 
     def on_step_end(self, model, step: int) -> None:
         """Called after each optimizer step, before gradients are cleared (AdaLoRA's budget schedule)."""
+
+
+def load_classification_base(cfg, device, **kwargs):
+    from ..models import load_classifier, load_tokenizer
+
+    if not cfg.data.labels:
+        raise ValueError("classification needs cfg.data.labels (filled from the training data)")
+    pad = load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id
+    return load_classifier(cfg.model, cfg.data.labels, device, torch.float32, cfg.trust_remote_code, pad, **kwargs)
+
+
+def classification_head(model):
+    """The classification head module of a sequence-classification model (None for LMs)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    return None
+
+
+def peft_task_type(cfg) -> str:
+    return "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM"
 
 
 class PeftMethod(Method):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method
+from .base import Method, classification_head
 
 
 def transformer_blocks(model) -> tuple[str, nn.ModuleList]:
@@ -40,8 +40,10 @@ class FullMethod(Method):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def load(self, base_model, artifact_dir: Path, cfg):
-        from ..models import load_causal_lm
+        from ..models import load_causal_lm, load_classifier
 
+        if cfg.task == "classification":
+            return load_classifier(str(artifact_dir), cfg.data.labels, trust_remote_code=cfg.trust_remote_code)
         return load_causal_lm(str(artifact_dir), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
 
 
@@ -74,6 +76,9 @@ class FreezeMethod(FullMethod):
         for module, wanted in ((emb, f.train_embeddings), (head, f.train_lm_head)):
             if wanted and module is not None:
                 names |= {n for n, p in model.named_parameters() if any(p is q for q in module.parameters())}
+        head = classification_head(model)
+        if head is not None:  # a new classification head always trains
+            names |= {n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
         if f.train_norm:
             names |= {n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") and "norm" in n.lower()}
         return names

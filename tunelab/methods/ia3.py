@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import PeftMethod
+from .base import PeftMethod, peft_task_type
 
 
 class IA3Method(PeftMethod):
@@ -14,5 +14,5 @@ class IA3Method(PeftMethod):
     def peft_config(self, cfg, model, total_steps: int = 1000):
         from peft import IA3Config
 
-        return IA3Config(task_type="CAUSAL_LM", target_modules=cfg.ia3.target_modules,
+        return IA3Config(task_type=peft_task_type(cfg), target_modules=cfg.ia3.target_modules,
                          feedforward_modules=cfg.ia3.feedforward_modules)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..device import cpu_has_native_bf16
-from .base import PeftMethod
+from .base import PeftMethod, load_classification_base, peft_task_type
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -41,12 +41,13 @@ def compute_dtype(setting: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
 
 
-def bnb_config(quant):
+def bnb_config(quant, skip_modules=None):
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(
+        llm_int8_skip_modules=skip_modules,
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
@@ -64,7 +65,7 @@ class LoraMethod(PeftMethod):
         return cfg.lora.model_copy(update=self.forced)
 
     def peft_config(self, cfg, model, total_steps: int = 1000):
-        return peft_lora_config(cfg.model_copy(update={"lora": self.options(cfg)}))
+        return peft_lora_config(cfg.model_copy(update={"lora": self.options(cfg)}), peft_task_type(cfg))
 
     def quant_bits(self, cfg):
         return cfg.quant.bits
@@ -79,10 +80,15 @@ class LoraMethod(PeftMethod):
         from ..models import resolve_model_path
 
         quant = cfg.quant.model_copy(update={"bits": bits})
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg.model), quantization_config=bnb_config(quant), dtype=torch.float32,
-            device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
-        )
+        if cfg.task == "classification":
+            # a new head has no weights to quantize: keep it (and BERT's pooler) in full precision
+            skip = ["classifier", "score", "pooler"]
+            model = load_classification_base(cfg, None, quantization_config=bnb_config(quant, skip), device_map={"": device})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve_model_path(cfg.model), quantization_config=bnb_config(quant), dtype=torch.float32,
+                device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+            )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     def lr_multiplier(self, param_name: str, cfg) -> float:

@@ -5,7 +5,7 @@ They train few parameters far from the output, so their default LR is much highe
 
 from __future__ import annotations
 
-from .base import PeftMethod
+from .base import PeftMethod, peft_task_type
 
 
 class PrefixMethod(PeftMethod):
@@ -17,7 +17,7 @@ class PrefixMethod(PeftMethod):
     def peft_config(self, cfg, model, total_steps: int = 1000):
         from peft import PrefixTuningConfig
 
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix.num_virtual_tokens,
+        return PrefixTuningConfig(task_type=peft_task_type(cfg), num_virtual_tokens=cfg.prefix.num_virtual_tokens,
                                   prefix_projection=cfg.prefix.projection)
 
 
@@ -36,7 +36,7 @@ class PromptMethod(PeftMethod):
 
             kwargs = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": cfg.prompt.init_text,
                       "tokenizer_name_or_path": resolve_model_path(cfg.model)}
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prompt.num_virtual_tokens, **kwargs)
+        return PromptTuningConfig(task_type=peft_task_type(cfg), num_virtual_tokens=cfg.prompt.num_virtual_tokens, **kwargs)
 
 
 class PTuningMethod(PeftMethod):
@@ -49,5 +49,5 @@ class PTuningMethod(PeftMethod):
         from peft import PromptEncoderConfig
 
         hidden = cfg.ptuning.encoder_hidden_size or model.config.hidden_size
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.ptuning.num_virtual_tokens,
+        return PromptEncoderConfig(task_type=peft_task_type(cfg), num_virtual_tokens=cfg.ptuning.num_virtual_tokens,
                                    encoder_hidden_size=hidden)

@@ -1,0 +1,79 @@
+"""Every method on tiny-bert as a sequence classifier: it learns, reloads exactly, keeps its label map."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import build_config, load_config
+from tunelab.errors import DataError
+from tunelab.training.loop import Trainer
+
+from test_methods import TINY_LR
+
+SYMPTOMS = {"cardio": ["chest pain", "palpitations", "心悸"], "neuro": ["headache", "dizziness", "头痛"],
+            "derm": ["rash", "itching", "皮疹"]}
+
+
+@pytest.fixture(scope="module")
+def triage(tmp_path_factory):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        label = rng.choice(sorted(SYMPTOMS))
+        rows.append({"text": f"patient reports {rng.choice(SYMPTOMS[label])} for {rng.randint(1, 9)} days", "label": label})
+    path = tmp_path_factory.mktemp("cls") / "triage.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def config(tmp_path, data, method):
+    return build_config({
+        "model": "tiny-bert", "task": "classification", "method": method, "out_dir": str(tmp_path / "runs"), "run_name": method,
+        "data": {"train": str(data), "val_fraction": 0.25, "max_length": 32},
+        "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]},
+        "lora": {"target_modules": ["query", "value"], "r": 8}, "adapter": {"reduction": 4},
+        "prefix": {"num_virtual_tokens": 4}, "prompt": {"num_virtual_tokens": 4}, "ptuning": {"num_virtual_tokens": 4},
+    })
+
+
+@pytest.mark.parametrize("method", sorted(TINY_LR))
+def test_classifier_learns_and_reloads_exactly(tmp_path, triage, method):
+    trainer = Trainer(config(tmp_path, triage, method), progress=False)
+    result = trainer.run()
+    losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02, losses
+    assert 0 <= result.summary["eval"]["eval_accuracy"] <= 1
+    assert load_config(result.run_dir / "config.yaml").data.labels == ["cardio", "derm", "neuro"]
+
+    ids = torch.tensor([[101, 2000, 3000, 4000, 102]])
+    trainer.model.eval()
+    with torch.no_grad():
+        before = trainer.model(input_ids=ids).logits
+    model, _ = tunelab.load(result.run_dir)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert after.shape == (1, 3)
+    assert (after - before).abs().max() < 1e-5
+
+
+def test_eval_label_unseen_in_training_is_a_clear_error(tmp_path, triage):
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text('{"text": "fever", "label": "infectious"}\n', encoding="utf-8")
+    cfg = config(tmp_path, triage, "lora")
+    cfg.data.eval = str(held_out)
+    with pytest.raises(DataError, match=r"eval.jsonl:1: field 'label'.*infectious"):
+        Trainer(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_text_label_data_needs_the_classification_task(tmp_path, triage):
+    from tunelab.errors import ConfigError
+
+    cfg = config(tmp_path, triage, "lora")
+    cfg.task = "causal_lm"
+    cfg.model = "tiny-llama"
+    with pytest.raises(ConfigError, match="task: classification"):
+        Trainer(cfg, progress=False)
