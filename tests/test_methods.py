@@ -110,6 +110,9 @@ def test_qlora_counts_the_packed_base_and_shrinks_it(tmp_path, toy_data):
     qlora = Trainer(config(tmp_path, toy_data, "qlora"), progress=False)
     assert count_params(qlora.model) == count_params(lora.model)
     assert any(p.__class__.__name__ == "Params4bit" for p in qlora.model.parameters())
+    # linear weights are 4-bit; the (tied) embedding stays fp32, so the whole base shrinks less than 8x
+    assert qlora.base_footprint["base_footprint_bytes"] < lora.base_footprint["base_footprint_bytes"]
+    assert qlora.base_footprint["base_footprint_fp32_bytes"] == lora.base_footprint["base_footprint_fp32_bytes"]
 
 
 def test_method_default_lr_fills_the_config():
@@ -144,3 +147,26 @@ def test_adapters_on_a_shared_base_switch_and_disable(tmp_path, write_jsonl, smo
     # one base: the adapters share every base weight tensor
     n_base = sum(1 for n, _ in model.named_parameters() if "lora_" not in n)
     assert n_base == sum(1 for _ in load_causal_lm("tiny-llama").parameters())
+
+
+def test_methods_command_lists_every_method_with_defaults_and_counts():
+    from tunelab.methods.catalog import method_table
+
+    rows = {r["method"]: r for r in method_table("tiny-llama")}
+    assert set(rows) == set(METHODS)
+    assert rows["lora"]["defaults"]["r"] == 16 and rows["lora"]["defaults"]["alpha"] == 32
+    assert rows["prefix"]["defaults"]["num_virtual_tokens"] == 20
+    assert rows["prefix"]["default_lr"] > rows["lora"]["default_lr"] and "LR" in rows["prefix"]["summary"]
+    assert rows["full"]["trainable_pct"] == 100.0
+    assert rows["prefix"]["trainable_params"] == 20 * 2 * 2 * 32  # tokens x layers x (k, v) x kv width
+    assert 0 < rows["ia3"]["trainable_params"] < rows["lora"]["trainable_params"]
+
+
+def test_adalora_budget_schedule_runs_inside_our_loop(tmp_path, toy_data):
+    trainer = Trainer(config(tmp_path, toy_data, "adalora"), progress=False)
+    trainer.run()
+    pattern = trainer.model.peft_config["default"].rank_pattern
+    assert pattern, "update_and_allocate never reached the final budget"
+    kept = sum(int(mask.sum()) for mask in (torch.tensor(v) for v in pattern.values()))
+    init_r = trainer.cfg.adalora.init_r
+    assert kept < init_r * len(pattern)  # ranks were pruned towards target_r

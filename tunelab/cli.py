@@ -75,10 +75,21 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import METHODS
+    from .methods.catalog import method_table
 
-    for name, method in METHODS.items():
-        print(f"{name:10s} -> {method.artifact}/  {method.summary}")
+    rows = method_table(args.model, args.task)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        line = f"{r['method']:9s} {r['artifact']:9s} lr {r['default_lr']:<7g} {r['summary']}"
+        if "trainable_params" in r:
+            line += (f"\n{'':9s} trainable {r['trainable_params']:,} / {r['total_params']:,} ({r['trainable_pct']:.3f}%),"
+                     f" artifact ~{r['artifact_bytes_est'] / 2**20:.2f} MiB")
+        print(line)
+        if r["config_block"]:
+            opts = ", ".join(f"{k}={v}" for k, v in r["defaults"].items())
+            print(f"{'':9s} {r['config_block']}: {opts}")
     return 0
 
 
@@ -147,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-length", type=int, default=512)
     c.set_defaults(func=cmd_data_check)
 
-    p = sub.add_parser("methods", help="list tuning methods with their defaults")
+    p = sub.add_parser("methods", help="list tuning methods with their config blocks and defaults")
+    p.add_argument("--model", help="also count trainable/total params and artifact size on this model")
+    p.add_argument("--task", default="causal_lm", choices=["causal_lm", "classification"])
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("runs", help="list runs with method, model, metrics, config hash")

@@ -93,6 +93,9 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg)
         self.method = get_method(cfg.method)
         model = self.method.load_base(cfg, self.device)
+        # the frozen base as stored in memory (QLoRA: packed 4-bit) vs the same weights in fp32
+        self.base_footprint = {"base_footprint_bytes": int(model.get_memory_footprint()),
+                               "base_footprint_fp32_bytes": 4 * count_params(model)[1]}
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -304,6 +307,7 @@ class Trainer:
             "train_tokens_per_s": self.state["tokens"] / self.train_time if self.train_time > 0 else 0.0,
             "peak_mem_bytes": peak,
             "peak_mem_kind": kind,
+            **self.base_footprint,
             "final_train_loss": self.state["last_loss"],
             "eval": final_eval,
             "device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(),
