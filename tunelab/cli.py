@@ -29,13 +29,30 @@ def _generation_settings(args):
 
 def cmd_train(args) -> int:
     from .training import train
+    from .training.signals import Interrupted
 
-    if args.resume is not None:
-        result = train(None, args.overrides, resume=args.resume, progress=not args.no_progress)
-    else:
-        if args.config is None:
-            raise UserError("tunelab train needs a CONFIG.yaml (or --resume RUN)")
-        result = train(args.config, args.overrides, progress=not args.no_progress)
+    if args.resume is None and args.config is None:
+        raise UserError("tunelab train needs a CONFIG.yaml (or --resume RUN)")
+    overrides = list(args.overrides)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).is_dir():
+        overrides.insert(0, args.resume)  # `--resume key=value`: a bare --resume followed by an override
+        args.resume = "latest"
+    if args.resume == "latest":  # `--resume` alone: the newest unfinished run of this config's out_dir
+        from .config import load_config
+        from .training.checkpoint import latest_unfinished_run
+
+        cfg = load_config(args.config, overrides) if args.config else load_config(None, overrides)
+        args.resume = latest_unfinished_run(cfg.out_dir)
+    elif args.resume is not None and args.config:
+        overrides.insert(0, args.config)  # `train --resume RUN key=value`: the first override lands in `config`
+    try:
+        if args.resume is not None:
+            result = train(None, overrides, resume=args.resume, progress=not args.no_progress)
+        else:
+            result = train(args.config, overrides, progress=not args.no_progress)
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
     print(result.run_dir)
     return 0
 
@@ -128,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config; prints the run directory")
     p.add_argument("config", nargs="?", help="CONFIG.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
+    p.add_argument("--resume", metavar="RUN", nargs="?", const="latest",
+                   help="continue RUN (default: the newest unfinished run) from its latest complete checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

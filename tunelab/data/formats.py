@@ -13,7 +13,6 @@ Formats (auto-detected from the first record's fields):
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +73,8 @@ def _parse_json(text: str, path: Path, line: int):
         raise DataError(path, line, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
         raise DataError(path, line + exc.lineno - 1, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # not a JSONDecodeError: an integer past Python's 4300-digit str->int limit
+        raise DataError(path, line, f"invalid JSON: {str(exc).split(';')[0]}") from None
 
 
 def _read_jsonl(path: Path, raw: bytes, problems: Optional[list] = None) -> list[Record]:
@@ -131,6 +132,8 @@ def _read_json(path: Path, raw: bytes) -> list[Record]:
             raise DataError(path, line, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
         except json.JSONDecodeError as exc:
             raise DataError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except ValueError as exc:  # an integer past Python's 4300-digit str->int limit
+            raise DataError(path, line, f"invalid JSON: {str(exc).split(';')[0]}") from None
         if not isinstance(obj, dict):
             raise DataError(path, line, f"each list item must be a JSON object, got {type(obj).__name__}")
         _check_depth(obj, path, line)
@@ -141,7 +144,9 @@ def _read_json(path: Path, raw: bytes) -> list[Record]:
 
 def _read_csv(path: Path, raw: bytes) -> list[Record]:
     text = _decode(path, raw, 0).removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # feed csv lines split on "\n" only, so reader.line_num counts lines as editors and the JSON loaders do
+    # (io.StringIO would also break at a bare "\r" inside a quoted field)
+    reader = csv.reader(line + "\n" for line in text.split("\n"))
     try:
         header = next(reader)
     except StopIteration:
@@ -249,7 +254,7 @@ def _turns(record: Record, key: str, path, role_key: str, content_key: str, role
         if not isinstance(turn, dict):
             raise DataError(path, record.line, f"expected an object, got {type(turn).__name__}", field=where)
         role = turn.get(role_key)
-        if role not in role_map:
+        if not isinstance(role, str) or role not in role_map:  # a list/dict role is unhashable: TypeError on `in`
             raise DataError(
                 path, record.line, f"unknown role {role!r}; expected one of {sorted(role_map)}", field=f"{where}.{role_key}"
             )

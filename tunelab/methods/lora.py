@@ -74,6 +74,12 @@ class LoraMethod(PeftMethod):
         bits = self.quant_bits(cfg)
         if not bits:
             return super().load_base(cfg, device)
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            from ..errors import UserError
+
+            raise UserError(f"method '{cfg.method}' with quant.bits={bits} needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'") from None
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 

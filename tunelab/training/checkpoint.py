@@ -143,6 +143,18 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def latest_unfinished_run(out_dir) -> Path:
+    """The most recently checkpointed run under out_dir that has no summary.json yet."""
+    candidates = []
+    for run in Path(out_dir).glob("*/checkpoints"):
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None and not (run.parent / "summary.json").exists():
+            candidates.append((ckpt.stat().st_mtime, run.parent))
+    if not candidates:
+        raise UserError(f"no unfinished run with a checkpoint under {out_dir}; name one: --resume RUN")
+    return max(candidates)[1]
+
+
 def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     found = complete_checkpoints(ckpt_root)
     return found[-1] if found else None

@@ -34,6 +34,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state
 from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
+from .signals import Interrupted, stop_on_signals
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 
@@ -221,7 +222,9 @@ class Trainer:
                        file=sys.stderr, mininterval=0.5)
         stop_reason = None
         last_eval: dict = {}
-        try:
+        with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+            if bar is not None:
+                cleanup.callback(bar.close)
             while self.state["step"] < self.total_steps and stop_reason is None:
                 windows = epoch_windows(len(self.data.train), cfg, self.state["epoch"])
                 while self.state["window"] < len(windows) and self.state["step"] < self.total_steps:
@@ -262,14 +265,15 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-")
                     if t.save_every and step % t.save_every == 0:
                         self.checkpoint()
+                    if stop.signal_name:
+                        self.checkpoint()
+                        self.metrics.close()
+                        raise Interrupted(stop.signal_name, self.run_dir, step)
                     if stop_reason:
                         break
                 if self.state["window"] >= len(windows):
                     self.state["epoch"] += 1
                     self.state["window"] = 0
-        finally:
-            if bar is not None:
-                bar.close()
         if stop_reason:
             log(stop_reason)
         return self.finish(trainable, total, last_eval)
