@@ -170,3 +170,13 @@ def test_adalora_budget_schedule_runs_inside_our_loop(tmp_path, toy_data):
     kept = sum(int(mask.sum()) for mask in (torch.tensor(v) for v in pattern.values()))
     init_r = trainer.cfg.adalora.init_r
     assert kept < init_r * len(pattern)  # ranks were pruned towards target_r
+
+
+def test_rank_and_alpha_patterns_set_per_module_r_and_alpha(tmp_path, toy_data):
+    cfg = config(tmp_path, toy_data, "lora")
+    cfg.lora.rank_pattern = {"q_proj": 4}
+    cfg.lora.alpha_pattern = {"q_proj": 2}
+    trainer = Trainer(cfg, progress=False)
+    layer = trainer.model.base_model.model.model.layers[0].self_attn
+    assert layer.q_proj.lora_A["default"].out_features == 4 and layer.q_proj.scaling["default"] == 2 / 4
+    assert layer.k_proj.lora_A["default"].out_features == 8 and layer.k_proj.scaling["default"] == 32 / 8
