@@ -1,0 +1,30 @@
+"""Early stopping on a plateau restores the best step (scripted eval sequence, tiny model)."""
+
+import json
+
+import torch
+
+from tunelab.config import build_config
+from tunelab.training.checkpoint import trainable_state
+from tunelab.training.loop import Trainer
+
+
+def test_early_stopping_stops_on_plateau_and_restores_the_best_step(tiny_config, monkeypatch):
+    tiny_config["train"].update(max_steps=50, eval_every=2, early_stopping_patience=2)
+    trainer = Trainer(build_config(tiny_config), progress=False)
+    scripted = iter([3.0, 2.0, 1.0, 1.5, 1.2, 0.5, 0.4])  # best at the 3rd eval (step 6), then 2 worse ones
+    snapshots = {}
+
+    def fake_eval():
+        step = trainer.state["step"]
+        snapshots[step] = trainable_state(trainer.model)
+        return {"eval_loss": next(scripted, 9.0)}
+
+    monkeypatch.setattr(trainer, "evaluate", fake_eval)
+    result = trainer.run()
+    assert result.summary["steps"] == 10  # evals at 2,4,6,8,10: 8 and 10 did not improve on step 6
+    assert result.summary["best_step"] == 6
+    for name, tensor in snapshots[6].items():
+        assert torch.equal(dict(trainer.model.named_parameters())[name].detach(), tensor), name
+    evals = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10]
