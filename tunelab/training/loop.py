@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import random
 import sys
@@ -34,6 +35,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state
 from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
+from .hints import curve_hints
 from .signals import Interrupted, stop_on_signals
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
@@ -294,6 +296,8 @@ class Trainer:
             atomic_write_json(self.run_dir / "eval.json", final_eval)
         artifact = save_artifact(self.method, self.model, self.run_dir, self.tokenizer)
         self.metrics.close()
+        records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        hints = curve_hints(records)
         peak, kind = peak_memory(self.device)
         summary = {
             "method": cfg.method,
@@ -317,6 +321,7 @@ class Trainer:
             "device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(),
             "cpu_capability": cpu_capability(),
             "precision": self.precision,
+            "hints": hints,
             "config_hash": cfg.hash(),
             "versions": versions(),
         }
@@ -324,6 +329,8 @@ class Trainer:
         log(f"done: {step} steps, final train loss {summary['final_train_loss']:.4f}"
             + (f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
             + f", {summary['train_tokens_per_s']:.0f} tokens/s, peak {kind} {peak / 2**20:.0f} MiB")
+        for hint in hints:
+            log(f"hint: {hint}")
         return TrainResult(self.run_dir, summary)
 
 
