@@ -3,6 +3,7 @@
 A checkpoint folder `checkpoints/step-N/` holds:
   trainable.safetensors   the trainable parameters
   optimizer.safetensors   optimizer state tensors; optimizer.json the rest (param groups)
+  best.safetensors        the best evaluated step's trainable weights (when evaluation tracks a best)
   rng.safetensors         torch RNG states; trainer_state.json: step, data position, python/numpy RNG,
                           scheduler state, early-stopping state
   COMPLETE                written last; a folder without it is ignored (a crash mid-write)
@@ -100,13 +101,15 @@ def _json_safe(d: dict) -> dict:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    save_total_limit: Optional[int] = None) -> Path:
+                    save_total_limit: Optional[int] = None, best_weights: Optional[dict] = None) -> Path:
     """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step}."))
     try:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
+        if best_weights is not None:  # the best evaluated step's weights survive a resume
+            save_file(best_weights, tmp / "best.safetensors")
         opt_tensors, opt_meta = _optimizer_to_files(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "optimizer.json", opt_meta)
@@ -176,6 +179,11 @@ def _load_json(path: Path) -> dict:
         raise UserError(f"{path}: missing from the checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: corrupted JSON ({exc})") from None
+
+
+def load_best_weights(ckpt: Path) -> Optional[dict]:
+    path = ckpt / "best.safetensors"
+    return _load_safetensors(path) if path.exists() else None
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:

@@ -31,7 +31,7 @@ from ..io import atomic_write_json, atomic_write_text, dir_bytes
 from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
-from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
@@ -114,6 +114,7 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
         # 4. state, possibly restored from a checkpoint
+        self.best_weights = None
         self.state = {"step": 0, "epoch": 0, "window": 0, "tokens": 0, "train_time": 0.0, "bad_steps": 0,
                       "skipped_steps": 0, "best_metric": None, "best_step": None, "evals_since_best": 0,
                       "last_loss": None}
@@ -123,6 +124,7 @@ class Trainer:
             if ckpt is None:
                 raise UserError(f"{self.run_dir}: no complete checkpoint to resume from")
             self.state.update(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler))
+            self.best_weights = load_best_weights(ckpt)
             log(f"resuming {self.run_dir} from {ckpt.name}")
             self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"])
         else:
@@ -200,7 +202,7 @@ class Trainer:
     def checkpoint(self) -> None:
         self.state["train_time"] = self.train_time
         save_checkpoint(self.run_dir / "checkpoints", self.state["step"], self.model, self.optimizer, self.scheduler,
-                        self.state, self.cfg.train.save_total_limit)
+                        self.state, self.cfg.train.save_total_limit, self.best_weights)
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -214,7 +216,6 @@ class Trainer:
         log(f"data: {len(self.data.train)} train / {len(self.data.val)} eval examples ({self.data.format}); "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), effective batch {t.batch_size * t.grad_accum}")
 
-        self.best_weights = None
         self.train_time = self.state["train_time"]
         bar = None
         if self.progress:
