@@ -77,3 +77,22 @@ def test_text_label_data_needs_the_classification_task(tmp_path, triage):
     cfg.model = "tiny-llama"
     with pytest.raises(ConfigError, match="task: classification"):
         Trainer(cfg, progress=False)
+
+
+def test_classification_eval_reports_sklearn_metrics(tmp_path, triage):
+    from sklearn.metrics import f1_score
+
+    from tunelab.eval.loss import evaluate_loss
+
+    trainer = Trainer(config(tmp_path, triage, "lora"), progress=False)
+    trainer.run()
+    metrics = evaluate_loss(trainer.model, trainer.data.val, trainer.pad_id)
+    logits = []
+    with torch.no_grad():
+        for ex in trainer.data.val:
+            logits.append(trainer.model(input_ids=torch.tensor([ex["input_ids"]])).logits[0])
+    y_pred = [int(x.argmax()) for x in logits]
+    y_true = [ex["label"] for ex in trainer.data.val]
+    assert metrics["eval_f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert metrics["eval_accuracy"] == pytest.approx(sum(a == b for a, b in zip(y_true, y_pred)) / len(y_true))
+    assert sum(map(sum, metrics["eval_confusion_matrix"])) == len(y_true) == metrics["eval_examples"]

@@ -12,6 +12,21 @@ from ..data.collate import count_loss_tokens, pad_batch
 from ..losses import loss_sum
 
 
+def _classification_scores(model, y_true, y_pred, probs) -> dict:
+    """Accuracy, macro/weighted P/R/F1, ROC AUC and the confusion matrix as eval_* entries."""
+    from .metrics import classification_metrics
+
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [str(id2label.get(i, i)) for i in range(probs.shape[1])]
+    m = classification_metrics(y_true, y_pred, probs, names)
+    keys = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted"]
+    out = {f"eval_{k}": m[k] for k in keys}
+    if m.get("roc_auc") is not None:
+        out["eval_auc"] = m["roc_auc"]
+    out["eval_confusion_matrix"] = m["confusion_matrix"]
+    return out
+
+
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, device=None, autocast=None) -> dict:
     """{'eval_loss', 'eval_ppl', 'eval_tokens'} (LM) or {'eval_loss', 'eval_accuracy', 'eval_examples'}
@@ -20,7 +35,8 @@ def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
         return {}
     was_training = model.training
     model.eval()
-    total, tokens, correct = 0.0, 0, 0
+    total, tokens = 0.0, 0
+    y_true, y_pred, probs = [], [], []
     classification = "label" in examples[0]
     device = device or next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
@@ -29,12 +45,14 @@ def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
             if classification:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                 total += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                y_true += batch["labels"].tolist()
+                y_pred += logits.argmax(-1).tolist()
+                probs.append(logits.softmax(-1).cpu())
             else:
                 total += float(loss_sum(model, batch))
         tokens += count_loss_tokens(batch)
     model.train(was_training)
     mean = total / max(tokens, 1)
     if classification:
-        return {"eval_loss": mean, "eval_accuracy": correct / tokens, "eval_examples": tokens}
+        return {"eval_loss": mean, **_classification_scores(model, y_true, y_pred, torch.cat(probs).numpy()), "eval_examples": tokens}
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
