@@ -128,6 +128,14 @@ class IA3Section(Section):
     feedforward_modules: Optional[list[str]] = None
 
 
+class EvalConfig(Section):
+    generate: bool = True  # causal LMs: also generate answers and score them (exact match, BLEU, ROUGE)
+    max_new_tokens: int = Field(128, ge=1)
+    max_examples: Optional[int] = Field(None, ge=1)  # cap the generation eval (it is the slow part)
+    lang: str = "auto"  # "zh" tokenizes BLEU/ROUGE for Chinese; auto detects CJK references
+    scorer: Optional[str] = None  # "module:function(prediction, reference, record) -> float"
+
+
 class Config(Section):
     model: str = "smollm2-135m-instruct"
     method: str = "lora"
@@ -147,6 +155,7 @@ class Config(Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     adalora: AdaLoraSection = Field(default_factory=AdaLoraSection)
     ia3: IA3Section = Field(default_factory=IA3Section)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     adapter_name: str = "default"  # the task name when several adapters share a base (tunelab.load adapters=)
 
     @field_validator("method")

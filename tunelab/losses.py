@@ -32,7 +32,7 @@ def supports_selected_loss(model) -> bool:
     if _is_prompt_learning(model):  # peft adds virtual tokens in its own forward
         return False
     lm = _causal_lm(model)
-    return getattr(lm.config, "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")
+    return getattr(getattr(lm, "config", None), "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")
 
 
 def plain_loss_sum(model, batch) -> torch.Tensor:

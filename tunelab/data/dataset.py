@@ -21,6 +21,7 @@ class PreparedData:
     train_stats: EncodeStats
     val_stats: EncodeStats
     skipped: list[str] = field(default_factory=list)
+    val_examples: list = field(default_factory=list)  # the raw validation records (for generation eval)
 
     def notes(self) -> list[str]:
         """Human-readable warnings about what happened to the data."""
@@ -69,12 +70,12 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
             raise ConfigError(f"{d.train}: classification needs at least 2 labels, found {d.labels}")
         train, train_stats = encode_classification(train_examples, tokenizer, d.max_length, d.labels, d.train)
         val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, d.labels, d.eval or d.train)
-        return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped)
+        return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped, val_examples)
     template = resolve_chat_template(tokenizer, d.chat_template)
     train, train_stats = encode_examples(train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train)
     val, val_stats = encode_examples(val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train)
     if not train:
         raise ConfigError(f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length")
-    return PreparedData(train, val, fmt, template, train_stats, val_stats, skipped)
+    return PreparedData(train, val, fmt, template, train_stats, val_stats, skipped, val_examples)
 
 
