@@ -47,6 +47,7 @@ def test_classifier_learns_and_reloads_exactly(tmp_path, triage, method):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02, losses
     assert 0 <= result.summary["eval"]["eval_accuracy"] <= 1
     assert load_config(result.run_dir / "config.yaml").data.labels == ["cardio", "derm", "neuro"]
+    assert (result.run_dir / "plots" / "confusion_matrix.png").exists()
 
     ids = torch.tensor([[101, 2000, 3000, 4000, 102]])
     trainer.model.eval()

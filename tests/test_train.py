@@ -49,6 +49,7 @@ def test_run_directory_has_every_spec_file(tiny_run):
         assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
     assert (run / "checkpoints" / "step-5" / "COMPLETE").exists()
     assert list((run / "tb").iterdir())
+    assert (run / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG")
     # the saved config is complete and loads back
     cfg = tunelab.config.load_config(run / "config.yaml")
     assert cfg.model == "tiny-llama" and cfg.train.max_steps == 5

@@ -140,5 +140,8 @@ def evaluate_run(run_or_model: str, data: Optional[str] = None, overrides: Optio
     metrics.update({"peak_mem_bytes": peak, "peak_mem_kind": kind, "examples": len(examples),
                     "data": data or "validation split", "models": targets})
     if len(runs) == 1:
+        from ..training.loop import write_plots
+
         atomic_write_json(runs[0] / "eval.json", metrics)
+        write_plots(runs[0])
     return metrics

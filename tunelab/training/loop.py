@@ -327,12 +327,23 @@ class Trainer:
             "versions": versions(),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
+        write_plots(self.run_dir)
         log(f"done: {step} steps, final train loss {summary['final_train_loss']:.4f}"
             + (f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
             + f", {summary['train_tokens_per_s']:.0f} tokens/s, peak {kind} {peak / 2**20:.0f} MiB")
         for hint in hints:
             log(f"hint: {hint}")
         return TrainResult(self.run_dir, summary)
+
+
+def write_plots(run_dir: Path) -> None:
+    """plots/loss.png (and the confusion matrix for classifiers); a plotting failure never fails the run."""
+    from ..eval.plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's results are already saved
+        log(f"note: plots were not written: {exc}")
 
 
 def train(config, overrides: Optional[list[str]] = None, resume: Optional[str | Path] = None, progress: bool = True) -> TrainResult:
