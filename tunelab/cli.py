@@ -123,6 +123,11 @@ def cmd_runs(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.task == "triage":
+        from .demo.triage import run_triage_benchmark
+
+        run_triage_benchmark(args.out_dir)
+        return 0
     from .demo.run import run_demo
 
     run_demo(out_dir=args.out_dir, steps=args.steps)
@@ -189,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README demo: before/after LoRA on a generated date-normalisation task")
     p.add_argument("--out-dir", default="runs")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--task", choices=["dates", "triage"], default="dates",
+                   help="dates: LoRA on smollm2 (causal LM); triage: LoRA q/v classification on minilm-l6")
     p.set_defaults(func=cmd_demo)
     return parser
 
