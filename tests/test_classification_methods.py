@@ -97,3 +97,17 @@ def test_classification_eval_reports_sklearn_metrics(tmp_path, triage):
     assert metrics["eval_f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=[0, 1, 2], zero_division=0))
     assert metrics["eval_accuracy"] == pytest.approx(sum(a == b for a, b in zip(y_true, y_pred)) / len(y_true))
     assert sum(map(sum, metrics["eval_confusion_matrix"])) == len(y_true) == metrics["eval_examples"]
+
+
+def test_causal_lm_as_a_classifier(tmp_path, write_jsonl):
+    rows = [{"text": f"{w} item {i}", "label": "warm" if w in ("red", "orange") else "cold"}
+            for i in range(20) for w in ("red", "orange", "blue", "teal")]
+    result = tunelab.train({"model": "tiny-llama", "task": "classification", "out_dir": str(tmp_path / "runs"),
+                            "data": {"train": str(write_jsonl(rows)), "max_length": 16},
+                            "train": {"max_steps": 20, "lr": 1e-2, "batch_size": 8}}, progress=False)
+    assert result.summary["eval"]["eval_accuracy"] >= 0.9
+    from tunelab.eval.run import evaluate_run
+
+    metrics = evaluate_run(str(result.run_dir))
+    assert metrics["eval_accuracy"] == pytest.approx(result.summary["eval"]["eval_accuracy"])
+    assert metrics["eval_latency_p95_ms"] >= metrics["eval_latency_p50_ms"] > 0

@@ -78,7 +78,14 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import evaluate_run
 
-    _print_json(evaluate_run(args.run_or_model, args.data, args.overrides))
+    metrics = evaluate_run(args.run_or_model, args.data, args.overrides)
+    # a readable table on stderr; the JSON on stdout stays machine-readable
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"  {key:32s} {value:.4f}", file=sys.stderr)
+        elif isinstance(value, int):
+            print(f"  {key:32s} {value}", file=sys.stderr)
+    _print_json(metrics)
     return 0
 
 
