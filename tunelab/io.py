@@ -29,6 +29,11 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def atomic_write_jsonl(path, rows) -> None:
+    """One JSON object per line, UTF-8 kept readable (Chinese is not escaped)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def fsync_dir(path) -> None:
     """Flush a directory entry (after a rename) so it survives a crash."""
     fd = os.open(path, os.O_RDONLY)

@@ -6,11 +6,10 @@ The base model answers verbosely or wrongly; a short LoRA run learns the mapping
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_jsonl
 
 INSTRUCTION = "Convert the date to ISO 8601 format (YYYY-MM-DD). Reply with the date only."
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -61,9 +60,6 @@ def write_dataset(folder: Path, n_train: int = 800, n_test: int = 64, seed: int 
     test = make_examples(n_test, seed + 1)
     test_dates = {dt.date.fromisoformat(r["output"]) for r in test}
     train = make_examples(n_train, seed, exclude=test_dates)
-    paths = []
-    for name, rows in (("dates-train.jsonl", train), ("dates-test.jsonl", test)):
-        path = folder / name
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        paths.append(path)
-    return paths[0], paths[1]
+    atomic_write_jsonl(folder / "dates-train.jsonl", train)
+    atomic_write_jsonl(folder / "dates-test.jsonl", test)
+    return folder / "dates-train.jsonl", folder / "dates-test.jsonl"

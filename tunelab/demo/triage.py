@@ -7,13 +7,12 @@ a short LoRA run (query/value + head) on `minilm-l6` learns it. `run_triage_benc
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from importlib import resources
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_jsonl
 
 LABELS = ["cardiology", "neurology", "dermatology", "gastroenterology", "respiratory"]
 
@@ -137,12 +136,9 @@ def write_triage(folder, n_train: int = 400, n_test: int = 200, seed: int = 7) -
     folder.mkdir(parents=True, exist_ok=True)
     test = make_triage(n_test, seed + 1)
     train = make_triage(n_train, seed, exclude={r["text"] for r in test})
-    paths = []
-    for name, rows in (("triage-train.jsonl", train), ("triage-test.jsonl", test)):
-        path = folder / name
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        paths.append(path)
-    return paths[0], paths[1]
+    atomic_write_jsonl(folder / "triage-train.jsonl", train)
+    atomic_write_jsonl(folder / "triage-test.jsonl", test)
+    return folder / "triage-train.jsonl", folder / "triage-test.jsonl"
 
 
 def triage_config(train_path, test_path, out_dir, overrides: list[str] | None = None):

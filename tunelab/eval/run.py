@@ -8,7 +8,6 @@ efficiency: latency per example (p50/p95), throughput, peak memory.
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ from ..config import apply_overrides, build_config, load_config
 from ..data import prepare_data
 from ..device import peak_memory
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_jsonl
 from .loss import evaluate_loss
 
 
@@ -84,7 +83,7 @@ def generation_eval(model, tokenizer, examples, cfg, run_dir: Optional[Path]) ->
     out.update({f"eval_latency_{k}": v for k, v in latency_stats(seconds).items()})
     out["eval_generated_examples"] = len(items)
     if run_dir is not None:
-        atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(run_dir / "predictions.jsonl", rows)
     return out
 
 
