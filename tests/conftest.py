@@ -29,6 +29,18 @@ def write_jsonl(tmp_path):
     return write
 
 
+def interrupted_copy(run_dir, dest, last_step):
+    """A copy of a finished run made to look killed after its second-to-last checkpoint."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    for name in ("summary.json", "eval.json"):
+        (dest / name).unlink()
+    shutil.rmtree(dest / "checkpoints" / f"step-{last_step}")
+    shutil.rmtree(dest / "adapter")
+    return dest
+
+
 def toy_rows(n=24, seed=0):
     """A learnable toy instruction task: repeat a colour word."""
     import random

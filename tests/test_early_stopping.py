@@ -31,21 +31,15 @@ def test_early_stopping_stops_on_plateau_and_restores_the_best_step(tiny_config,
 
 
 def test_best_weights_survive_a_resume(tiny_config):
-    import shutil
-
     import tunelab
+    from conftest import interrupted_copy
 
     # a huge LR makes the eval loss get worse after the first evaluation: the best step is an early one
     tiny_config["train"].update(max_steps=6, eval_every=2, save_every=2, lr=3.0, max_grad_norm=None)
     full = tunelab.train(tiny_config, progress=False)
     best = full.summary["best_step"]
     assert best in (2, 4), best  # else the test would not exercise restoring from a checkpoint
-    run = full.run_dir.parent / "resumed"
-    shutil.copytree(full.run_dir, run)
-    for name in ("summary.json", "eval.json"):
-        (run / name).unlink()
-    shutil.rmtree(run / "checkpoints" / "step-6")
-    shutil.rmtree(run / "adapter")
+    run = interrupted_copy(full.run_dir, full.run_dir.parent / "resumed", last_step=6)
     resumed = tunelab.train(None, resume=run, progress=False)
     assert resumed.summary["best_step"] == best
     assert resumed.summary["eval"]["eval_loss"] == full.summary["eval"]["eval_loss"]

@@ -1,7 +1,6 @@
 """Training on tiny-llama: the run directory, adapter portability, accumulation, resume, losses."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -117,13 +116,9 @@ def test_resume_reaches_the_same_final_loss(tmp_path, tiny_config):
     tiny_config["train"].update(max_steps=6, save_every=3)
     tiny_config["lora"] = {"dropout": 0.1}  # dropout draws from the RNG: resume must restore it
     full = tunelab.train(tiny_config, progress=False)
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(full.run_dir, interrupted)
-    # make it look like a run killed after the step-3 checkpoint
-    for name in ("summary.json", "eval.json"):
-        (interrupted / name).unlink()
-    shutil.rmtree(interrupted / "checkpoints" / "step-6")
-    shutil.rmtree(interrupted / "adapter")
+    from conftest import interrupted_copy
+
+    interrupted = interrupted_copy(full.run_dir, tmp_path / "interrupted", last_step=6)  # killed after step 3
     resumed = tunelab.train(None, resume=interrupted, progress=False)
     assert resumed.summary["steps"] == 6
     assert abs(resumed.summary["final_train_loss"] - full.summary["final_train_loss"]) < 1e-4
