@@ -87,6 +87,7 @@ def test_classification_eval_reports_sklearn_metrics(tmp_path, triage):
 
     trainer = Trainer(config(tmp_path, triage, "lora"), progress=False)
     trainer.run()
+    trainer.model.eval()  # the reference predictions below must not draw dropout
     metrics = evaluate_loss(trainer.model, trainer.data.val, trainer.pad_id)
     logits = []
     with torch.no_grad():

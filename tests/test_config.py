@@ -142,19 +142,64 @@ def test_unknown_section_key_without_close_match(tmp_path):
     assert "unknown key 'zzzzzz'" in message
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.lr=-1e-4", "train.lr"),
-    ("train.lr=0", "train.lr"),
-    ("lora.r=0", "lora.r"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("lora.dropout=1.5", "lora.dropout"),
-    ("data.val_fraction=1", "data.val_fraction"),
-    ("train.epochs=abc", "train.epochs"),
-    ("train.lr_groups.lm_head=-1", "train.lr_groups"),
-])
-def test_bad_values_name_the_key(override, key):
-    message = config_error(None, [override])
-    assert key in message
+# every invalid value is caught at validation: (dotted key, bad value as YAML text)
+BAD_VALUES = [
+    ("train.lr", "-1.0e-4"), ("train.lr", "0"), ("train.lr", ".inf"), ("train.lr", ".nan"),
+    ("train.epochs", "0"), ("train.epochs", "-1"), ("train.epochs", "abc"), ("train.max_steps", "0"),
+    ("train.batch_size", "0"), ("train.grad_accum", "0"), ("train.warmup_ratio", "-0.1"),
+    ("train.warmup_ratio", "1.5"), ("train.weight_decay", "-0.01"), ("train.max_grad_norm", "0"),
+    ("train.save_total_limit", "0"), ("train.save_every", "0"), ("train.eval_every", "0"),
+    ("train.log_every", "0"), ("train.early_stopping_patience", "0"), ("train.scheduler", "exponential"),
+    ("train.precision", "fp8"), ("train.lr_groups", "{lm_head: -1}"),
+    ("lora.r", "0"), ("lora.r", "-4"), ("lora.alpha", "-16"), ("lora.alpha", "0"), ("lora.dropout", "1"),
+    ("lora.dropout", "1.5"), ("lora.dropout", "-0.1"), ("lora.lr_ratio", "0"), ("lora.rank_pattern", "{q_proj: 0}"),
+    ("lora.alpha_pattern", "{q_proj: -2}"), ("lora.init", "svd"),
+    ("data.max_length", "4"), ("data.val_fraction", "1"), ("data.val_fraction", "-0.1"), ("data.format", "parquet"),
+    ("data.loss_on", "prompt"), ("data.labels", "[a, b, a]"),
+    ("adapter.reduction", "0"), ("adapter.dropout", "1"), ("adapter.kind", "lora"),
+    ("prefix.num_virtual_tokens", "0"), ("prompt.num_virtual_tokens", "-1"), ("ptuning.encoder_hidden_size", "0"),
+    ("adalora.init_r", "0"), ("adalora.target_r", "16"), ("adalora.tfinal_ratio", "0.95"),
+    ("freeze.trainable_layers", "-1"), ("freeze.trainable_layers", "[]"), ("quant.bits", "3"),
+    ("eval.max_new_tokens", "0"), ("eval.max_examples", "0"), ("eval.scorer", "not-a-function"),
+    ("method", "lorra"), ("task", "regression"), ("run_name", "../outside"), ("run_name", "a/b"),
+    ("out_dir", "''"), ("adapter_name", "a.b"), ("seed", "abc"), ("trust_remote_code", "maybe"),
+    ("allow_pickle", "maybe"),
+]
+
+
+def _nested_yaml(dotted: str, value: str) -> str:
+    """`a.b: v` as nested YAML; the bad key always lands on the last line."""
+    parts = dotted.split(".")
+    return "model: tiny-llama\n" + "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(parts[:-1])) + \
+        f"{'  ' * (len(parts) - 1)}{parts[-1]}: {value}\n"
+
+
+@pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_bad_values_name_the_key(key, value):
+    message = config_error(None, [f"{key}={value}"])
+    assert f"<overrides>: {key}: " in message
+
+
+@pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_bad_values_in_yaml_name_the_key_and_line(tmp_path, key, value):
+    text = _nested_yaml(key, value)
+    path = write(tmp_path, text)
+    message = config_error(path)
+    assert f"{path}:{text.count(chr(10))}: {key}: " in message
+
+
+def test_cross_field_defaults_are_checked_too():
+    # the default target_r (8) is above an init_r of 4: caught though target_r was never written
+    assert "adalora.target_r" in config_error(None, ["adalora.init_r=4"])
+    assert "adalora.tfinal_ratio" in config_error(None, ["adalora.tinit_ratio=0.9"])
+
+
+def test_valid_edge_values_pass():
+    cfg = load_config(None, ["train.warmup_ratio=0", "data.val_fraction=0", "lora.dropout=0", "data.max_length=8",
+                             "freeze.trainable_layers=0", "freeze.trainable_layers=[-1, '*norm*']",
+                             "run_name=日期-v1.2", "adapter_name=dates_v2", "eval.scorer=my_pkg.scores:exact",
+                             "adalora.init_r=8", "allow_pickle=true"])
+    assert cfg.run_name == "日期-v1.2" and cfg.allow_pickle and cfg.freeze.trainable_layers == [-1, "*norm*"]
 
 
 def test_bad_value_in_yaml_names_key_and_line(tmp_path):

@@ -80,13 +80,13 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_run):
         assert not torch.allclose(_logits(plain, ids), ours, atol=1e-4)
 
 
-def _grads(tmp_path, toy_data, batch_size, grad_accum):
-    cfg = build_config({"model": "tiny-llama", "out_dir": str(tmp_path / f"g{batch_size}"),
+def _grads(tmp_path, toy_data, batch_size, grad_accum, packing=False):
+    cfg = build_config({"model": "tiny-llama", "out_dir": str(tmp_path / f"g{batch_size}{packing}"),
                         "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
-                        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "precision": "fp32"},
+                        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "precision": "fp32", "packing": packing},
                         "lora": {"dropout": 0.0, "init": "gaussian"}})
     trainer = Trainer(cfg, progress=False)
-    window = [list(range(i, i + batch_size)) for i in range(0, 8, batch_size)]
+    window = list(range(8))
     counts = [sum(1 for x in trainer.data.train[i]["labels"][1:] if x != IGNORE_INDEX) for i in range(8)]
     assert len(set(counts)) > 1, "the test needs examples with different numbers of loss tokens"
     loss, _ = trainer.accumulate_gradients(window)
@@ -102,6 +102,16 @@ def test_grad_accumulation_equals_large_batch(tmp_path, toy_data):
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=0), name
     assert any(g.abs().sum() > 0 for g in grads_a.values())
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(8, 1), (1, 4)])
+def test_packed_step_equals_padded_step(tmp_path, toy_data, batch_size, grad_accum):
+    """Packing changes only the layout: loss and every gradient match the padded batch."""
+    loss_a, grads_a = _grads(tmp_path, toy_data, 8, 1)
+    loss_b, grads_b = _grads(tmp_path, toy_data, batch_size, grad_accum, packing=True)
+    assert abs(loss_a - loss_b) < 1e-5
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=0), name
 
 
 def test_every_training_example_ends_with_eos_in_the_loss(tiny_config):

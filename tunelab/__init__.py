@@ -23,12 +23,14 @@ def train(config=None, overrides=None, resume=None, progress=True):
     return _train(config, overrides, resume=resume, progress=progress)
 
 
-def load(run_or_model, device=None, adapters=None):
+def load(run_or_model, device=None, adapters=None, trust_remote_code=False, allow_pickle=False):
     """Load a run directory (base + trained artifact) or a bare model name; returns (model, tokenizer).
-    `adapters={"task": RUN}` adds more adapters on the same base (switch with model.set_adapter)."""
+    `adapters={"task": RUN}` adds more adapters on the same base (switch with model.set_adapter).
+    `trust_remote_code` / `allow_pickle` opt in to a bare model's own code / pickle weights."""
     from .loading import load as _load
 
-    return _load(run_or_model, device=device, adapters=adapters)
+    return _load(run_or_model, device=device, adapters=adapters, trust_remote_code=trust_remote_code,
+                 allow_pickle=allow_pickle)
 
 
 def generate(model, tokenizer, prompt, **settings):

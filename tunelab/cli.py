@@ -33,6 +33,8 @@ def cmd_train(args) -> int:
 
     if args.resume is None and args.config is None:
         raise UserError("tunelab train needs a CONFIG.yaml (or --resume RUN)")
+    if args.nproc is not None:
+        return _relaunch(args.nproc)
     overrides = list(args.overrides)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).is_dir():
         overrides.insert(0, args.resume)  # `--resume key=value`: a bare --resume followed by an override
@@ -51,10 +53,36 @@ def cmd_train(args) -> int:
         else:
             result = train(args.config, overrides, progress=not args.no_progress)
     except Interrupted as stop:
-        print(str(stop), file=sys.stderr)
+        if _is_rank0():
+            print(str(stop), file=sys.stderr)
         return stop.exit_code
-    print(result.run_dir)
+    if _is_rank0():
+        print(result.run_dir)
     return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _relaunch(nproc: int) -> int:
+    """`tunelab train --nproc N ...`: the same command under torchrun, N data-parallel processes."""
+    import subprocess
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_generate(args) -> int:
@@ -141,6 +169,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.run import run_bench
+
+    report = run_bench(model=args.model, steps=args.steps, quick=args.quick, out=args.out)
+    _print_json(report)
+    return 0
+
+
 def _add_generation_flags(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -160,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", nargs="?", const="latest",
                    help="continue RUN (default: the newest unfinished run) from its latest complete checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel over N processes (torchrun; same as `accelerate launch -m tunelab train ...`)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="one completion from a run or a model")
@@ -204,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["dates", "triage"], default="dates",
                    help="dates: LoRA on smollm2 (causal LM); triage: LoRA q/v classification on minilm-l6")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="tunelab's fast path vs a transformers Trainer + peft baseline, measured in the same run; JSON")
+    p.add_argument("--quick", action="store_true", help="a few steps (under 3 minutes on 2 CPU cores) instead of 30")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per phase, the first one a warm-up")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -21,7 +21,9 @@ from .errors import ConfigError
 
 class Section(BaseModel):
     # coerce numbers: YAML reads `run_name: 2024` as an int, which is still a fine name
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # no inf/nan: `lr: .inf` is never meant
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -38,6 +40,14 @@ class DataConfig(Section):
     # classification: the label names in class-id order; filled from the training data when unset
     labels: Optional[list[str]] = None
 
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, v):
+        repeated = sorted({label for label in v if v.count(label) > 1}) if v else []
+        if repeated:
+            raise ValueError(f"label names must be distinct (class ids follow their order), repeated: {repeated}")
+        return v
+
 
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
@@ -50,7 +60,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    packing: bool = False
+    # None: pack wherever it is exact (causal LM, methods that do not prepend virtual tokens)
+    packing: Optional[bool] = None
+    group_by_length: bool = False  # without packing: batch examples of similar length (less padding)
     gradient_checkpointing: bool = False
     log_every: int = Field(1, ge=1)
     eval_every: Optional[int] = Field(None, ge=1)
@@ -84,6 +96,14 @@ class LoraConfig(Section):
     lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+: B matrices at lr_ratio x the base LR
     modules_to_save: Optional[list[str]] = None
 
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _positive_per_module(cls, v):
+        for pattern, value in v.items():
+            if value <= 0:
+                raise ValueError(f"value for '{pattern}' must be > 0, got {value}")
+        return v
+
 
 class QuantConfig(Section):
     bits: Optional[Literal[4, 8]] = None  # 4: QLoRA (NF4 base weights); 8: LLM.int8 base weights
@@ -113,14 +133,40 @@ class FreezeConfig(Section):
     train_lm_head: bool = False
     train_norm: bool = True  # the final norm
 
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layer_count(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"a number of blocks must be >= 0, got {v} (a list like [-1] picks blocks from the end)")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list trains no block; give a number or block indices / name patterns")
+        return v
+
 
 class AdaLoraSection(Section):
     init_r: int = Field(12, ge=1)
-    target_r: int = Field(8, ge=1)
+    target_r: int = Field(8, ge=1, validate_default=True)
     tinit_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of steps before rank pruning starts
-    tfinal_ratio: float = Field(0.2, ge=0.0, lt=1.0)  # share of final steps at the target budget
+    tfinal_ratio: float = Field(0.2, ge=0.0, lt=1.0, validate_default=True)  # share of final steps at the target budget
     delta_t: int = Field(1, ge=1)  # steps between budget reallocations
     orth_reg_weight: float = Field(0.5, ge=0.0)
+
+    # field validators run in field order, so the fields they compare with are already in info.data
+    @field_validator("target_r")
+    @classmethod
+    def _budget_shrinks(cls, v, info):
+        init_r = info.data.get("init_r")
+        if init_r is not None and v > init_r:
+            raise ValueError(f"must be <= init_r ({init_r}): the rank budget only shrinks")
+        return v
+
+    @field_validator("tfinal_ratio")
+    @classmethod
+    def _leaves_budgeting_steps(cls, v, info):
+        tinit = info.data.get("tinit_ratio")
+        if tinit is not None and tinit + v >= 1:
+            raise ValueError(f"tinit_ratio + tfinal_ratio ({tinit} + {v}) must be < 1 (steps left for rank budgeting)")
+        return v
 
 
 class IA3Section(Section):
@@ -135,6 +181,13 @@ class EvalConfig(Section):
     lang: str = "auto"  # "zh" tokenizes BLEU/ROUGE for Chinese; auto detects CJK references
     scorer: Optional[str] = None  # "module:function(prediction, reference, record) -> float"
 
+    @field_validator("scorer")
+    @classmethod
+    def _module_function(cls, v):
+        if v is not None and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError("must be 'module:function', e.g. my_scores:exact")
+        return v
+
 
 class Config(Section):
     model: str = "smollm2-135m-instruct"
@@ -144,6 +197,7 @@ class Config(Section):
     out_dir: str = "runs"
     seed: int = 0
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # read pickle weights (pytorch_model.bin, *.pt, ...): unpickling can run code
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -165,6 +219,29 @@ class Config(Section):
 
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}'{_suggest(v, METHODS)}; choose from {', '.join(METHODS)}")
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_run_name(cls, v):
+        problem = plain_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(f"must be a plain folder name inside out_dir: {problem}")
+        return v
+
+    @field_validator("adapter_name")
+    @classmethod
+    def _plain_adapter_name(cls, v):
+        problem = plain_name_problem(v) or ("it contains '.'" if "." in v else None)
+        if problem:
+            raise ValueError(f"must be a plain name (no '/', '.' or control characters): {problem}")
+        return v
+
+    @field_validator("out_dir")
+    @classmethod
+    def _usable_out_dir(cls, v):
+        if not v.strip() or "\x00" in v:
+            raise ValueError("must be a folder path (not empty, no NUL)")
         return v
 
     @model_validator(mode="after")
@@ -198,6 +275,20 @@ _ALIASES = {
     "lora_alpha": "alpha", "lora_dropout": "dropout", "max_seq_length": "max_length",
     "model_name_or_path": "model", "output_dir": "out_dir",
 }
+
+
+def plain_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be one folder name directly inside another (None when it can): run names
+    must not reach outside out_dir."""
+    if not name or name in (".", ".."):
+        return f"'{name}' is not a folder name"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if any(ord(c) < 32 for c in name):
+        return "it contains a control character (NUL, newline, ...)"
+    if len(name.encode("utf-8")) > 200:
+        return "it is longer than 200 bytes"
+    return None
 
 
 def _suggest(word: str, choices) -> str:

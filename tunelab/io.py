@@ -1,9 +1,12 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename."""
+"""File I/O in one place: atomic writes (temporary file in the same folder, fsync, rename), and
+safetensors reads that turn a missing, corrupted or truncated file into a UserError naming it."""
 
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -46,3 +49,30 @@ def fsync_dir(path) -> None:
 def dir_bytes(path) -> int:
     """Total size in bytes of the regular files under a directory."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def check_safetensors(path, missing: str = "missing") -> None:
+    """Validate a safetensors file's header against its size (catches truncation and garbage) without
+    reading the tensors; `missing` completes the message when the file does not exist."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {missing}")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+
+
+def read_safetensors(path, missing: str = "missing") -> dict:
+    """All tensors of a safetensors file, on the CPU; a missing or damaged file is a UserError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(path, missing)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: corrupted or truncated safetensors file ({exc})") from None

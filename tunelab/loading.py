@@ -11,6 +11,7 @@ from .device import pick_device
 from .errors import UserError
 from .methods import get_method
 from .models import load_causal_lm, load_tokenizer
+from .trust import check_adapter_folder
 
 
 def is_run_dir(path) -> bool:
@@ -34,13 +35,15 @@ def _load_run(path: Path, device):
     return model, tokenizer, cfg
 
 
-def load(run_or_model, device=None, adapters: Optional[dict] = None):
+def load(run_or_model, device=None, adapters: Optional[dict] = None, trust_remote_code: bool = False,
+         allow_pickle: bool = False):
     """(model, tokenizer), in eval mode, with the run's chat template set on the tokenizer.
 
     `adapters={"task": RUN, ...}` loads more PEFT adapters onto the same base (stored once); switch
     with `model.set_adapter("task")`, and `with model.disable_adapter():` gives the base back. The
     first run's adapter is named by its config's `adapter_name`. The run's config is attached as
-    `model.tunelab_config` (generation reads its system prompt).
+    `model.tunelab_config` (generation reads its system prompt). `trust_remote_code` and
+    `allow_pickle` are the opt-ins for a bare model; a run uses its config's.
     """
     device = device or pick_device()
     path = Path(str(run_or_model))
@@ -53,8 +56,9 @@ def load(run_or_model, device=None, adapters: Optional[dict] = None):
     else:
         if adapters:
             raise UserError("adapters= needs a run directory as the first argument")
-        tokenizer = load_tokenizer(str(run_or_model))
-        model = load_causal_lm(str(run_or_model), device)
+        tokenizer = load_tokenizer(str(run_or_model), trust_remote_code)
+        model = load_causal_lm(str(run_or_model), device, trust_remote_code=trust_remote_code,
+                               allow_pickle=allow_pickle)
         tokenizer.chat_template = resolve_chat_template(tokenizer, "auto")
         model.tunelab_config = None
     model.eval()
@@ -69,4 +73,6 @@ def _add_adapter(model, cfg, name: str, run: Path) -> None:
         raise UserError(f"{run}: trained on '{other.model}', not on the shared base '{cfg.model}'")
     if name in model.peft_config:
         return  # already loaded (the first run's adapter is named by its config's adapter_name)
-    model.load_adapter(str(run / get_method(other.method).artifact), adapter_name=name)
+    artifact = run / get_method(other.method).artifact
+    check_adapter_folder(artifact, other.allow_pickle)  # peft itself would fall back to a pickle file
+    model.load_adapter(str(artifact), adapter_name=name)

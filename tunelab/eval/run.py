@@ -119,7 +119,8 @@ def evaluate_run(run_or_model: str, data: Optional[str] = None, overrides: Optio
         cfg = build_config(apply_overrides(cfg.to_dict(), [f"data.train={data}", "data.eval=null", "data.val_fraction=0"]))
     elif not is_run:
         raise UserError("evaluating a bare model needs --data FILE")
-    loaded = [load(t) for t in targets]
+    # a bare model takes its opt-ins from the overrides (trust_remote_code=true, allow_pickle=true)
+    loaded = [load(t, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle) for t in targets]
     tokenizer = loaded[0][1]
     model = loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded], cfg.task == "classification")
     prepared = prepare_data(cfg, tokenizer)

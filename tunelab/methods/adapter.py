@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UserError
+from ..io import read_safetensors
 from .base import Method, classification_head
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -263,9 +264,7 @@ class BottleneckAdapterMethod(Method):
         _load_adapter_weights(base_model, artifact_dir / WEIGHTS_FILE)
         head = classification_head(base_model)
         if head is not None and (artifact_dir / HEAD_FILE).is_file():
-            from safetensors.torch import load_file
-
-            head.load_state_dict(load_file(str(artifact_dir / HEAD_FILE)))
+            head.load_state_dict(read_safetensors(artifact_dir / HEAD_FILE))
         for param in base_model.parameters():
             param.requires_grad_(False)
         base_model.tunelab_adapter_config = {**asdict(settings), "targets": targets}
@@ -287,15 +286,7 @@ def _read_artifact_config(path: Path) -> dict:
 
 def _load_adapter_weights(model: nn.Module, path: Path) -> None:
     """Copy the saved tensors into the model's adapters; keys and shapes must match exactly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path}: missing (the adapter weights)")
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: corrupted or unreadable safetensors file: {exc}") from None
+    saved = read_safetensors(path, missing="missing (the adapter weights)")
     params = adapter_state(model)
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:

@@ -20,7 +20,7 @@ class Method:
 
         if cfg.task == "classification":
             return load_classification_base(cfg, device)
-        return load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code)
+        return load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code, cfg.allow_pickle)
 
     needs_base = True  # False: the artifact is a whole model and loads without the base
 
@@ -53,7 +53,8 @@ def load_classification_base(cfg, device, **kwargs):
     if not cfg.data.labels:
         raise ValueError("classification needs cfg.data.labels (filled from the training data)")
     pad = load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id
-    return load_classifier(cfg.model, cfg.data.labels, device, torch.float32, cfg.trust_remote_code, pad, **kwargs)
+    return load_classifier(cfg.model, cfg.data.labels, device, torch.float32, cfg.trust_remote_code, pad,
+                           allow_pickle=cfg.allow_pickle, **kwargs)
 
 
 def classification_head(model):
@@ -86,4 +87,7 @@ class PeftMethod(Method):
     def load(self, base_model, artifact_dir: Path, cfg):
         from peft import PeftModel
 
+        from ..trust import check_adapter_folder
+
+        check_adapter_folder(artifact_dir, cfg.allow_pickle)  # peft itself would fall back to a pickle file
         return PeftModel.from_pretrained(base_model, artifact_dir, adapter_name=cfg.adapter_name, is_trainable=False)

@@ -43,8 +43,10 @@ class FullMethod(Method):
         from ..models import load_causal_lm, load_classifier
 
         if cfg.task == "classification":
-            return load_classifier(str(artifact_dir), cfg.data.labels, trust_remote_code=cfg.trust_remote_code)
-        return load_causal_lm(str(artifact_dir), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+            return load_classifier(str(artifact_dir), cfg.data.labels, trust_remote_code=cfg.trust_remote_code,
+                                   allow_pickle=cfg.allow_pickle)
+        return load_causal_lm(str(artifact_dir), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                              allow_pickle=cfg.allow_pickle)
 
 
 class FreezeMethod(FullMethod):

@@ -81,9 +81,8 @@ class LoraMethod(PeftMethod):
 
             raise UserError(f"method '{cfg.method}' with quant.bits={bits} needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'") from None
         from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM
 
-        from ..models import resolve_model_path
+        from ..models import load_causal_lm
 
         quant = cfg.quant.model_copy(update={"bits": bits})
         if cfg.task == "classification":
@@ -91,10 +90,8 @@ class LoraMethod(PeftMethod):
             skip = ["classifier", "score", "pooler"]
             model = load_classification_base(cfg, None, quantization_config=bnb_config(quant, skip), device_map={"": device})
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                resolve_model_path(cfg.model), quantization_config=bnb_config(quant), dtype=torch.float32,
-                device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
-            )
+            model = load_causal_lm(cfg.model, None, torch.float32, cfg.trust_remote_code, cfg.allow_pickle,
+                                   quantization_config=bnb_config(quant), device_map={"": device})
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     def lr_multiplier(self, param_name: str, cfg) -> float:

@@ -23,11 +23,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..io import atomic_write_json, fsync_dir
+from ..io import atomic_write_json, fsync_dir, read_safetensors
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -164,12 +163,7 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
 
 
 def _load_safetensors(path: Path) -> dict:
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing from the checkpoint") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+    return read_safetensors(path, missing="missing from the checkpoint")
 
 
 def _load_json(path: Path) -> dict:
@@ -179,6 +173,10 @@ def _load_json(path: Path) -> dict:
         raise UserError(f"{path}: missing from the checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: corrupted JSON ({exc})") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    return _load_json(ckpt / "trainer_state.json")
 
 
 def load_best_weights(ckpt: Path) -> Optional[dict]:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -23,15 +24,17 @@ import torch
 
 from ..config import Config, apply_overrides, build_config, load_config
 from ..data import prepare_data
-from ..data.collate import count_loss_tokens, pad_batch
+from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json, atomic_write_text, dir_bytes
 from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
-from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from .batching import attention_mask_dtype, epoch_windows, step_batches
+from .distributed import Distributed
+from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, read_trainer_state, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
@@ -48,7 +51,8 @@ class TrainResult:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one voice in a multi-process run
+        print(msg, file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,18 +61,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_windows(n_examples: int, cfg, epoch: int) -> list[list[list[int]]]:
-    """This epoch's optimizer steps: each a list of micro-batches of example indices."""
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(n_examples, generator=g).tolist()
-    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    micro = [order[i : i + bs] for i in range(0, n_examples, bs)]
-    return [micro[i : i + ga] for i in range(0, len(micro), ga)]
+def resolve_packing(cfg, model) -> bool:
+    """`train.packing`: None packs wherever it is exact; true where it cannot be is an error."""
+    reason = None
+    if cfg.task == "classification":
+        reason = "classification batches one example per row"
+    elif getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        reason = f"method {cfg.method} prepends virtual tokens to every row"
+    if reason is None:
+        return cfg.train.packing is not False
+    if cfg.train.packing:
+        raise ConfigError(f"train.packing: true does not work here: {reason}; remove it or set it to false")
+    return False
 
 
-def total_steps(n_examples: int, cfg) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps)."""
-    per_epoch = math.ceil(math.ceil(n_examples / cfg.train.batch_size) / cfg.train.grad_accum)
+def keep_global_batch(cfg, ckpt: Path, world: int) -> None:
+    """Resuming under another process count: change grad_accum so a step takes as many examples as the
+    checkpoint's steps did (same data order, same schedule, same numbers)."""
+    before = read_trainer_state(ckpt).get("examples_per_step")
+    t = cfg.train
+    if before is None or before == t.batch_size * t.grad_accum * world:
+        return
+    if before % (t.batch_size * world):
+        raise UserError(f"{ckpt}: its steps took {before} examples; batch_size {t.batch_size} x {world} processes does not "
+                        f"divide that; choose train.batch_size so that batch_size x processes divides {before}")
+    t.grad_accum = before // (t.batch_size * world)
+    log(f"note: {world} process(es): train.grad_accum set to {t.grad_accum} to keep {before} examples per step")
+
+
+def total_steps(n_examples: int, cfg, world: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps); a step takes batch_size x grad_accum x processes examples."""
+    per_epoch = math.ceil(n_examples / (cfg.train.batch_size * cfg.train.grad_accum * world))
     if cfg.train.max_steps:
         return per_epoch, cfg.train.max_steps
     return per_epoch, max(1, math.ceil(cfg.train.epochs * per_epoch))
@@ -80,11 +103,19 @@ class Trainer:
     def __init__(self, cfg: Config, resume_dir: Optional[Path] = None, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
-        seed_everything(cfg.seed)
-        self.device = pick_device()
+        self.dist = Distributed.from_env()
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        self.device = self.dist.device(pick_device())
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+
+        ckpt = None
+        if resume_dir is not None:
+            ckpt = latest_checkpoint(Path(resume_dir) / "checkpoints")
+            if ckpt is None:
+                raise UserError(f"{resume_dir}: no complete checkpoint to resume from")
+            keep_global_batch(cfg, ckpt, self.dist.world)
 
         # 1. data first: bad data fails before anything is written
         self.tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -93,7 +124,7 @@ class Trainer:
             log(f"note: {note}")
 
         # 2. model + method
-        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg)
+        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg, self.dist.world)
         self.method = get_method(cfg.method)
         model = self.method.load_base(cfg, self.device)
         # the frozen base as stored in memory (QLoRA: packed 4-bit) vs the same weights in fp32
@@ -104,6 +135,9 @@ class Trainer:
             model.config.use_cache = False
         self.model = self.method.apply(model, cfg, self.total_steps)
         self.model.train()
+        cfg.train.packing = resolve_packing(cfg, self.model)  # saved resolved in config.yaml
+        self.mask_dtype = attention_mask_dtype(self.model) if cfg.train.packing else None
+        self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
 
         # 3. optimizer and schedule
         self.groups = param_groups(self.model, cfg, self.method)
@@ -117,33 +151,42 @@ class Trainer:
         self.best_weights = None
         self.state = {"step": 0, "epoch": 0, "window": 0, "tokens": 0, "train_time": 0.0, "bad_steps": 0,
                       "skipped_steps": 0, "best_metric": None, "best_step": None, "evals_since_best": 0,
+                      "examples_per_step": cfg.train.batch_size * cfg.train.grad_accum * self.dist.world,
                       "last_loss": None}
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
-            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-            if ckpt is None:
-                raise UserError(f"{self.run_dir}: no complete checkpoint to resume from")
             self.state.update(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler))
             self.best_weights = load_best_weights(ckpt)
             log(f"resuming {self.run_dir} from {ckpt.name}")
-            self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"])
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"]) if self.dist.is_main else None
         else:
             # data paths are saved absolute so the run can be resumed from anywhere
             for key in ("train", "eval"):
                 if getattr(cfg.data, key):
                     setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).resolve()))
-            self.run_dir = create_run_dir(cfg)
-            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-            self.metrics = MetricsLog(self.run_dir)
+            self.metrics = None
+            if self.dist.is_main:  # only rank 0 writes
+                self.run_dir = create_run_dir(cfg)
+                atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+                self.metrics = MetricsLog(self.run_dir)
+            self.run_dir = Path(self.dist.broadcast_str(str(self.run_dir) if self.dist.is_main else ""))
+        if self.dist.rank > 0:  # dropout differs between ranks; rank 0 keeps the single-process stream
+            torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + self.state["step"])
+        self.saved_step = self.state["step"] if resume_dir is not None else None
         self.pad_id = self.tokenizer.pad_token_id
+        self.lengths = [len(e["input_ids"]) for e in self.data.train]
 
     # --- one optimizer step -------------------------------------------------------------------
-    def accumulate_gradients(self, window: list[list[int]]) -> tuple[float, int]:
+    def accumulate_gradients(self, window: list[int]) -> tuple[float, int]:
         """Forward/backward over the micro-batches of one step, each scaled by the window's loss-token
         count so the summed gradient equals the full batch's. Returns (mean token loss, tokens seen)."""
-        batches = [pad_batch([self.data.train[i] for i in micro], self.pad_id) for micro in window]
-        n_loss_tokens = sum(count_loss_tokens(b) for b in batches)
-        total, tokens = 0.0, 0
+        t = self.cfg.train
+        # loss-token count and tokens of the whole (global) step; this process trains on its shard
+        n_loss_tokens = sum(example_loss_tokens(self.data.train[i]) for i in window)
+        tokens = sum(self.lengths[i] for i in window)
+        examples = [self.data.train[i] for i in self.dist.shard(window)]
+        batches = step_batches(examples, t.batch_size, self.pad_id, t.packing, self.cfg.data.max_length, self.mask_dtype)
+        total = 0.0
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
@@ -151,8 +194,9 @@ class Trainer:
             scaled = s / n_loss_tokens
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
-            tokens += int(batch["attention_mask"].sum())
-        extra = self.method.extra_loss(self.model)  # once per step, not per micro-batch
+        self.dist.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
+        total = self.dist.sum(total)[0]
+        extra = self.method.extra_loss(self.model)  # once per step, not per micro-batch or per rank
         if extra is not None:
             (self.scaler.scale(extra) if self.scaler else extra).backward()
         return total / n_loss_tokens, tokens
@@ -175,7 +219,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def train_step(self, window: list[list[int]]) -> tuple[float, float, int]:
+    def train_step(self, window: list[int]) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad_norm, tokens)."""
         loss, tokens = self.accumulate_gradients(window)
         return loss, self.optimizer_step(), tokens
@@ -201,8 +245,11 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.state["train_time"] = self.train_time
-        save_checkpoint(self.run_dir / "checkpoints", self.state["step"], self.model, self.optimizer, self.scheduler,
-                        self.state, self.cfg.train.save_total_limit, self.best_weights)
+        self.saved_step = self.state["step"]
+        if self.dist.is_main:  # every rank holds the same weights and optimizer state
+            save_checkpoint(self.run_dir / "checkpoints", self.state["step"], self.model, self.optimizer, self.scheduler,
+                            self.state, self.cfg.train.save_total_limit, self.best_weights)
+        self.dist.barrier()
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -214,11 +261,12 @@ class Trainer:
         for g in self.groups:
             log(f"  lr group '{g['name']}': {g['numel']:,} params, lr {g['lr']:.3g}, weight_decay {g['weight_decay']:g}")
         log(f"data: {len(self.data.train)} train / {len(self.data.val)} eval examples ({self.data.format}); "
-            f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), effective batch {t.batch_size * t.grad_accum}")
+            f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), effective batch {t.batch_size * t.grad_accum * self.dist.world}"
+            + (f" over {self.dist.world} processes" if self.dist.enabled else "") + (", packed" if t.packing else ""))
 
         self.train_time = self.state["train_time"]
         bar = None
-        if self.progress:
+        if self.progress and self.dist.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
@@ -229,7 +277,7 @@ class Trainer:
             if bar is not None:
                 cleanup.callback(bar.close)
             while self.state["step"] < self.total_steps and stop_reason is None:
-                windows = epoch_windows(len(self.data.train), cfg, self.state["epoch"])
+                windows = epoch_windows(self.lengths, cfg, self.state["epoch"], self.dist.world)
                 while self.state["window"] < len(windows) and self.state["step"] < self.total_steps:
                     t0 = time.perf_counter()
                     loss, grad_norm, tokens = self.train_step(windows[self.state["window"]])
@@ -261,17 +309,20 @@ class Trainer:
                         record = (record or {"step": step}) | last_eval
                         if self._track_best(last_eval):
                             stop_reason = f"early stopping: {t.metric_for_best} did not improve for {t.early_stopping_patience} evaluations"
-                    if record:
+                    if record and self.metrics:
                         self.metrics.write(record)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-")
                     if t.save_every and step % t.save_every == 0:
                         self.checkpoint()
-                    if stop.signal_name:
+                    signal_name = stop.signal_name
+                    if self.dist.any(signal_name is not None):  # all ranks stop at the same step
+                        signal_name = signal_name or "SIGTERM"
                         self.checkpoint()
-                        self.metrics.close()
-                        raise Interrupted(stop.signal_name, self.run_dir, step)
+                        if self.metrics:
+                            self.metrics.close()
+                        raise Interrupted(signal_name, self.run_dir, step)
                     if stop_reason:
                         break
                 if self.state["window"] >= len(windows):
@@ -284,9 +335,10 @@ class Trainer:
     def finish(self, trainable: int, total: int, last_eval: dict) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         step = self.state["step"]
-        complete = latest_checkpoint(self.run_dir / "checkpoints")
-        if complete is None or complete.name != f"step-{step}":
+        if self.saved_step != step:
             self.checkpoint()
+        if not self.dist.is_main:
+            return TrainResult(self.run_dir, {})
         # the final artifact is the best evaluated state when periodic eval ran
         if self.best_weights is not None and self.state["best_step"] != step:
             load_trainable_state(self.model, self.best_weights)
@@ -362,4 +414,8 @@ def train(config, overrides: Optional[list[str]] = None, resume: Optional[str | 
     else:
         data = config.to_dict() if isinstance(config, Config) else copy.deepcopy(dict(config))
         cfg = build_config(apply_overrides(data, overrides or []))
-    return Trainer(cfg, resume_dir=resume, progress=progress).run()
+    trainer = Trainer(cfg, resume_dir=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()

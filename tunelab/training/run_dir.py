@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config import plain_name_problem
 from ..errors import UserError
 from ..io import atomic_write_text
 
@@ -21,9 +22,11 @@ def default_run_name(cfg) -> str:
 
 
 def safe_child(parent: Path, name: str) -> Path:
-    """parent/name, refusing names that would escape the parent folder."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise UserError(f"run_name '{name}' must be a plain folder name (no '/', '..')")
+    """parent/name, refusing names that would escape the parent folder (config validation already
+    refuses such a run_name; this guards every other way a name arrives)."""
+    problem = plain_name_problem(name)
+    if problem:
+        raise UserError(f"run_name {name!r} must be a plain folder name inside out_dir: {problem}")
     return parent / name
 
 

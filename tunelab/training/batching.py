@@ -1,0 +1,63 @@
+"""Which examples make each optimizer step, and how a step's examples become micro-batches.
+
+Data order is a pure function of (seed, epoch), so a resumed run sees exactly the same steps. The
+loss is normalised by the loss-token count of the whole step, so how a step's examples are laid out
+in micro-batches (padded, sorted by length, or packed several to a row) does not change the
+gradient, only the speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.collate import pack_rows, packed_batch, pad_batch
+from ..errors import ConfigError
+
+MEGABATCH = 50  # group_by_length: steps whose examples are sorted together (as in HF's length sampler)
+
+
+def epoch_windows(lengths: list[int], cfg, epoch: int, world: int = 1) -> list[list[int]]:
+    """This epoch's optimizer steps, each a list of example indices (batch_size x grad_accum x processes)."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    step = cfg.train.batch_size * cfg.train.grad_accum * world
+    if cfg.train.group_by_length and not cfg.train.packing:
+        span = step * MEGABATCH
+        order = [i for s in range(0, len(order), span) for i in sorted(order[s : s + span], key=lambda i: -lengths[i])]
+        windows = [order[i : i + step] for i in range(0, len(order), step)]
+        # the longest step first: an out-of-memory error shows up at once, not hours in
+        perm = torch.randperm(len(windows), generator=g).tolist()
+        return [windows[0]] + [windows[i] for i in perm if i != 0]
+    return [order[i : i + step] for i in range(0, len(order), step)]
+
+
+def attention_mask_dtype(model):
+    """What a packed batch's block-diagonal mask must look like for this model's attention backend:
+    None = boolean (sdpa), a float dtype = additive (eager), "position_ids" = none, flash-attention
+    varlen finds the boundaries from the restarting position ids."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "sdpa":
+        return None
+    if impl == "eager":
+        return model.dtype if model.dtype.is_floating_point else torch.float32
+    if impl.startswith("flash_attention"):
+        return "position_ids"
+    raise ConfigError(f"train.packing: attention implementation '{impl}' is not supported (sdpa, eager, flash_attention_*); "
+                      "set train.packing: false")
+
+
+def step_batches(examples: list[dict], batch_size: int, pad_id: int, packing: bool, capacity: int, mask_dtype=None) -> list[dict]:
+    """Micro-batches of at most batch_size rows for one step's examples.
+
+    Packed: examples go several to a row of at most `capacity` tokens (first-fit decreasing).
+    Padded: sorted by length first, so each micro-batch pads to a similar length."""
+    if packing:
+        rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+        batches = [packed_batch(examples, rows[i : i + batch_size], pad_id, None if mask_dtype == "position_ids" else mask_dtype)
+                   for i in range(0, len(rows), batch_size)]
+        if mask_dtype == "position_ids":
+            for b in batches:
+                del b["attention_mask"]
+        return batches
+    examples = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    return [pad_batch(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
