@@ -214,3 +214,39 @@ def test_eval_command_reproduces_the_final_eval(tiny_run):
     metrics = evaluate_run(str(tiny_run.run_dir))
     assert metrics["eval_loss"] == pytest.approx(tiny_run.summary["eval"]["eval_loss"], abs=1e-5)
     assert json.loads((tiny_run.run_dir / "eval.json").read_text())["eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def _oom_over(rows, monkeypatch):
+    """Make any micro-batch of more than `rows` rows fail like the CPU allocator does."""
+    import tunelab.training.loop as loop
+
+    real = loop.loss_sum
+
+    def limited(model, batch):
+        if batch["input_ids"].shape[0] > rows:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "loss_sum", limited)
+
+
+def test_out_of_memory_gives_advice(tiny_config, monkeypatch, tmp_path):
+    from tunelab.errors import UserError
+
+    tiny_config["train"].update(packing=False)
+    _oom_over(2, monkeypatch)
+    with pytest.raises(UserError, match=r"out of memory with a micro-batch of 4.*train.batch_size=2 train.grad_accum=2.*gradient_checkpointing"):
+        tunelab.train(tiny_config, progress=False)
+
+
+def test_auto_batch_size_halves_the_micro_batch_and_keeps_the_numbers(tiny_config, monkeypatch):
+    tiny_config["train"].update(packing=False)
+    tiny_config["lora"] = {"dropout": 0.0}
+    plain = tunelab.train(tiny_config | {"run_name": "plain"}, progress=False)
+    _oom_over(1, monkeypatch)
+    tiny_config["train"].update(auto_batch_size=True)
+    auto = tunelab.train(tiny_config | {"run_name": "auto"}, progress=False)
+    assert auto.summary["micro_batch_size"] == 1 and plain.summary["micro_batch_size"] == 4
+    a = [json.loads(x)["loss"] for x in (plain.run_dir / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (auto.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5

@@ -64,6 +64,7 @@ class TrainConfig(Section):
     packing: Optional[bool] = None
     group_by_length: bool = False  # without packing: batch examples of similar length (less padding)
     gradient_checkpointing: bool = False
+    auto_batch_size: bool = False  # on out-of-memory, halve the micro-batch (more accumulation, same step)
     log_every: int = Field(1, ge=1)
     eval_every: Optional[int] = Field(None, ge=1)
     save_every: Optional[int] = Field(None, ge=1)

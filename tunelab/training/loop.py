@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -73,6 +74,28 @@ def resolve_packing(cfg, model) -> bool:
     if cfg.train.packing:
         raise ConfigError(f"train.packing: true does not work here: {reason}; remove it or set it to false")
     return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError) / MemoryError."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def oom_advice(cfg, micro_batch: int) -> str:
+    t = cfg.train
+    if micro_batch > 1:
+        half = micro_batch // 2
+        fixes = [f"train.batch_size={half} train.grad_accum={-(-t.batch_size * t.grad_accum // half)} (same effective batch)"]
+    else:
+        fixes = [f"a lower data.max_length (now {cfg.data.max_length})"]
+    if not t.gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing=true")
+    if cfg.method != "qlora":
+        fixes.append("method=qlora (4-bit base)")
+    if micro_batch > 1 and not t.auto_batch_size:
+        fixes.append("train.auto_batch_size=true (halves the micro-batch on out-of-memory)")
+    return f"out of memory with a micro-batch of {micro_batch} (rows of up to {cfg.data.max_length} tokens); try " + ", or ".join(fixes)
 
 
 def keep_global_batch(cfg, ckpt: Path, world: int) -> None:
@@ -175,17 +198,46 @@ class Trainer:
         self.saved_step = self.state["step"] if resume_dir is not None else None
         self.pad_id = self.tokenizer.pad_token_id
         self.lengths = [len(e["input_ids"]) for e in self.data.train]
+        self.micro_batch = cfg.train.batch_size  # auto_batch_size may lower it; the step stays the same
 
     # --- one optimizer step -------------------------------------------------------------------
     def accumulate_gradients(self, window: list[int]) -> tuple[float, int]:
         """Forward/backward over the micro-batches of one step, each scaled by the window's loss-token
-        count so the summed gradient equals the full batch's. Returns (mean token loss, tokens seen)."""
-        t = self.cfg.train
-        # loss-token count and tokens of the whole (global) step; this process trains on its shard
-        n_loss_tokens = sum(example_loss_tokens(self.data.train[i]) for i in window)
+        count so the summed gradient equals the full batch's. Returns (mean token loss, tokens seen).
+        Out of memory: with train.auto_batch_size the step is redone with half the micro-batch."""
+        while True:
+            oom = None
+            try:
+                total, n_loss_tokens = self._forward_backward(window)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raised
+                if not is_out_of_memory(exc):
+                    raise
+                oom = exc
+            if not self.dist.any(oom is not None):  # every rank retries together, or none does
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            del oom
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not (self.cfg.train.auto_batch_size and self.micro_batch > 1):
+                raise UserError(oom_advice(self.cfg, self.micro_batch))
+            self.micro_batch //= 2
+            log(f"note: out of memory; micro-batch halved to {self.micro_batch} (grad_accum follows: same examples per step)")
         tokens = sum(self.lengths[i] for i in window)
+        self.dist.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
+        total = self.dist.sum(total)[0]
+        extra = self.method.extra_loss(self.model)  # once per step, not per micro-batch or per rank
+        if extra is not None:
+            (self.scaler.scale(extra) if self.scaler else extra).backward()
+        return total / n_loss_tokens, tokens
+
+    def _forward_backward(self, window: list[int]) -> tuple[float, int]:
+        """This process's share of a step: (summed loss, loss tokens of the whole global step)."""
+        t = self.cfg.train
+        n_loss_tokens = sum(example_loss_tokens(self.data.train[i]) for i in window)
         examples = [self.data.train[i] for i in self.dist.shard(window)]
-        batches = step_batches(examples, t.batch_size, self.pad_id, t.packing, self.cfg.data.max_length, self.mask_dtype)
+        batches = step_batches(examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.mask_dtype)
         total = 0.0
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -194,12 +246,7 @@ class Trainer:
             scaled = s / n_loss_tokens
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
-        self.dist.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
-        total = self.dist.sum(total)[0]
-        extra = self.method.extra_loss(self.model)  # once per step, not per micro-batch or per rank
-        if extra is not None:
-            (self.scaler.scale(extra) if self.scaler else extra).backward()
-        return total / n_loss_tokens, tokens
+        return total, n_loss_tokens
 
     def optimizer_step(self) -> float:
         """Clip, step (unless the gradients are non-finite), schedule; returns the gradient norm."""
@@ -362,6 +409,7 @@ class Trainer:
             "artifact_bytes": dir_bytes(artifact),
             "steps": step,
             "skipped_steps": self.state["skipped_steps"],
+            "micro_batch_size": self.micro_batch,
             "best_step": self.state["best_step"],
             "train_wall_s": self.train_time,
             "train_tokens": self.state["tokens"],
