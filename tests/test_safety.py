@@ -108,15 +108,9 @@ def test_auto_map_on_a_known_architecture_loads_without_running_the_code(tiny_ll
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A finished tiny-llama LoRA run (2 steps, no validation split)."""
-    from conftest import toy_rows
+    from conftest import train_tiny_run
 
-    tmp = tmp_path_factory.mktemp("lora")
-    data = tmp / "toy.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8")
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp / "runs"), "run_name": "tiny",
-           "data": {"train": str(data), "val_fraction": 0, "max_length": 64},
-           "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32"}}
-    return tunelab.train(cfg, progress=False).run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("lora"), val_fraction=0, max_steps=2).run_dir
 
 
 @pytest.fixture

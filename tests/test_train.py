@@ -19,15 +19,9 @@ SUMMARY_FIELDS = ["method", "model", "trainable_params", "total_params", "traina
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from conftest import toy_rows
+    from conftest import train_tiny_run
 
-    tmp = tmp_path_factory.mktemp("run")
-    data = tmp / "toy.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8")
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp / "runs"), "run_name": "tiny",
-           "data": {"train": str(data), "val_fraction": 0.2, "max_length": 64},
-           "train": {"max_steps": 5, "batch_size": 4, "lr": 1e-2, "precision": "fp32"}}
-    return tunelab.train(cfg, progress=False)
+    return train_tiny_run(tmp_path_factory.mktemp("run"), lr=1e-2)
 
 
 def test_run_directory_has_every_spec_file(tiny_run):
