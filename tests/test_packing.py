@@ -5,11 +5,12 @@ import random
 import pytest
 import torch
 
-from tunelab.data.collate import count_loss_tokens, pack_rows, packed_batch, pad_batch
+from tunelab.data.collate import count_loss_tokens, pack_rows, packed_batch, pad_batch, varlen_batch
 from tunelab.data.encode import IGNORE_INDEX
-from tunelab.losses import plain_loss_sum, selected_loss_sum
+from tunelab.losses import model_inputs, plain_loss_sum, selected_loss_sum
 from tunelab.models import load_causal_lm
-from tunelab.training.batching import attention_mask_dtype, epoch_windows
+from tunelab.attention import varlen_attention
+from tunelab.training.batching import epoch_windows, step_batches
 from tunelab.config import build_config
 
 
@@ -32,12 +33,23 @@ def test_pack_rows_places_every_example_once_within_capacity():
         assert len(rows) <= 2 * sum(lengths) / 50 + 1  # first-fit decreasing is never worse than 2x optimal
 
 
-def _check_packed_equals_alone(model, examples, capacity):
+def _check_packed_equals_alone(model, examples, capacity, layout):
+    """layout "varlen": one unpadded row, attention per example; None (bool, sdpa) or a float dtype
+    (eager): rows with a block-diagonal mask."""
     rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
     assert any(len(row) > 1 for row in rows), "the test needs rows holding several examples"
-    batch = packed_batch(examples, rows, 0, attention_mask_dtype(model))
+    if layout == "varlen":
+        order = [i for row in rows for i in row]
+        batch = varlen_batch([examples[i] for i in order])
+        rows = [order]
+    else:
+        batch = packed_batch(examples, rows, 0, layout)
+    with torch.no_grad(), varlen_attention(model, layout == "varlen"):
+        packed = model(input_ids=batch["input_ids"], **model_inputs(batch)).logits
+        padded = pad_batch(examples, 0)
+        assert count_loss_tokens(batch) == count_loss_tokens(padded)
+        losses = [float(loss(model, batch)) / count_loss_tokens(batch) for loss in (plain_loss_sum, selected_loss_sum)]
     with torch.no_grad():
-        packed = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
         worst = 0.0
         for r, row in enumerate(rows):
             start = 0
@@ -47,23 +59,29 @@ def _check_packed_equals_alone(model, examples, capacity):
                 worst = max(worst, float((alone - packed[r, start : start + n]).abs().max()))
                 start += n
         assert worst < 1e-4
-        padded = pad_batch(examples, 0)
-        assert count_loss_tokens(batch) == count_loss_tokens(padded)
         reference = float(plain_loss_sum(model, padded)) / count_loss_tokens(padded)
-        for loss in (plain_loss_sum, selected_loss_sum):
-            assert abs(float(loss(model, batch)) / count_loss_tokens(batch) - reference) < 1e-5
+    assert max(abs(x - reference) for x in losses) < 1e-5
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logits_and_loss_equal_unpacked_tiny_llama(attn):
+@pytest.mark.parametrize("attn,layout", [("sdpa", "varlen"), ("sdpa", None), ("eager", torch.float32)])
+def test_packed_logits_and_loss_equal_unpacked_tiny_llama(attn, layout):
     model = load_causal_lm("tiny-llama").eval()
     model.config._attn_implementation = attn
-    _check_packed_equals_alone(model, _examples(model.config.vocab_size, [5, 17, 9, 30, 3, 12, 24, 2]), 40)
+    _check_packed_equals_alone(model, _examples(model.config.vocab_size, [5, 17, 9, 30, 3, 12, 24, 2]), 40, layout)
 
 
-def test_packed_logits_and_loss_equal_unpacked_smollm2():
+@pytest.mark.parametrize("layout", ["varlen", None])
+def test_packed_logits_and_loss_equal_unpacked_smollm2(layout):
     model = load_causal_lm("smollm2-135m-instruct").eval()
-    _check_packed_equals_alone(model, _examples(model.config.vocab_size, [40, 7, 90, 23, 61, 12], seed=1), 128)
+    _check_packed_equals_alone(model, _examples(model.config.vocab_size, [40, 7, 90, 23, 61, 12], seed=1), 128, layout)
+
+
+def test_varlen_micro_batches_hold_every_token_once_without_padding():
+    examples = _examples(1000, [30, 5, 64, 17, 40, 8, 50, 22, 9])
+    batches = step_batches(examples, batch_size=2, pad_id=0, packing=True, capacity=64, layout="varlen")
+    assert sum(b["input_ids"].numel() for b in batches) == sum(len(e["input_ids"]) for e in examples)
+    assert all(b["input_ids"].shape[1] <= 2 * 64 for b in batches)
+    assert all(int(b["cu_seq_lens_q"][-1]) == b["input_ids"].shape[1] for b in batches)
 
 
 def test_position_ids_alone_do_not_isolate_sequences():

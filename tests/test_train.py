@@ -74,10 +74,11 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_run):
         assert not torch.allclose(_logits(plain, ids), ours, atol=1e-4)
 
 
-def _grads(tmp_path, toy_data, batch_size, grad_accum, packing=False):
+def _grads(tmp_path, toy_data, batch_size, grad_accum, packing=False, checkpointing=False):
     cfg = build_config({"model": "tiny-llama", "out_dir": str(tmp_path / f"g{batch_size}{packing}"),
                         "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
-                        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "precision": "fp32", "packing": packing},
+                        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "precision": "fp32", "packing": packing,
+                                  "gradient_checkpointing": checkpointing},
                         "lora": {"dropout": 0.0, "init": "gaussian"}})
     trainer = Trainer(cfg, progress=False)
     window = list(range(8))
@@ -98,11 +99,12 @@ def test_grad_accumulation_equals_large_batch(tmp_path, toy_data):
     assert any(g.abs().sum() > 0 for g in grads_a.values())
 
 
-@pytest.mark.parametrize("batch_size,grad_accum", [(8, 1), (1, 4)])
-def test_packed_step_equals_padded_step(tmp_path, toy_data, batch_size, grad_accum):
-    """Packing changes only the layout: loss and every gradient match the padded batch."""
+@pytest.mark.parametrize("batch_size,grad_accum,checkpointing", [(8, 1, False), (1, 4, False), (8, 1, True)])
+def test_packed_step_equals_padded_step(tmp_path, toy_data, batch_size, grad_accum, checkpointing):
+    """Packing changes only the layout: loss and every gradient match the padded batch (also when
+    gradient checkpointing re-runs the packed forward during backward)."""
     loss_a, grads_a = _grads(tmp_path, toy_data, 8, 1)
-    loss_b, grads_b = _grads(tmp_path, toy_data, batch_size, grad_accum, packing=True)
+    loss_b, grads_b = _grads(tmp_path, toy_data, batch_size, grad_accum, packing=True, checkpointing=checkpointing)
     assert abs(loss_a - loss_b) < 1e-5
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=0), name

@@ -28,6 +28,14 @@ def _is_prompt_learning(model) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
+# what a batch may hand the model besides input_ids (packed batches: positions and example boundaries)
+_MODEL_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in _MODEL_KEYS if k in batch}
+
+
 def supports_selected_loss(model) -> bool:
     if _is_prompt_learning(model):  # peft adds virtual tokens in its own forward
         return False
@@ -37,7 +45,7 @@ def supports_selected_loss(model) -> bool:
 
 def plain_loss_sum(model, batch) -> torch.Tensor:
     """Sum of token NLL over label positions, from the model's full logits."""
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    kwargs = model_inputs(batch)
     logits = model(input_ids=batch["input_ids"], **kwargs).logits
     # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
     logits = logits[:, -batch["input_ids"].shape[1] : -1].float()
@@ -53,7 +61,7 @@ def _head_ce_sum(hidden, weight, bias, targets):
 def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
     """Same value as plain_loss_sum, computing the LM head only on label positions, chunk by chunk."""
     lm = _causal_lm(model)
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    kwargs = model_inputs(batch)
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], **kwargs).last_hidden_state
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX

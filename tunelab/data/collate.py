@@ -90,3 +90,16 @@ def packed_batch(examples: list[dict], rows: list[list[int]], pad_id: int, mask_
     else:
         mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)[:, None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+
+
+def varlen_batch(examples: list[dict]) -> dict:
+    """All examples back to back in one row, no padding: position ids restart per example and
+    `cu_seq_lens_q` holds the boundaries, for attention that runs per example (tunelab.attention,
+    flash-attention varlen). First tokens get label -100, as in packed_batch."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    input_ids = torch.tensor([x for e in examples for x in e["input_ids"]]).unsqueeze(0)
+    labels = torch.tensor([x for e in examples for x in [IGNORE_INDEX] + list(e["labels"][1:])]).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    bounds = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds, "max_length_q": max(lengths), "max_length_k": max(lengths)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.collate import pack_rows, packed_batch, pad_batch
+from ..data.collate import pack_rows, packed_batch, pad_batch, varlen_batch
 from ..errors import ConfigError
 
 MEGABATCH = 50  # group_by_length: steps whose examples are sorted together (as in HF's length sampler)
@@ -31,33 +31,33 @@ def epoch_windows(lengths: list[int], cfg, epoch: int, world: int = 1) -> list[l
     return [order[i : i + step] for i in range(0, len(order), step)]
 
 
-def attention_mask_dtype(model):
-    """What a packed batch's block-diagonal mask must look like for this model's attention backend:
-    None = boolean (sdpa), a float dtype = additive (eager), "position_ids" = none, flash-attention
-    varlen finds the boundaries from the restarting position ids."""
+def packing_layout(model):
+    """How a packed micro-batch is laid out for this model's attention backend:
+    "varlen" (sdpa): one row, attention per example (tunelab.attention), no padding, no mask;
+    a float dtype (eager): rows with an additive block-diagonal mask;
+    "flash": one row, flash-attention's varlen kernel cuts at the boundaries itself."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == "sdpa":
-        return None
+        return "varlen"
     if impl == "eager":
         return model.dtype if model.dtype.is_floating_point else torch.float32
     if impl.startswith("flash_attention"):
-        return "position_ids"
+        return "flash"
     raise ConfigError(f"train.packing: attention implementation '{impl}' is not supported (sdpa, eager, flash_attention_*); "
                       "set train.packing: false")
 
 
-def step_batches(examples: list[dict], batch_size: int, pad_id: int, packing: bool, capacity: int, mask_dtype=None) -> list[dict]:
-    """Micro-batches of at most batch_size rows for one step's examples.
+def step_batches(examples: list[dict], batch_size: int, pad_id: int, packing: bool, capacity: int, layout=None) -> list[dict]:
+    """Micro-batches for one step's examples, each at most batch_size x capacity tokens.
 
-    Packed: examples go several to a row of at most `capacity` tokens (first-fit decreasing).
-    Padded: sorted by length first, so each micro-batch pads to a similar length."""
+    Packed: examples go first-fit decreasing into rows of at most `capacity` tokens; batch_size rows
+    make a micro-batch (one unpadded row for "varlen"/"flash", padded rows with a block-diagonal mask
+    otherwise). Padded: sorted by length first, so each micro-batch pads to a similar length."""
     if packing:
         rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
-        batches = [packed_batch(examples, rows[i : i + batch_size], pad_id, None if mask_dtype == "position_ids" else mask_dtype)
-                   for i in range(0, len(rows), batch_size)]
-        if mask_dtype == "position_ids":
-            for b in batches:
-                del b["attention_mask"]
-        return batches
+        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        if layout in ("varlen", "flash"):
+            return [varlen_batch([examples[i] for row in group for i in row]) for group in groups]
+        return [packed_batch(examples, group, pad_id, layout) for group in groups]
     examples = sorted(examples, key=lambda e: -len(e["input_ids"]))
     return [pad_batch(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]

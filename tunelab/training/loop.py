@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..attention import varlen_attention
 from ..config import Config, apply_overrides, build_config, load_config
 from ..data import prepare_data
 from ..data.collate import example_loss_tokens
@@ -33,7 +34,7 @@ from ..io import atomic_write_json, atomic_write_text, dir_bytes
 from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
-from .batching import attention_mask_dtype, epoch_windows, step_batches
+from .batching import epoch_windows, packing_layout, step_batches
 from .distributed import Distributed
 from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, read_trainer_state, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
@@ -159,7 +160,7 @@ class Trainer:
         self.model = self.method.apply(model, cfg, self.total_steps)
         self.model.train()
         cfg.train.packing = resolve_packing(cfg, self.model)  # saved resolved in config.yaml
-        self.mask_dtype = attention_mask_dtype(self.model) if cfg.train.packing else None
+        self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
 
         # 3. optimizer and schedule
@@ -237,14 +238,16 @@ class Trainer:
         t = self.cfg.train
         n_loss_tokens = sum(example_loss_tokens(self.data.train[i]) for i in window)
         examples = [self.data.train[i] for i in self.dist.shard(window)]
-        batches = step_batches(examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.mask_dtype)
+        batches = step_batches(examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout)
         total = 0.0
         for batch in batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                s = loss_sum(self.model, batch)
-            scaled = s / n_loss_tokens
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            # backward too: gradient checkpointing re-runs the forward there
+            with varlen_attention(self.model, self.layout == "varlen"):
+                with self.autocast():
+                    s = loss_sum(self.model, batch)
+                scaled = s / n_loss_tokens
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
         return total, n_loss_tokens
 

@@ -1,0 +1,58 @@
+"""Per-example attention for packed rows on sdpa ("varlen" attention without flash-attn).
+
+A packed micro-batch is one row holding several examples back to back. Under this attention function
+each layer cuts queries, keys and values at the example boundaries (`cu_seq_lens_q`, as for
+flash-attention's varlen kernels) and runs causal sdpa on each example alone: exactly what the
+examples compute unpacked, with no padding and no (tokens x tokens) mask. It is switched on only
+around a packed training step's forward and backward (`varlen_attention`); evaluation and generation
+keep the model's own attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tunelab_varlen"
+_registered = False
+
+
+def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """query (1, heads, T, d), key/value (1, kv_heads, T, d) -> (1, T, heads, d)."""
+    bounds = kwargs["cu_seq_lens_q"].tolist()
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: one key/value head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                          is_causal=True, scale=scaling) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, _varlen_sdpa)  # no mask function: transformers builds no mask for it
+        _registered = True
+
+
+@contextlib.contextmanager
+def varlen_attention(model, active: bool = True):
+    """Run `model`'s attention per example (packed batches carrying `cu_seq_lens_q`) inside the block."""
+    if not active:
+        yield
+        return
+    register()
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    saved = {key: c._attn_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = NAME
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = saved[key]
