@@ -1,0 +1,93 @@
+"""One benchmark phase in a process of its own, so its peak memory (ru_maxrss) is its own:
+
+    python -m tunelab.bench.phase baseline|fast --spec SPEC.json --out RESULT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..data.collate import count_loss_tokens, pad_batch
+from ..device import peak_memory, pick_device
+from ..io import atomic_write_json
+from ..losses import plain_loss_sum
+from .steps import StepLog, log
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: list[dict], pad_id: int) -> float:
+    """Mean token loss (nats per answer token) of the trained model on a fixed held-out batch: fp32, the
+    plain full-logits loss, the same code for both phases. One example at a time keeps the logits small;
+    the token-weighted mean equals the batch's."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for example in examples:
+        batch = {k: v.to(device) for k, v in pad_batch([example], pad_id).items()}
+        total += float(plain_loss_sum(model, batch))
+        tokens += count_loss_tokens(batch)
+    return total / tokens
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(base model parameters, trainable LoRA parameters); tied weights count once."""
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return base, trainable
+
+
+def run_phase(name: str, spec: dict) -> dict:
+    if name == "baseline":
+        from .baseline import train_baseline as train
+    else:
+        from .fast import train_fast as train
+    from .run import matmul_peak_flops
+
+    device = pick_device()
+    # the machine's speed before and after this phase: on a shared machine it drifts, and a drift
+    # between the phases moves the speedup without either trainer changing
+    probe_before = matmul_peak_flops("fp32", device, size=1024)
+    step_log = StepLog(name, spec["steps"])
+    model = train(spec, step_log)
+    # the peak of training, before the held-out evaluation can add to it
+    peak, kind = peak_memory(next(model.parameters()).device)
+    probe_after = matmul_peak_flops("fp32", device, size=1024)
+    result = step_log.summary(spec["warmup_steps"], torch.get_num_threads())
+    result["heldout_loss"] = heldout_loss(model, spec["heldout"], spec["pad_id"])
+    base_params, trainable = param_counts(model)
+    result.update(
+        peak_mem_bytes=peak,
+        peak_mem_kind=kind,
+        # the peak before the first step (model loaded, adapter attached): what training adds is the rest
+        peak_mem_before_train_bytes=step_log.peak_before_train[0],
+        precision=step_log.notes.pop("precision", "fp32"),
+        base_params=base_params,
+        trainable_params=trainable,
+        init_adapter_checksum=step_log.init_checksum,
+        matmul_probe_flops_per_s={"before": probe_before, "after": probe_after},
+        notes=step_log.notes,
+    )
+    if name == "fast":  # what tunelab's loop itself reported: its examples per step and its token count
+        result["step_indices"] = [s["indices"] for s in step_log.steps]
+        result["loop_reported_tokens"] = [s["loop_tokens"] for s in step_log.steps]
+    log(f"[{name}] {result['useful_tokens_per_s']:.0f} useful tok/s, final loss {result['final_train_loss']:.4f}, "
+        f"held-out loss {result['heldout_loss']:.4f}, peak {kind} {peak / 2**20:.0f} MiB")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunelab.bench.phase")
+    parser.add_argument("phase", choices=["baseline", "fast"])
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    spec = json.loads(open(args.spec, encoding="utf-8").read())
+    atomic_write_json(args.out, run_phase(args.phase, spec))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
