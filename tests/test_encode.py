@@ -191,15 +191,26 @@ def test_truncation_to_max_length(smol_tokenizer, template):
     assert max(stats.lengths) == 64
 
 
-def test_example_with_completion_cut_off_is_dropped(smol_tokenizer, template, eos):
-    long_prompt = " ".join(["context"] * 200)
+def test_long_prompt_loses_its_middle_and_the_answer_is_kept(smol_tokenizer, template, eos):
+    long_prompt = "START " + " ".join(["context"] * 200) + " END"
     examples = [chat(long_prompt, "the answer"), chat("q", "kept")]
     encoded, stats = encode_examples(examples, smol_tokenizer, template, 48, "completion")
-    assert stats.dropped_no_target == 1
-    assert stats.truncated == 1
-    assert stats.examples == 1 and len(encoded) == 1
-    assert smol_tokenizer.decode(supervised(encoded[0])) == "kept" + IM_END
-    assert last_supervised(encoded[0]) == eos
+    assert stats.truncated == 1 and stats.dropped_no_target == 0 and len(encoded) == 2
+    cut = encoded[0]
+    assert len(cut["input_ids"]) == 48
+    assert smol_tokenizer.decode(supervised(cut)) == "the answer" + IM_END  # the whole answer survives
+    text = smol_tokenizer.decode(cut["input_ids"])
+    # the start (here the template's system prompt) and the end of the prompt stay, its middle went
+    assert text.startswith("<|im_start|>system") and "END<|im_end|>" in text and text.count("context") < 200
+    assert "<|im_start|>assistant" in text  # the marker the model answers after stays
+    assert last_supervised(cut) == eos
+
+
+def test_both_long_prompt_and_answer_share_max_length(smol_tokenizer, template):
+    encoded, _ = encode_examples([chat(" ".join(["context"] * 200), " ".join(["word"] * 200))], smol_tokenizer, template,
+                                 64, "completion")
+    labels = encoded[0]["labels"]
+    assert len(labels) == 64 and sum(x != IGNORE_INDEX for x in labels) == 32  # half prompt, half answer
 
 
 # --- batching ------------------------------------------------------------------------------------

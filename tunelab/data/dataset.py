@@ -28,7 +28,8 @@ class PreparedData:
         notes = []
         for name, s in (("train", self.train_stats), ("eval", self.val_stats)):
             if s.truncated:
-                notes.append(f"{s.truncated} {name} examples were truncated to data.max_length")
+                notes.append(f"{s.truncated} {name} examples were longer than data.max_length: their prompts lost "
+                             "their middle so the answer fits (answers longer than half of it were cut)")
             if s.dropped_no_target:
                 notes.append(f"{s.dropped_no_target} {name} examples had no completion tokens left and were dropped")
         if self.skipped:

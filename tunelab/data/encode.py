@@ -115,8 +115,23 @@ def encode_example(
         labels = list(ids)
     truncated = len(ids) > max_length
     if truncated:
-        ids, labels = ids[:max_length], labels[:max_length]
+        keep = _kept_positions(labels, max_length)
+        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
     return {"input_ids": ids, "labels": labels}, truncated
+
+
+def _kept_positions(labels: list[int], max_length: int) -> list[int]:
+    """Which tokens an over-long example keeps. The answer (from the first supervised token on) keeps
+    what room it needs, down to half of max_length; the prompt before it loses its middle, so its
+    start (system prompt, instruction) and its end (the assistant marker) stay. What is left of an
+    answer longer than its room is cut from the right. Without a prompt (loss_on: all, plain text):
+    the first max_length tokens."""
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+    answer = len(labels) - first
+    prompt_keep = min(first, max(max_length - answer, max_length // 2))
+    head = prompt_keep // 2
+    prompt = list(range(head)) + list(range(first - (prompt_keep - head), first))
+    return prompt + list(range(first, first + max_length - prompt_keep))
 
 
 def encode_examples(examples: list[Example], tokenizer, template: str, max_length: int, loss_on: str,
