@@ -222,20 +222,18 @@ class Config(Section):
             raise ValueError(f"unknown method '{v}'{_suggest(v, METHODS)}; choose from {', '.join(METHODS)}")
         return v
 
-    @field_validator("run_name")
+    @field_validator("run_name", "adapter_name")
     @classmethod
-    def _plain_run_name(cls, v):
-        problem = plain_name_problem(v) if v is not None else None
+    def _plain_names(cls, v, info):
+        """run_name is a folder inside out_dir; adapter_name also becomes a module-name segment (no '.')."""
+        if v is None:
+            return v
+        problem = plain_name_problem(v)
+        if info.field_name == "adapter_name" and not problem and "." in v:
+            problem = "it contains '.'"
         if problem:
-            raise ValueError(f"must be a plain folder name inside out_dir: {problem}")
-        return v
-
-    @field_validator("adapter_name")
-    @classmethod
-    def _plain_adapter_name(cls, v):
-        problem = plain_name_problem(v) or ("it contains '.'" if "." in v else None)
-        if problem:
-            raise ValueError(f"must be a plain name (no '/', '.' or control characters): {problem}")
+            what = "folder name inside out_dir" if info.field_name == "run_name" else "name (no '/', '.' or control characters)"
+            raise ValueError(f"must be a plain {what}: {problem}")
         return v
 
     @field_validator("out_dir")
