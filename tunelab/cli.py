@@ -69,6 +69,7 @@ def _is_rank0() -> bool:
 
 def _relaunch(nproc: int) -> int:
     """`tunelab train --nproc N ...`: the same command under torchrun, N data-parallel processes."""
+    import signal
     import subprocess
 
     if nproc < 1:
@@ -82,7 +83,13 @@ def _relaunch(nproc: int) -> int:
         elif not arg.startswith("--nproc="):
             argv.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *argv]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    # SIGTERM (a scheduler's preemption) goes on to torchrun, which passes it to the workers: they finish the
+    # step and checkpoint. Ctrl-C already reaches every process of the terminal's group: not sent twice.
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = proc.wait()
+    return 128 - code if code < 0 else code
 
 
 def cmd_generate(args) -> int:
