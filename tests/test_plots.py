@@ -3,7 +3,6 @@
 import json
 import math
 
-import pytest
 
 from tunelab.eval.plots import plot_confusion_matrix, plot_loss_curves, plot_run
 

@@ -31,6 +31,20 @@ def epoch_windows(lengths: list[int], cfg, epoch: int, world: int = 1) -> list[l
     return [order[i : i + step] for i in range(0, len(order), step)]
 
 
+def resolve_packing(cfg, model) -> bool:
+    """`train.packing`: None packs wherever it is exact; true where it cannot be is an error."""
+    reason = None
+    if cfg.task == "classification":
+        reason = "classification batches one example per row"
+    elif getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        reason = f"method {cfg.method} prepends virtual tokens to every row"
+    if reason is None:
+        return cfg.train.packing is not False
+    if cfg.train.packing:
+        raise ConfigError(f"train.packing: true does not work here: {reason}; remove it or set it to false")
+    return False
+
+
 def packing_layout(model):
     """How a packed micro-batch is laid out for this model's attention backend:
     "varlen" (sdpa): one row, attention per example (tunelab.attention), no padding, no mask;

@@ -28,15 +28,16 @@ from ..config import Config, apply_overrides, build_config, load_config
 from ..data import prepare_data
 from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json, atomic_write_text, dir_bytes
 from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
-from .batching import epoch_windows, packing_layout, step_batches
-from .distributed import Distributed
-from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, read_trainer_state, load_trainable_state, save_checkpoint, trainable_state
+from .batching import epoch_windows, packing_layout, resolve_packing, step_batches
+from .distributed import Distributed, keep_global_batch
+from .oom import is_out_of_memory, oom_advice
+from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
@@ -61,56 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_packing(cfg, model) -> bool:
-    """`train.packing`: None packs wherever it is exact; true where it cannot be is an error."""
-    reason = None
-    if cfg.task == "classification":
-        reason = "classification batches one example per row"
-    elif getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        reason = f"method {cfg.method} prepends virtual tokens to every row"
-    if reason is None:
-        return cfg.train.packing is not False
-    if cfg.train.packing:
-        raise ConfigError(f"train.packing: true does not work here: {reason}; remove it or set it to false")
-    return False
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError) / MemoryError."""
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
-def oom_advice(cfg, micro_batch: int) -> str:
-    t = cfg.train
-    if micro_batch > 1:
-        half = micro_batch // 2
-        fixes = [f"train.batch_size={half} train.grad_accum={-(-t.batch_size * t.grad_accum // half)} (same effective batch)"]
-    else:
-        fixes = [f"a lower data.max_length (now {cfg.data.max_length})"]
-    if not t.gradient_checkpointing:
-        fixes.append("train.gradient_checkpointing=true")
-    if cfg.method != "qlora":
-        fixes.append("method=qlora (4-bit base)")
-    if micro_batch > 1 and not t.auto_batch_size:
-        fixes.append("train.auto_batch_size=true (halves the micro-batch on out-of-memory)")
-    return f"out of memory with a micro-batch of {micro_batch} (rows of up to {cfg.data.max_length} tokens); try " + ", or ".join(fixes)
-
-
-def keep_global_batch(cfg, ckpt: Path, world: int) -> None:
-    """Resuming under another process count: change grad_accum so a step takes as many examples as the
-    checkpoint's steps did (same data order, same schedule, same numbers)."""
-    before = read_trainer_state(ckpt).get("examples_per_step")
-    t = cfg.train
-    if before is None or before == t.batch_size * t.grad_accum * world:
-        return
-    if before % (t.batch_size * world):
-        raise UserError(f"{ckpt}: its steps took {before} examples; batch_size {t.batch_size} x {world} processes does not "
-                        f"divide that; choose train.batch_size so that batch_size x processes divides {before}")
-    t.grad_accum = before // (t.batch_size * world)
-    log(f"note: {world} process(es): train.grad_accum set to {t.grad_accum} to keep {before} examples per step")
 
 
 def total_steps(n_examples: int, cfg, world: int = 1) -> tuple[int, int]:
@@ -139,7 +90,7 @@ class Trainer:
             ckpt = latest_checkpoint(Path(resume_dir) / "checkpoints")
             if ckpt is None:
                 raise UserError(f"{resume_dir}: no complete checkpoint to resume from")
-            keep_global_batch(cfg, ckpt, self.dist.world)
+            keep_global_batch(cfg, ckpt, self.dist.world, log)
 
         # 1. data first: bad data fails before anything is written
         self.tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
