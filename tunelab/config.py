@@ -49,6 +49,14 @@ class DataConfig(Section):
         return v
 
 
+def positive_values(patterns: dict, what: str) -> dict:
+    """Validate a pattern -> number mapping whose numbers must all be > 0."""
+    for pattern, value in patterns.items():
+        if value <= 0:
+            raise ValueError(f"{what} for '{pattern}' must be > 0, got {value}")
+    return patterns
+
+
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1)
@@ -77,10 +85,7 @@ class TrainConfig(Section):
     @field_validator("lr_groups")
     @classmethod
     def _positive_multipliers(cls, v):
-        for pattern, mult in v.items():
-            if mult <= 0:
-                raise ValueError(f"multiplier for '{pattern}' must be > 0, got {mult}")
-        return v
+        return positive_values(v, "multiplier")
 
 
 class LoraConfig(Section):
@@ -100,10 +105,7 @@ class LoraConfig(Section):
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
     def _positive_per_module(cls, v):
-        for pattern, value in v.items():
-            if value <= 0:
-                raise ValueError(f"value for '{pattern}' must be > 0, got {value}")
-        return v
+        return positive_values(v, "value")
 
 
 class QuantConfig(Section):
