@@ -48,11 +48,11 @@ def varlen_attention(model, active: bool = True):
         return
     register()
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
-    saved = {key: c._attn_implementation for key, c in configs.items()}
+    saved = [(c, c._attn_implementation) for c in configs.values()]
     try:
-        for c in configs.values():
+        for c, _ in saved:
             c._attn_implementation = NAME
         yield
     finally:
-        for key, c in configs.items():
-            c._attn_implementation = saved[key]
+        for c, impl in saved:
+            c._attn_implementation = impl

@@ -29,6 +29,7 @@ def _generation_settings(args):
 
 def cmd_train(args) -> int:
     from .training import train
+    from .training.distributed import is_rank0
     from .training.signals import Interrupted
 
     if args.resume is None and args.config is None:
@@ -53,18 +54,12 @@ def cmd_train(args) -> int:
         else:
             result = train(args.config, overrides, progress=not args.no_progress)
     except Interrupted as stop:
-        if _is_rank0():
+        if is_rank0():
             print(str(stop), file=sys.stderr)
         return stop.exit_code
-    if _is_rank0():
+    if is_rank0():
         print(result.run_dir)
     return 0
-
-
-def _is_rank0() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _relaunch(nproc: int) -> int:

@@ -23,7 +23,7 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _is_prompt_learning(model) -> bool:
+def is_prompt_learning(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
 
@@ -37,7 +37,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def supports_selected_loss(model) -> bool:
-    if _is_prompt_learning(model):  # peft adds virtual tokens in its own forward
+    if is_prompt_learning(model):  # peft adds virtual tokens in its own forward
         return False
     lm = _causal_lm(model)
     return getattr(getattr(lm, "config", None), "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")

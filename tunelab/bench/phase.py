@@ -10,33 +10,11 @@ import json
 
 import torch
 
-from ..data.collate import count_loss_tokens, pad_batch
 from ..device import peak_memory, pick_device
+from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json
-from ..losses import plain_loss_sum
+from ..training.accounting import count_params
 from .steps import StepLog, log
-
-
-@torch.no_grad()
-def heldout_loss(model, examples: list[dict], pad_id: int) -> float:
-    """Mean token loss (nats per answer token) of the trained model on a fixed held-out batch: fp32, the
-    plain full-logits loss, the same code for both phases. One example at a time keeps the logits small;
-    the token-weighted mean equals the batch's."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for example in examples:
-        batch = {k: v.to(device) for k, v in pad_batch([example], pad_id).items()}
-        total += float(plain_loss_sum(model, batch))
-        tokens += count_loss_tokens(batch)
-    return total / tokens
-
-
-def param_counts(model) -> tuple[int, int]:
-    """(base model parameters, trainable LoRA parameters); tied weights count once."""
-    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return base, trainable
 
 
 def run_phase(name: str, spec: dict) -> dict:
@@ -56,8 +34,10 @@ def run_phase(name: str, spec: dict) -> dict:
     peak, kind = peak_memory(next(model.parameters()).device)
     probe_after = matmul_peak_flops("fp32", device, size=1024)
     result = step_log.summary(spec["warmup_steps"], torch.get_num_threads())
-    result["heldout_loss"] = heldout_loss(model, spec["heldout"], spec["pad_id"])
-    base_params, trainable = param_counts(model)
+    # the trained model's mean token loss on a fixed held-out set: the same evaluation code for both phases
+    result["heldout_loss"] = evaluate_loss(model, spec["heldout"], spec["pad_id"], batch_size=1)["eval_loss"]
+    trainable, total = count_params(model)  # tied weights once
+    base_params = total - trainable
     result.update(
         peak_mem_bytes=peak,
         peak_mem_kind=kind,

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..training.loop import log
+
 FINAL_LOSS_STEPS = 3  # the "final loss" is the mean of the last few step losses
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass

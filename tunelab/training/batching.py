@@ -12,6 +12,7 @@ import torch
 
 from ..data.collate import pack_rows, packed_batch, pad_batch, varlen_batch
 from ..errors import ConfigError
+from ..losses import is_prompt_learning
 
 MEGABATCH = 50  # group_by_length: steps whose examples are sorted together (as in HF's length sampler)
 
@@ -36,7 +37,7 @@ def resolve_packing(cfg, model) -> bool:
     reason = None
     if cfg.task == "classification":
         reason = "classification batches one example per row"
-    elif getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+    elif is_prompt_learning(model):
         reason = f"method {cfg.method} prepends virtual tokens to every row"
     if reason is None:
         return cfg.train.packing is not False

@@ -12,7 +12,6 @@ import copy
 import gc
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -35,7 +34,7 @@ from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
 from .batching import epoch_windows, packing_layout, resolve_packing, step_batches
-from .distributed import Distributed, keep_global_batch
+from .distributed import Distributed, is_rank0, keep_global_batch
 from .oom import is_out_of_memory, oom_advice
 from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
@@ -54,7 +53,7 @@ class TrainResult:
 
 
 def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one voice in a multi-process run
+    if is_rank0():  # one voice in a multi-process run
         print(msg, file=sys.stderr, flush=True)
 
 
