@@ -105,7 +105,7 @@ def test_causal_lm_as_a_classifier(tmp_path, write_jsonl):
             for i in range(20) for w in ("red", "orange", "blue", "teal")]
     result = tunelab.train({"model": "tiny-llama", "task": "classification", "out_dir": str(tmp_path / "runs"),
                             "data": {"train": str(write_jsonl(rows)), "max_length": 16},
-                            "train": {"max_steps": 20, "lr": 1e-2, "batch_size": 8}}, progress=False)
+                            "train": {"max_steps": 20, "lr": 1e-2, "batch_size": 8, "precision": "fp32"}}, progress=False)
     assert result.summary["eval"]["eval_accuracy"] >= 0.9
     from tunelab.eval.run import evaluate_run
 

@@ -50,15 +50,20 @@ def _check_packed_equals_alone(model, examples, capacity, layout):
         assert count_loss_tokens(batch) == count_loss_tokens(padded)
         losses = [float(loss(model, batch)) / count_loss_tokens(batch) for loss in (plain_loss_sum, selected_loss_sum)]
     with torch.no_grad():
-        worst = 0.0
+        worst = 0.0  # the largest logit error relative to the example's largest logit
         for r, row in enumerate(rows):
             start = 0
             for i in row:
                 n = len(examples[i]["input_ids"])
                 alone = model(input_ids=torch.tensor([examples[i]["input_ids"]])).logits[0]
-                worst = max(worst, float((alone - packed[r, start : start + n]).abs().max()))
+                error = float((alone - packed[r, start : start + n]).abs().max())
+                worst = max(worst, error / float(alone.abs().max()))
                 start += n
-        assert worst < 1e-4
+        # fp32 GEMM kernels sum in a different order on each CPU kind (AVX2, AVX512, AMX blockings): smollm2's
+        # logits (~20) legitimately differ by ~2e-4 absolute, ~1e-5 relative; a leak across examples is
+        # ~1e-1 absolute (test_position_ids_alone_do_not_isolate_sequences)
+        print(f"worst relative logit error {worst:.2e}")
+        assert worst < 5e-5
         reference = float(plain_loss_sum(model, padded)) / count_loss_tokens(padded)
     assert max(abs(x - reference) for x in losses) < 1e-5
 

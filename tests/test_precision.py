@@ -3,11 +3,12 @@
 import json
 import warnings
 
+import pytest
 import torch
 
 import tunelab
 from conftest import toy_rows
-from tunelab.device import cpu_has_native_bf16, resolve_precision
+from tunelab.device import CPU_BF16_ENV, cpu_capability, cpu_has_native_bf16, resolve_precision
 
 
 def test_bf16_autocast_reaches_the_fp32_eval_loss(tmp_path, write_jsonl):
@@ -32,11 +33,23 @@ def test_bf16_autocast_reaches_the_fp32_eval_loss(tmp_path, write_jsonl):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 
-def test_auto_precision_never_picks_slow_bf16_on_cpu():
-    expected = "bf16" if cpu_has_native_bf16() else "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) == expected
-    if not cpu_has_native_bf16():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-        assert any("slow" in str(w.message) for w in caught)
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_never_picks_slow_bf16_on_cpu(monkeypatch, native):
+    """Both CPU kinds, whatever this machine is: the capability switch forces the detection."""
+    from tunelab.methods.lora import compute_dtype
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1" if native else "0")
+    assert cpu_has_native_bf16() is native
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert compute_dtype("auto") == (torch.bfloat16 if native else torch.float32)  # QLoRA's compute dtype
+    assert cpu_capability().endswith("+bf16") is native
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert any("slow" in str(w.message) for w in caught) is not native
+
+
+def test_capability_switch_unset_reads_the_cpu(monkeypatch):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    flags = open("/proc/cpuinfo").read()
+    assert cpu_has_native_bf16() is ((" avx512_bf16" in flags) or (" amx_bf16" in flags))

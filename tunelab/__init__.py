@@ -15,6 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"
 
+from .quant import quiet_bitsandbytes_logs  # noqa: E402 - before anything imports bitsandbytes
+
+quiet_bitsandbytes_logs()
+
 
 def train(config=None, overrides=None, resume=None, progress=True):
     """Train from a YAML path, dict or Config; returns TrainResult(run_dir, summary)."""

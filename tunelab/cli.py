@@ -29,7 +29,7 @@ def _generation_settings(args):
 
 def cmd_train(args) -> int:
     from .training import train
-    from .training.distributed import is_rank0
+    from .log import is_rank0
     from .training.signals import Interrupted
 
     if args.resume is None and args.config is None:

@@ -2,12 +2,14 @@
 
 CPUs here differ between machines: with AVX512-BF16 or AMX, bf16 matmuls are fast; on an AVX2-only CPU
 torch falls back to a scalar bf16 GEMM about 100x slower than fp32. So `precision: auto` detects the
-capability instead of assuming it.
+capability instead of assuming it. `TUNELAB_CPU_BF16=0|1` overrides the detection (tests force both
+branches with it; a user can pin the fp32 path on a bf16 CPU).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import resource
 import sys
 import warnings
@@ -19,9 +21,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+CPU_BF16_ENV = "TUNELAB_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), or as TUNELAB_CPU_BF16 says."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _detected_native_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _detected_native_bf16() -> bool:
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(c is not None for c in checks):
         return any(c() for c in checks if c is not None)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..training.loop import log
+from ..log import log
 
 FINAL_LOSS_STEPS = 3  # the "final loss" is the mean of the last few step losses
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..device import cpu_has_native_bf16
+from ..log import log
+from ..quant import use_generic_4bit_kernel
 from .base import PeftMethod, load_classification_base, peft_task_type
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -92,6 +94,11 @@ class LoraMethod(PeftMethod):
         else:
             model = load_causal_lm(cfg.model, None, torch.float32, cfg.trust_remote_code, cfg.allow_pickle,
                                    quantization_config=bnb_config(quant), device_map={"": device})
+        would_pack, misfits = use_generic_4bit_kernel(model)
+        if would_pack:
+            log(f"note: {would_pack} 4-bit layers use bitsandbytes' generic CPU kernel, not its packed AVX512-BF16 one "
+                f"(that one has no backward once a layer is packed by an evaluation"
+                + (f", and cannot take the shape of {len(misfits)} of them, e.g. {misfits[0]}" if misfits else "") + ")")
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     def lr_multiplier(self, param_name: str, cfg) -> float:

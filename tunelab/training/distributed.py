@@ -23,11 +23,6 @@ from ..errors import UserError
 from .checkpoint import read_trainer_state
 
 
-def is_rank0() -> bool:
-    """True in a single process and on rank 0 of a launched group (read from the launcher's environment)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 @dataclass
 class Distributed:
     rank: int = 0

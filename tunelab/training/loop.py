@@ -30,11 +30,12 @@ from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, r
 from ..errors import UserError
 from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json, atomic_write_text, dir_bytes
+from ..log import log
 from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
 from .batching import epoch_windows, packing_layout, resolve_packing, step_batches
-from .distributed import Distributed, is_rank0, keep_global_batch
+from .distributed import Distributed, keep_global_batch
 from .oom import is_out_of_memory, oom_advice
 from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
@@ -50,11 +51,6 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 class TrainResult:
     run_dir: Path
     summary: dict
-
-
-def log(msg: str) -> None:
-    if is_rank0():  # one voice in a multi-process run
-        print(msg, file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
