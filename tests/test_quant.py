@@ -1,7 +1,6 @@
 """QLoRA on CPU: bitsandbytes' packed AVX512-BF16 kernel is kept out (shapes it cannot take, lost gradients)."""
 
 import bitsandbytes as bnb
-import pytest
 import torch
 
 from tunelab.config import build_config

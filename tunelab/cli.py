@@ -91,8 +91,9 @@ def cmd_generate(args) -> int:
     from .generation import generate_text
     from .loading import load
 
+    settings = _generation_settings(args)  # bad flags fail before the model loads
     model, tokenizer = load(args.run_or_model)
-    print(generate_text(model, tokenizer, args.prompt, _generation_settings(args)))
+    print(generate_text(model, tokenizer, args.prompt, settings))
     return 0
 
 
@@ -100,8 +101,9 @@ def cmd_chat(args) -> int:
     from .generation import chat_loop
     from .loading import load
 
+    settings = _generation_settings(args)
     model, tokenizer = load(args.run_or_model)
-    chat_loop(model, tokenizer, _generation_settings(args))
+    chat_loop(model, tokenizer, settings)
     return 0
 
 
@@ -125,7 +127,11 @@ def cmd_data_check(args) -> int:
 
     report = check_file(args.file, load_tokenizer(args.model), args.format, args.max_length)
     _print_json(report)
-    return 0 if report["invalid"] == 0 else 2
+    if report["invalid"]:
+        print(f"error: {args.file}: {report['invalid']} of {report['records']} records are invalid; the first: "
+              f"{report['problems'][0]}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_methods(args) -> int:
@@ -155,7 +161,9 @@ def cmd_runs(args) -> int:
         print(f"no runs under {args.dir}")
         return 0
     for r in rows:
-        print(f"{r['run']:40s} {r['method']:8s} {r['model']:24s} loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']}")
+        line = (f"{r['run']:40s} {r['status']:11s} {r['method'] or '-':8s} {r['model'] or '-':24s} "
+                f"loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']}")
+        print(line + (f"  ({r['detail']})" if r["detail"] else ""))
     return 0
 
 
@@ -255,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops a positional list at the first flag: `train c.yaml --no-progress lr=1` leaves `lr=1` over
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.func(args)

@@ -330,6 +330,29 @@ def _yaml_lines(text: str) -> dict:
     return lines
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML whose mappings refuse a repeated key: a second `train:` block would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+                seen[key] = first or key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: yaml's own error follows
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first set on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str):
+    """Parse YAML text safely, refusing repeated keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
@@ -338,7 +361,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
+    except yaml.constructor.ConstructorError as exc:  # a repeated key inside an inline mapping
+        raise ConfigError(f"override '{item}': {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -395,8 +420,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{path}: config file not found") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:  # a directory, no permission, a symlink loop
+            raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = read_yaml(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)

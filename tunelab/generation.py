@@ -21,8 +21,13 @@ class GenerationSettings:
     seed: Optional[int] = None
 
     def validate(self) -> "GenerationSettings":
+        import math
+
         from .errors import UserError
 
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise UserError("max_new_tokens must be >= 1")
         if self.temperature < 0:

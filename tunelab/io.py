@@ -37,6 +37,29 @@ def atomic_write_jsonl(path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def read_jsonl_objects(path) -> list[dict]:
+    """The JSON objects of a JSON Lines file that the project itself appends to (metrics, resumes); a line
+    that does not parse (cut short by a kill while it was appended) is skipped; a missing file is empty."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_metrics(path) -> list[dict]:
+    """A run's metrics.jsonl records (those with an integer step), so a torn log never blocks a resume or a plot."""
+    return [r for r in read_jsonl_objects(path) if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+
+
 def fsync_dir(path) -> None:
     """Flush a directory entry (after a rename) so it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
@@ -49,6 +72,22 @@ def fsync_dir(path) -> None:
 def dir_bytes(path) -> int:
     """Total size in bytes of the regular files under a directory."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def read_json_object(path, missing: str = "missing") -> dict:
+    """A JSON file that must hold an object; missing, unreadable, invalid or another type is a UserError."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def check_safetensors(path, missing: str = "missing") -> None:

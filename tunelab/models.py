@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -226,6 +227,9 @@ def _from_pretrained(auto_class, name: str, trust_remote_code: bool, allow_pickl
     try:
         return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors,
                                           **kwargs)
+    except pickle.UnpicklingError as exc:  # allow_pickle: torch's weights_only loader refused the file's contents
+        raise UserError(f"cannot load model '{name}': its pickle weights hold more than tensors and were refused "
+                        f"(nothing in them ran): {_one_line(exc)[:200]}") from None
     except (OSError, ValueError) as exc:
         error = _user_load_error(name, exc)
         if error is None:

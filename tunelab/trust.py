@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .io import check_safetensors
+from .io import check_safetensors, read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # pickle files a training framework leaves next to the weights; not weights, never read
@@ -83,6 +83,7 @@ def check_adapter_folder(folder, allow_pickle: bool) -> None:
             _refuse_or_warn_pickle(folder, files, allow_pickle)
             return
     check_safetensors(weights, missing="missing (the adapter weights)")
+    read_json_object(folder / "adapter_config.json", missing="missing (the adapter config)")
 
 
 def _code_files(auto_map: dict) -> list[str]:

@@ -7,13 +7,17 @@ from collections import Counter
 import numpy as np
 
 from .encode import IGNORE_INDEX, encode_examples, resolve_chat_template
-from .formats import load_examples
+from .formats import NoValidRecords, load_examples
 
 
 def check_file(path, tokenizer, fmt: str = "auto", max_length: int = 512, chat_template: str = "auto",
                loss_on: str = "completion") -> dict:
     """Validate every record (all problems are collected) and report lengths in tokens."""
-    examples, fmt, problems = load_examples(path, fmt, skip_invalid=True)
+    try:
+        examples, fmt, problems = load_examples(path, fmt, skip_invalid=True)
+    except NoValidRecords as exc:  # still a report: every problem, not only the first
+        return {"file": str(path), "format": fmt, "records": len(exc.problems), "valid": 0,
+                "invalid": len(exc.problems), "problems": exc.problems[:20]}
     report: dict = {"file": str(path), "format": fmt, "records": len(examples) + len(problems),
                     "valid": len(examples), "invalid": len(problems), "problems": problems[:20]}
     if fmt == "classification":

@@ -37,6 +37,15 @@ class Example:
     source: dict = field(default_factory=dict, repr=False)
 
 
+class NoValidRecords(DataError):
+    """Every record was invalid (with skip_invalid): the message gives the first reason, `problems` all."""
+
+    def __init__(self, path, problems: list[str]):
+        first = problems[0] if problems else "no records"
+        super().__init__(path, None, f"no valid records ({len(problems)} invalid; the first: {first})")
+        self.problems = problems
+
+
 @dataclass
 class Record:
     line: int
@@ -182,6 +191,8 @@ def read_records(path: str | Path, problems: Optional[list] = None) -> list[Reco
         raise DataError(path, None, "file not found") from None
     except IsADirectoryError:
         raise DataError(path, None, "is a directory, expected a data file") from None
+    except OSError as exc:  # no permission, a symlink loop, an I/O error
+        raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
     # checked first: an empty .json would otherwise be reported as invalid JSON
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():
         raise DataError(path, None, "no records found (the file is empty)")
@@ -193,7 +204,9 @@ def read_records(path: str | Path, problems: Optional[list] = None) -> list[Reco
     else:
         records = _read_jsonl(path, raw, problems)
     if not records:
-        raise DataError(path, None, f"no valid records ({len(problems)} invalid)" if problems else "no records found")
+        if problems:
+            raise NoValidRecords(path, problems)
+        raise DataError(path, None, "no records found")
     return records
 
 
@@ -330,5 +343,5 @@ def load_examples(path: str | Path, fmt: str = "auto", skip_invalid: bool = Fals
                 raise
             problems.append(str(exc))
     if not examples:
-        raise DataError(path, None, f"no valid records ({len(problems)} invalid)")
+        raise NoValidRecords(path, problems)
     return examples, fmt, problems

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, read_metrics
 
 # Font names that usually cover CJK; used as fallbacks only when a label needs them.
 _CJK_FONT_HINTS = ("CJK", "WenQuanYi", "Noto Sans SC", "Source Han", "SimHei", "Microsoft YaHei", "PingFang", "Heiti")
@@ -39,18 +39,6 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interrupted run
-        if isinstance(record, dict) and _finite(record.get("step")):
-            records.append(record)
-    return records
-
-
 def _series(records: list[dict], key: str) -> tuple[list, list]:
     points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
     return [s for s, _ in points], [v for _, v in points]
@@ -65,7 +53,7 @@ def plot_loss_curves(run_dir) -> Optional[Path]:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         return None
-    records = _read_metrics(metrics_path)
+    records = read_metrics(metrics_path)
     train = _series(records, "loss")
     evals = _series(records, "eval_loss")
     lr = _series(records, "lr")

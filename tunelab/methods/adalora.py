@@ -31,6 +31,9 @@ class AdaLoraMethod(PeftMethod):
                              lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                              target_modules=cfg.lora.target_modules)
 
+    def module_options(self, cfg) -> dict:
+        return {"lora.target_modules": cfg.lora.target_modules}
+
     def extra_loss(self, model):
         weight = model.peft_config[model.active_adapter].orth_reg_weight
         terms = []

@@ -70,16 +70,65 @@ def peft_task_type(cfg) -> str:
     return "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM"
 
 
+def _linear_names(model) -> list[str]:
+    """The distinct last name segments of the model's linear layers (what target lists name)."""
+    from torch import nn
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, nn.Linear)})
+
+
+def check_module_names(model, options: dict) -> None:
+    """Every module name (or regex string) the user gave must match a module, as peft matches them: a
+    list entry matches a module named so or ending in `.name`; a string other than `all-linear` is a
+    full-match regex. peft alone accepts a list where some entries match nothing."""
+    import difflib
+    import re
+
+    from ..errors import ConfigError
+
+    names = [n for n, _ in model.named_modules() if n]
+    linear = _linear_names(model)
+    for key, value in options.items():
+        if value is None or value == "all-linear":
+            continue
+        if isinstance(value, str):
+            try:
+                hit = any(re.fullmatch(value, n) for n in names)
+            except re.error as exc:
+                raise ConfigError(f"{key}: {value!r} is not a valid regular expression ({exc})") from None
+            if not hit:
+                raise ConfigError(f"{key}: the pattern {value!r} matches no module name of the model (a string is a "
+                                  f"regex over full names; give a list of names instead, e.g. {linear[:4]})")
+            continue
+        for target in value:
+            if not any(n == target or n.endswith(f".{target}") for n in names):
+                close = difflib.get_close_matches(str(target), linear, n=1, cutoff=0.5)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"{key}: '{target}' matches no module of the model{hint}; its linear layers: "
+                                  f"{', '.join(linear)}")
+
+
 class PeftMethod(Method):
     """A method backed by a peft config: saved and loaded in the plain PEFT layout."""
 
     def peft_config(self, cfg, model, total_steps: int = 1000):
         raise NotImplementedError
 
+    def module_options(self, cfg) -> dict:
+        """Config key -> the module names the user gave there (checked against the model before peft)."""
+        return {}
+
     def apply(self, model, cfg, total_steps: int = 1000):
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(cfg, model, total_steps))
+        from ..errors import ConfigError
+
+        check_module_names(model, self.module_options(cfg))
+        config = self.peft_config(cfg, model, total_steps)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:  # e.g. no default target modules for an architecture peft does not know
+            raise ConfigError(f"method '{cfg.method}': {' '.join(str(exc).split())[:400]}") from None
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)

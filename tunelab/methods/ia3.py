@@ -11,6 +11,9 @@ class IA3Method(PeftMethod):
     default_lr = 3e-3
     summary = "learned rescaling vectors on keys, values and the feed-forward (tiny, no rank); LR 3e-3"
 
+    def module_options(self, cfg) -> dict:
+        return {"ia3.target_modules": cfg.ia3.target_modules, "ia3.feedforward_modules": cfg.ia3.feedforward_modules}
+
     def peft_config(self, cfg, model, total_steps: int = 1000):
         from peft import IA3Config
 

@@ -72,6 +72,9 @@ class LoraMethod(PeftMethod):
     def quant_bits(self, cfg):
         return cfg.quant.bits
 
+    def module_options(self, cfg) -> dict:
+        return {"lora.target_modules": cfg.lora.target_modules, "lora.modules_to_save": cfg.lora.modules_to_save}
+
     def load_base(self, cfg, device):
         bits = self.quant_bits(cfg)
         if not bits:

@@ -12,7 +12,6 @@ It is written to a temporary folder, fsynced, then renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..io import atomic_write_json, fsync_dir, read_safetensors
+from ..io import atomic_write_json, fsync_dir, read_json_object, read_safetensors
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -167,12 +166,7 @@ def _load_safetensors(path: Path) -> dict:
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing from the checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: corrupted JSON ({exc})") from None
+    return read_json_object(path, missing="missing from the checkpoint")
 
 
 def read_trainer_state(ckpt: Path) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import math
 import random
 import sys
@@ -29,7 +28,7 @@ from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
 from ..errors import UserError
 from ..eval.loss import evaluate_loss
-from ..io import atomic_write_json, atomic_write_text, dir_bytes
+from ..io import atomic_write_json, atomic_write_text, dir_bytes, read_jsonl_objects, read_metrics
 from ..log import log
 from ..methods import get_method
 from ..models import load_tokenizer
@@ -40,7 +39,10 @@ from .oom import is_out_of_memory, oom_advice
 from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from ..losses import loss_sum
 from .optim import build_optimizer, build_scheduler, param_groups
-from .run_dir import MetricsLog, create_run_dir, save_artifact, versions
+from .lock import RunLock, remove_stale_temporaries
+from .resume import rebase_schedule, record_resume, resume_changes
+from .run_dir import FAILURE_FILE, MetricsLog, check_out_dir, create_run_dir, save_artifact, versions
+from .watchdog import Watchdog
 from .hints import curve_hints
 from .signals import Interrupted, stop_on_signals
 
@@ -70,10 +72,13 @@ def total_steps(n_examples: int, cfg, world: int = 1) -> tuple[int, int]:
 class Trainer:
     """Holds what the loop needs; `run()` is the loop."""
 
-    def __init__(self, cfg: Config, resume_dir: Optional[Path] = None, progress: bool = True):
+    def __init__(self, cfg: Config, resume_dir: Optional[Path] = None, progress: bool = True,
+                 resume_changes: Optional[dict] = None):
         self.cfg = cfg
         self.progress = progress
         self.dist = Distributed.from_env()
+        self.lock = None
+        self.run_dir = None
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.device = self.dist.device(pick_device())
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -82,11 +87,19 @@ class Trainer:
 
         ckpt = None
         if resume_dir is not None:
+            if self.dist.is_main:  # one trainer per run folder; then nothing else writes here
+                self.lock = RunLock(resume_dir).acquire()
+                (Path(resume_dir) / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure is being resumed from
+                leftovers = remove_stale_temporaries(resume_dir)
+                if leftovers:
+                    log(f"note: removed {len(leftovers)} temporary file(s) left by an interrupted write, e.g. {leftovers[0].name}")
             ckpt = latest_checkpoint(Path(resume_dir) / "checkpoints")
             if ckpt is None:
                 raise UserError(f"{resume_dir}: no complete checkpoint to resume from")
             keep_global_batch(cfg, ckpt, self.dist.world, log)
 
+        if resume_dir is None:
+            check_out_dir(cfg.out_dir)  # before any work: a folder that cannot hold the run
         # 1. data first: bad data fails before anything is written
         self.tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
         self.data = prepare_data(cfg, self.tokenizer)
@@ -113,6 +126,7 @@ class Trainer:
         self.groups = param_groups(self.model, cfg, self.method)
         self.optimizer = build_optimizer(self.model, cfg, self.method)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]  # this config's, before a checkpoint's
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         dtype = autocast_dtype(self.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -126,9 +140,15 @@ class Trainer:
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
             self.state.update(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler))
+            rebase_schedule(self.optimizer, self.scheduler, base_lrs)  # a new train.lr or total applies from here
             self.best_weights = load_best_weights(ckpt)
             log(f"resuming {self.run_dir} from {ckpt.name}")
             self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"]) if self.dist.is_main else None
+            if resume_changes and self.dist.is_main:
+                record_resume(self.run_dir, self.state["step"], resume_changes)
+                atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+                for key, (old, new) in resume_changes.items():
+                    log(f"note: resumed with {key} {old!r} -> {new!r} (from step {self.state['step'] + 1})")
         else:
             # data paths are saved absolute so the run can be resumed from anywhere
             for key in ("train", "eval"):
@@ -137,6 +157,7 @@ class Trainer:
             self.metrics = None
             if self.dist.is_main:  # only rank 0 writes
                 self.run_dir = create_run_dir(cfg)
+                self.lock = RunLock(self.run_dir).acquire()
                 atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
                 self.metrics = MetricsLog(self.run_dir)
             self.run_dir = Path(self.dist.broadcast_str(str(self.run_dir) if self.dist.is_main else ""))
@@ -146,6 +167,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.lengths = [len(e["input_ids"]) for e in self.data.train]
         self.micro_batch = cfg.train.batch_size  # auto_batch_size may lower it; the step stays the same
+        vocab = len(cfg.data.labels) if cfg.task == "classification" else getattr(self.model.config, "vocab_size", None)
+        self.watchdog = Watchdog(math.log(vocab) if vocab and vocab > 1 else None)
 
     # --- one optimizer step -------------------------------------------------------------------
     def accumulate_gradients(self, window: list[int]) -> tuple[float, int]:
@@ -247,6 +270,25 @@ class Trainer:
                             self.state, self.cfg.train.save_total_limit, self.best_weights)
         self.dist.barrier()
 
+    def failed(self, reason: str) -> UserError:
+        """Record why the run stopped (RUN/failure.json, for `tunelab runs`) and say where it can go on from."""
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
+        where = (f"; the last complete checkpoint is {ckpt} (tunelab train --resume {self.run_dir})" if ckpt
+                 else "; no checkpoint was written")
+        if self.dist.is_main and self.run_dir is not None:
+            try:
+                atomic_write_json(self.run_dir / FAILURE_FILE, {"error": reason, "step": self.state["step"]})
+            except OSError:
+                pass  # the folder refuses writes: the message below still says it
+        return UserError(reason + (where if self.run_dir else ""))
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
+        self.dist.close()
+
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -307,6 +349,10 @@ class Trainer:
                             stop_reason = f"early stopping: {t.metric_for_best} did not improve for {t.early_stopping_patience} evaluations"
                     if record and self.metrics:
                         self.metrics.write(record)
+                    stopped = self.watchdog.check(step, loss, grad_norm)
+                    if stopped:
+                        raise UserError(f"{stopped}; train.lr {t.lr:g} is likely too high (the method's default is "
+                                        f"{self.method.default_lr:g}): lower it, or add warmup (train.warmup_ratio)")
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-")
@@ -345,8 +391,7 @@ class Trainer:
             atomic_write_json(self.run_dir / "eval.json", final_eval)
         artifact = save_artifact(self.method, self.model, self.run_dir, self.tokenizer)
         self.metrics.close()
-        records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        hints = curve_hints(records)
+        hints = curve_hints(read_metrics(self.run_dir / "metrics.jsonl"))
         peak, kind = peak_memory(self.device)
         summary = {
             "method": cfg.method,
@@ -374,6 +419,7 @@ class Trainer:
             "hints": hints,
             "config_hash": cfg.hash(),
             "versions": versions(),
+            "resumes": read_jsonl_objects(self.run_dir / "resumes.jsonl"),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         write_plots(self.run_dir)
@@ -401,18 +447,25 @@ def train(config, overrides: Optional[list[str]] = None, resume: Optional[str | 
     With `resume`, the run's saved config.yaml is used (overrides still apply) and training continues from
     its latest complete checkpoint.
     """
+    changes = None
     if resume is not None:
         resume = Path(resume)
         if not (resume / "config.yaml").exists():
             raise UserError(f"{resume}: not a run directory (no config.yaml)")
         cfg = load_config(resume / "config.yaml", overrides)
+        changes = resume_changes(load_config(resume / "config.yaml"), cfg)
     elif config is None or isinstance(config, str | Path):
         cfg = load_config(config, overrides)
     else:
         data = config.to_dict() if isinstance(config, Config) else copy.deepcopy(dict(config))
         cfg = build_config(apply_overrides(data, overrides or []))
-    trainer = Trainer(cfg, resume_dir=resume, progress=progress)
+    trainer = Trainer(cfg, resume_dir=resume, progress=progress, resume_changes=changes)
     try:
         return trainer.run()
+    except OSError as exc:  # a write into the run folder failed: read-only, disk full, permissions
+        raise trainer.failed(f"{exc.filename or trainer.run_dir}: {exc.strerror or exc} (writing the run); "
+                             f"training stopped at step {trainer.state['step']}") from None
+    except UserError as exc:
+        raise trainer.failed(str(exc)) from None
     finally:
-        trainer.dist.close()
+        trainer.close()

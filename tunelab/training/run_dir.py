@@ -8,12 +8,17 @@ import platform
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ..config import plain_name_problem
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_metrics
+from ..log import log
+
+
+FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
 
 
 def default_run_name(cfg) -> str:
@@ -30,20 +35,37 @@ def safe_child(parent: Path, name: str) -> Path:
     return parent / name
 
 
+def check_out_dir(out_dir) -> None:
+    """Fail before any work when out_dir cannot hold run folders: a file in the way, or no write
+    permission on the nearest existing folder (read-only filesystems included)."""
+    out = Path(out_dir).expanduser()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"out_dir {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir {out}: {existing} is not writable")
+
+
 def create_run_dir(cfg) -> Path:
     """A new, unique run folder under cfg.out_dir (a suffix is added if the name is taken)."""
     out = Path(cfg.out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)
     name = cfg.run_name or default_run_name(cfg)
     path = safe_child(out, name)
     n = 2
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            path = safe_child(out, f"{name}-{n}")
-            n += 1
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                path = safe_child(out, f"{name}-{n}")
+                n += 1
+    except OSError as exc:
+        raise UserError(f"out_dir {out}: cannot create the run folder {path.name}: {exc.strerror or exc}") from None
 
 
 def save_artifact(method, model, run_dir: Path, tokenizer=None) -> Path:
@@ -64,33 +86,67 @@ def save_artifact(method, model, run_dir: Path, tokenizer=None) -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON object per logging step to metrics.jsonl (and mirrors scalars to TensorBoard)."""
+    """Appends one JSON object per logging step to metrics.jsonl (and mirrors scalars to TensorBoard).
+
+    On resume the log is cut back to the checkpoint's step (a torn last line is dropped). TensorBoard
+    is a mirror: if it cannot write, it is switched off with a note and metrics.jsonl goes on."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            quiet_tensorboard_thread()
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=(resume_step + 1) if resume_step else None)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                    self.tb.add_scalar(tag, value, record["step"])
+            try:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                        self.tb.add_scalar(tag, value, record["step"])
+            except Exception as exc:  # noqa: BLE001 - whatever its writer thread hit
+                self._drop_tensorboard(exc)
+
+    def _drop_tensorboard(self, exc: Exception) -> None:
+        log(f"note: TensorBoard logging stopped ({' '.join(str(exc).split())[:200]}); metrics.jsonl goes on")
+        tb, self.tb = self.tb, None
+        try:
+            tb.close()
+        except Exception:  # noqa: BLE001 - the same failure again
+            pass
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        tb, self.tb = self.tb, None
+        if tb is not None:
+            try:
+                tb.close()
+            except Exception as exc:  # noqa: BLE001 - its writer thread's failure, surfaced at close
+                log(f"note: TensorBoard logging stopped ({' '.join(str(exc).split())[:200]}); metrics.jsonl is complete")
+
+
+def quiet_tensorboard_thread() -> None:
+    """TensorBoard writes from a thread that prints its own traceback when a write fails; that
+    failure reaches MetricsLog on the next write and is reported there, once, as one line."""
+    if getattr(threading.excepthook, "tunelab_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.tunelab_quiet = True
+    threading.excepthook = hook
 
 
 def versions() -> dict:
