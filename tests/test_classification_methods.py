@@ -11,7 +11,7 @@ from tunelab.config import build_config, load_config
 from tunelab.errors import DataError
 from tunelab.training.loop import Trainer
 
-from test_methods import TINY_LR
+from helpers import TINY_LR
 
 SYMPTOMS = {"cardio": ["chest pain", "palpitations", "心悸"], "neuro": ["headache", "dizziness", "头痛"],
             "derm": ["rash", "itching", "皮疹"]}

@@ -1,17 +1,12 @@
 """The CLI as a user runs it: bad inputs exit 2 with one clear message and leave nothing behind."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from helpers import run_cli
+
 GOOD_ROWS = [{"instruction": f"Repeat: {w}", "output": w} for w in ["red", "green", "blue", "红色", "蓝色"]]
-
-
-def run_cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
 
 
 def jsonl(rows):

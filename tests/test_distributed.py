@@ -8,7 +8,7 @@ import sys
 import yaml
 
 import tunelab
-from conftest import interrupted_copy, toy_rows
+from helpers import interrupted_copy, toy_rows
 
 
 def _losses(run):

@@ -32,7 +32,7 @@ def test_early_stopping_stops_on_plateau_and_restores_the_best_step(tiny_config,
 
 def test_best_weights_survive_a_resume(tiny_config, monkeypatch):
     import tunelab
-    from conftest import interrupted_copy
+    from helpers import interrupted_copy
 
     # scripted by step (the same in both runs, on every CPU): the best is step 2, before the resume point
     scripted = {2: 1.0, 4: 2.0, 6: 3.0}

@@ -13,7 +13,7 @@ from tunelab.eval.run import evaluate_run
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from conftest import toy_rows
+    from helpers import toy_rows
 
     tmp = tmp_path_factory.mktemp("evalruns")
     data = tmp / "toy.jsonl"

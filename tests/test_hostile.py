@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from conftest import toy_rows, train_tiny_run
-from test_cli_errors import run_cli
+from helpers import interrupted_copy, run_cli, toy_rows, train_tiny_run
 from tunelab.config import build_config, load_config
 from tunelab.errors import ConfigError, DataError, UserError
 from tunelab.runs import list_runs
@@ -196,8 +195,6 @@ def four_steps(tmp_path_factory):
 @pytest.fixture
 def interrupted(four_steps, tmp_path):
     """A copy of that run killed after its step-2 checkpoint, its last metrics line torn by the kill."""
-    from conftest import interrupted_copy
-
     full = four_steps
     run = interrupted_copy(full.run_dir, tmp_path / "killed", last_step=4)
     with open(run / "metrics.jsonl", "a") as f:

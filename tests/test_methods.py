@@ -11,9 +11,8 @@ from tunelab.methods import METHODS
 from tunelab.training.accounting import count_params
 from tunelab.training.loop import Trainer
 
-# LRs that make a tiny random model learn in 30 steps (the defaults are tuned for real models)
-TINY_LR = {"full": 1e-3, "freeze": 3e-3, "lora": 1e-2, "dora": 1e-2, "rslora": 1e-2, "pissa": 1e-2, "loraplus": 3e-3,
-           "qlora": 1e-2, "adapter": 1e-2, "prefix": 1e-1, "prompt": 3e-1, "ptuning": 3e-2, "ia3": 1e-1, "adalora": 3e-2}
+from helpers import TINY_LR
+
 PEFT_BACKED = {"lora", "dora", "rslora", "pissa", "loraplus", "prefix", "prompt", "ptuning", "ia3", "adalora"}
 ZERO_INIT = ["lora", "dora", "rslora", "loraplus", "ia3", "adapter", "adalora", "full", "freeze"]
 
@@ -122,7 +121,7 @@ def test_method_default_lr_fills_the_config():
 
 
 def test_adapters_on_a_shared_base_switch_and_disable(tmp_path, write_jsonl, smol_tokenizer):
-    from conftest import toy_rows
+    from helpers import toy_rows
 
     runs = {}
     for task, seed in (("colours", 0), ("shuffled", 1)):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tunelab
-from conftest import toy_rows
+from helpers import toy_rows
 from tunelab.device import CPU_BF16_ENV, cpu_capability, cpu_has_native_bf16, resolve_precision
 
 

@@ -108,7 +108,7 @@ def test_auto_map_on_a_known_architecture_loads_without_running_the_code(tiny_ll
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A finished tiny-llama LoRA run (2 steps, no validation split)."""
-    from conftest import train_tiny_run
+    from helpers import train_tiny_run
 
     return train_tiny_run(tmp_path_factory.mktemp("lora"), val_fraction=0, max_steps=2).run_dir
 
@@ -127,7 +127,7 @@ def test_truncated_adapter_is_a_clear_error(run_copy):
 
 
 def test_truncated_adapter_from_the_cli_exits_2(run_copy, tmp_path):
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     weights = run_copy / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(b"\x00" * 16)  # garbage instead of a header
@@ -207,7 +207,7 @@ def test_run_dir_creation_refuses_an_unvalidated_name(tmp_path):
 
 
 def test_cli_train_with_an_escaping_run_name_writes_nothing(tmp_path):
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     (tmp_path / "out").mkdir()
     (tmp_path / "config.yaml").write_text("model: tiny-llama\nout_dir: out\nrun_name: ../escape\n", encoding="utf-8")

@@ -19,7 +19,7 @@ SUMMARY_FIELDS = ["method", "model", "trainable_params", "total_params", "traina
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from conftest import train_tiny_run
+    from helpers import train_tiny_run
 
     return train_tiny_run(tmp_path_factory.mktemp("run"), lr=1e-2)
 
@@ -122,7 +122,7 @@ def test_resume_reaches_the_same_final_loss(tmp_path, tiny_config):
     tiny_config["train"].update(max_steps=6, save_every=3)
     tiny_config["lora"] = {"dropout": 0.1}  # dropout draws from the RNG: resume must restore it
     full = tunelab.train(tiny_config, progress=False)
-    from conftest import interrupted_copy
+    from helpers import interrupted_copy
 
     interrupted = interrupted_copy(full.run_dir, tmp_path / "interrupted", last_step=6)  # killed after step 3
     resumed = tunelab.train(None, resume=interrupted, progress=False)

@@ -93,7 +93,12 @@ def cmd_generate(args) -> int:
 
     settings = _generation_settings(args)  # bad flags fail before the model loads
     model, tokenizer = load(args.run_or_model)
-    print(generate_text(model, tokenizer, args.prompt, settings))
+    if args.no_stream:
+        print(generate_text(model, tokenizer, args.prompt, settings, system=args.system))
+        return 0
+    generate_text(model, tokenizer, args.prompt, settings, system=args.system,
+                  on_text=lambda text: print(text, end="", flush=True))
+    print()
     return 0
 
 
@@ -103,7 +108,7 @@ def cmd_chat(args) -> int:
 
     settings = _generation_settings(args)
     model, tokenizer = load(args.run_or_model)
-    chat_loop(model, tokenizer, settings)
+    chat_loop(model, tokenizer, settings, system=args.system)
     return 0
 
 
@@ -188,16 +193,24 @@ def cmd_bench(args) -> int:
 
 
 def _add_generation_flags(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    from .generation import SAMPLING_REPETITION_PENALTY, GenerationSettings
+
+    p.add_argument("--max-new-tokens", type=int, default=GenerationSettings().max_new_tokens)
+    defaults = GenerationSettings()  # one home for the defaults
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = plain greedy")
+    p.add_argument("--top-p", type=float, default=defaults.top_p)
+    p.add_argument("--top-k", type=int, default=defaults.top_k)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"default: {SAMPLING_REPETITION_PENALTY} when sampling, none when greedy")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt, else the template's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune language models efficiently.")
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config; prints the run directory")
@@ -213,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="one completion from a run or a model")
     p.add_argument("run_or_model")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
     _add_generation_flags(p)
     p.set_defaults(func=cmd_generate)
 

@@ -173,7 +173,20 @@ def resolve_model_path(name: str) -> str:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown model '{name}'{hint}; registry names: {', '.join(REGISTRY)}, or a local directory")
-    return name  # a hub id; loading will only succeed if it is already in the local cache
+    if not _in_hub_cache(name):  # else loading would say it failed to reach a hub (none is reached)
+        raise UserError(f"'{name}' does not exist: not a run folder, a model directory, a registry name "
+                        f"({', '.join(REGISTRY)}), or a model already in the local Hugging Face cache")
+    return name  # a hub id found in the local cache
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError:  # not even shaped like a hub id (a/b/c, ../x)
+        return False
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -12,7 +12,7 @@ from ..config import apply_overrides, build_config
 from ..generation import GenerationSettings, generate_batch
 from .dates import write_dataset
 
-GREEDY = GenerationSettings(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0)
+GREEDY = GenerationSettings.greedy(16)
 
 
 def demo_config(data_path: Path, out_dir: str, steps: Optional[int] = None):

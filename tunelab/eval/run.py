@@ -59,7 +59,7 @@ def generation_eval(model, tokenizer, examples, cfg, run_dir: Optional[Path]) ->
     items = items[: cfg.eval.max_examples] if cfg.eval.max_examples else items
     if not items:
         return {}
-    settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    settings = GenerationSettings.greedy(cfg.eval.max_new_tokens)
     predictions, seconds = [], []
     for e in items:  # one at a time: honest per-example latency
         t0 = time.perf_counter()

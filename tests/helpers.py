@@ -1,0 +1,52 @@
+"""Helpers the tests share (fixtures stay in conftest.py): toy data, a tiny training run, a faked
+interruption, the CLI in a subprocess, learning rates for tiny random models."""
+
+import json
+import subprocess
+import sys
+
+# LRs that make a tiny random model learn in 30 steps (the defaults are tuned for real models)
+TINY_LR = {"full": 1e-3, "freeze": 3e-3, "lora": 1e-2, "dora": 1e-2, "rslora": 1e-2, "pissa": 1e-2, "loraplus": 3e-3,
+           "qlora": 1e-2, "adapter": 1e-2, "prefix": 1e-1, "prompt": 3e-1, "ptuning": 3e-2, "ia3": 1e-1, "adalora": 3e-2}
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def interrupted_copy(run_dir, dest, last_step):
+    """A copy of a finished run made to look killed after its second-to-last checkpoint."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    for name in ("summary.json", "eval.json"):
+        (dest / name).unlink()
+    shutil.rmtree(dest / "checkpoints" / f"step-{last_step}")
+    shutil.rmtree(dest / "adapter")
+    return dest
+
+
+def toy_rows(n=24, seed=0):
+    """A learnable toy instruction task: repeat a colour word."""
+    import random
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "black", "white", "红色", "蓝色"]
+    rows = []
+    for _ in range(n):
+        c = rng.choice(colours)
+        rows.append({"instruction": f"Repeat the word: {c}", "output": c * rng.randint(1, 3)})
+    return rows
+
+
+def train_tiny_run(tmp, val_fraction=0.2, **train):
+    """A short tiny-llama LoRA run on the toy task under `tmp`; returns the TrainResult."""
+    import tunelab
+
+    data = tmp / "toy.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8")
+    cfg = {"model": "tiny-llama", "out_dir": str(tmp / "runs"), "run_name": "tiny",
+           "data": {"train": str(data), "val_fraction": val_fraction, "max_length": 64},
+           "train": {"max_steps": 5, "batch_size": 4, "precision": "fp32"} | train}
+    return tunelab.train(cfg, progress=False)
