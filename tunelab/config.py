@@ -258,7 +258,11 @@ class Config(Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        d = self.to_dict()
+        text = yaml.safe_dump(d, sort_keys=False, allow_unicode=True)  # Chinese stays readable
+        if yaml.safe_load(text) != d:  # a raw NEL / U+2028 in a value reads back as a line break: escape
+            text = yaml.safe_dump(d, sort_keys=False, allow_unicode=False)
+        return text
 
     def hash(self) -> str:
         """Short stable hash of the resolved config (run name and output folder excluded)."""
@@ -316,8 +320,11 @@ def _yaml_lines(text: str) -> dict:
     """Map dotted key -> 1-based line number in the YAML text."""
     lines: dict = {}
 
+    seen: set = set()
+
     def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
+        if isinstance(node, yaml.MappingNode) and id(node) not in seen:  # an alias may point back at its parent
+            seen.add(id(node))
             for key_node, value_node in node.value:
                 key = f"{prefix}{key_node.value}"
                 lines[key] = key_node.start_mark.line + 1
@@ -325,7 +332,7 @@ def _yaml_lines(text: str) -> dict:
 
     try:
         walk(yaml.compose(text), "")
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         pass
     return lines
 
@@ -334,6 +341,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """Safe YAML whose mappings refuse a repeated key: a second `train:` block would silently replace the first."""
 
     def construct_mapping(self, node, deep=False):
+        if not isinstance(node, yaml.MappingNode):  # `!!map [1]`: PyYAML's own error
+            return super().construct_mapping(node, deep)
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -349,8 +358,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(text: str):
-    """Parse YAML text safely, refusing repeated keys."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse YAML text safely, refusing repeated keys. Every failure is a yaml.YAMLError: PyYAML's value
+    constructors raise plain Python errors for `2024-13-45`, `!!int x`, a 5000-digit number, deep nesting."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        raise
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise yaml.YAMLError(f"cannot read a value ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -436,7 +453,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             value = (data.get("data") or {}).get(key) if isinstance(data.get("data"), dict) else None
             if isinstance(value, str) and not Path(value).is_absolute():
                 candidate = path.parent / value
-                if candidate.exists():
+                try:
+                    exists = candidate.exists()
+                except OSError:  # a name too long for the filesystem: the data loader reports it
+                    exists = False
+                if exists:
                     data["data"][key] = str(candidate)
     apply_overrides(data, overrides or [])
     return build_config(data, source, lines)

@@ -29,8 +29,10 @@ def _load_run(path: Path, device):
     base = method.load_base(cfg, device) if method.needs_base else None
     try:
         model = method.load(base, artifact, cfg)
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, pickle.UnpicklingError) as exc:
-        # a damaged or foreign artifact folder (peft reads its config fields without checking them)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, ImportError,
+            pickle.UnpicklingError) as exc:
+        # a damaged or foreign artifact folder: peft reads its config fields without checking them (and a
+        # `megatron_config` makes it import Megatron)
         raise UserError(f"{artifact}: cannot load the trained {method.artifact}: {' '.join(str(exc).split())[:300]}") from None
     tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template)
     model.tunelab_config = cfg

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UserError
-from ..io import read_safetensors
+from ..io import read_json_object, read_safetensors
 from .base import Method, classification_head
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -273,13 +273,8 @@ class BottleneckAdapterMethod(Method):
 
 
 def _read_artifact_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing (not an adapter artifact)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable adapter config: {exc}") from None
-    if not isinstance(config, dict) or config.get("tunelab_method") != "adapter":
+    config = read_json_object(path, missing="missing (not an adapter artifact)")
+    if config.get("tunelab_method") != "adapter":
         raise UserError(f"{path}: not a tunelab bottleneck-adapter config (tunelab_method must be 'adapter')")
     return config
 
