@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint format clean
 
 install: $(STAMP)
 
@@ -23,8 +23,19 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m tunelab demo
 
-test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+lint: install
+	$(VENV)/bin/ruff check tunelab tests
+	$(VENV)/bin/ruff format --check tunelab tests
+
+format: install
+	$(VENV)/bin/ruff check --fix tunelab tests
+	$(VENV)/bin/ruff format tunelab tests
+
+# two workers of one thread each: most tests are Python- and start-up-bound, so this is 1.8x faster on
+# 2 cores than one worker with two threads (measured: 325 s against 573 s). Whole files go to one worker:
+# tests/test_input_fuzz.py sums the cases all its tests generated.
+test: install lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
 clean:

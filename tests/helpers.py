@@ -6,13 +6,28 @@ import subprocess
 import sys
 
 # LRs that make a tiny random model learn in 30 steps (the defaults are tuned for real models)
-TINY_LR = {"full": 1e-3, "freeze": 3e-3, "lora": 1e-2, "dora": 1e-2, "rslora": 1e-2, "pissa": 1e-2, "loraplus": 3e-3,
-           "qlora": 1e-2, "adapter": 1e-2, "prefix": 1e-1, "prompt": 3e-1, "ptuning": 3e-2, "ia3": 1e-1, "adalora": 3e-2}
+TINY_LR = {
+    "full": 1e-3,
+    "freeze": 3e-3,
+    "lora": 1e-2,
+    "dora": 1e-2,
+    "rslora": 1e-2,
+    "pissa": 1e-2,
+    "loraplus": 3e-3,
+    "qlora": 1e-2,
+    "adapter": 1e-2,
+    "prefix": 1e-1,
+    "prompt": 3e-1,
+    "ptuning": 3e-2,
+    "ia3": 1e-1,
+    "adalora": 3e-2,
+}
 
 
 def run_cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def interrupted_copy(run_dir, dest, last_step):
@@ -46,7 +61,11 @@ def train_tiny_run(tmp, val_fraction=0.2, **train):
 
     data = tmp / "toy.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8")
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp / "runs"), "run_name": "tiny",
-           "data": {"train": str(data), "val_fraction": val_fraction, "max_length": 64},
-           "train": {"max_steps": 5, "batch_size": 4, "precision": "fp32"} | train}
+    cfg = {
+        "model": "tiny-llama",
+        "out_dir": str(tmp / "runs"),
+        "run_name": "tiny",
+        "data": {"train": str(data), "val_fraction": val_fraction, "max_length": 64},
+        "train": {"max_steps": 5, "batch_size": 4, "precision": "fp32"} | train,
+    }
     return tunelab.train(cfg, progress=False)

@@ -20,8 +20,9 @@ METHOD = BottleneckAdapterMethod()
 
 
 def adapter_cfg(kind="houlsby", reduction=4, non_linearity="relu", dropout=0.0):
-    return types.SimpleNamespace(adapter=types.SimpleNamespace(
-        kind=kind, reduction=reduction, non_linearity=non_linearity, dropout=dropout))
+    return types.SimpleNamespace(
+        adapter=types.SimpleNamespace(kind=kind, reduction=reduction, non_linearity=non_linearity, dropout=dropout)
+    )
 
 
 def tiny_llama():
@@ -84,8 +85,11 @@ def test_llama_step0_is_identity_and_only_adapters_train(kind, per_layer):
     assert out is model
     n_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     names = wrapped(model)
-    expected = [f"model.layers.{i}.{t}" for i in range(n_layers)
-                for t in (["self_attn.o_proj", "mlp.down_proj"] if kind == "houlsby" else ["mlp.down_proj"])]
+    expected = [
+        f"model.layers.{i}.{t}"
+        for i in range(n_layers)
+        for t in (["self_attn.o_proj", "mlp.down_proj"] if kind == "houlsby" else ["mlp.down_proj"])
+    ]
     assert names == expected and len(names) == per_layer * n_layers
     assert (llama_out(model, ids) - before).abs().max().item() < 1e-6
     params = trainable(model)
@@ -266,9 +270,14 @@ def test_artifact_contents(trained_llama):
     config = json.loads((out_dir / CONFIG_FILE).read_text())
     n_layers = model.config.num_hidden_layers
     assert config == {
-        "tunelab_method": "adapter", "kind": "houlsby", "reduction": 4, "non_linearity": "relu", "dropout": 0.0,
+        "tunelab_method": "adapter",
+        "kind": "houlsby",
+        "reduction": 4,
+        "non_linearity": "relu",
+        "dropout": 0.0,
         "targets": [f"model.layers.{i}.{t}" for i in range(n_layers) for t in ("self_attn.o_proj", "mlp.down_proj")],
-        "base_model_name_or_path": resolve_model_path("tiny-llama"), "hidden_size": model.config.hidden_size,
+        "base_model_name_or_path": resolve_model_path("tiny-llama"),
+        "hidden_size": model.config.hidden_size,
     }
     with safe_open(str(out_dir / WEIGHTS_FILE), framework="pt") as f:
         keys = set(f.keys())

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 import tunelab
+from helpers import TINY_LR
 from tunelab.config import build_config, load_config
 from tunelab.errors import DataError
 from tunelab.training.loop import Trainer
 
-from helpers import TINY_LR
-
-SYMPTOMS = {"cardio": ["chest pain", "palpitations", "心悸"], "neuro": ["headache", "dizziness", "头痛"],
-            "derm": ["rash", "itching", "皮疹"]}
+SYMPTOMS = {
+    "cardio": ["chest pain", "palpitations", "心悸"],
+    "neuro": ["headache", "dizziness", "头痛"],
+    "derm": ["rash", "itching", "皮疹"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +25,31 @@ def triage(tmp_path_factory):
     rows = []
     for _ in range(48):
         label = rng.choice(sorted(SYMPTOMS))
-        rows.append({"text": f"patient reports {rng.choice(SYMPTOMS[label])} for {rng.randint(1, 9)} days", "label": label})
+        rows.append(
+            {"text": f"patient reports {rng.choice(SYMPTOMS[label])} for {rng.randint(1, 9)} days", "label": label}
+        )
     path = tmp_path_factory.mktemp("cls") / "triage.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
 def config(tmp_path, data, method):
-    return build_config({
-        "model": "tiny-bert", "task": "classification", "method": method, "out_dir": str(tmp_path / "runs"), "run_name": method,
-        "data": {"train": str(data), "val_fraction": 0.25, "max_length": 32},
-        "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]},
-        "lora": {"target_modules": ["query", "value"], "r": 8}, "adapter": {"reduction": 4},
-        "prefix": {"num_virtual_tokens": 4}, "prompt": {"num_virtual_tokens": 4}, "ptuning": {"num_virtual_tokens": 4},
-    })
+    return build_config(
+        {
+            "model": "tiny-bert",
+            "task": "classification",
+            "method": method,
+            "out_dir": str(tmp_path / "runs"),
+            "run_name": method,
+            "data": {"train": str(data), "val_fraction": 0.25, "max_length": 32},
+            "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]},
+            "lora": {"target_modules": ["query", "value"], "r": 8},
+            "adapter": {"reduction": 4},
+            "prefix": {"num_virtual_tokens": 4},
+            "prompt": {"num_virtual_tokens": 4},
+            "ptuning": {"num_virtual_tokens": 4},
+        }
+    )
 
 
 @pytest.mark.parametrize("method", sorted(TINY_LR))
@@ -95,17 +108,29 @@ def test_classification_eval_reports_sklearn_metrics(tmp_path, triage):
             logits.append(trainer.model(input_ids=torch.tensor([ex["input_ids"]])).logits[0])
     y_pred = [int(x.argmax()) for x in logits]
     y_true = [ex["label"] for ex in trainer.data.val]
-    assert metrics["eval_f1_macro"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert metrics["eval_f1_macro"] == pytest.approx(
+        f1_score(y_true, y_pred, average="macro", labels=[0, 1, 2], zero_division=0)
+    )
     assert metrics["eval_accuracy"] == pytest.approx(sum(a == b for a, b in zip(y_true, y_pred)) / len(y_true))
     assert sum(map(sum, metrics["eval_confusion_matrix"])) == len(y_true) == metrics["eval_examples"]
 
 
 def test_causal_lm_as_a_classifier(tmp_path, write_jsonl):
-    rows = [{"text": f"{w} item {i}", "label": "warm" if w in ("red", "orange") else "cold"}
-            for i in range(20) for w in ("red", "orange", "blue", "teal")]
-    result = tunelab.train({"model": "tiny-llama", "task": "classification", "out_dir": str(tmp_path / "runs"),
-                            "data": {"train": str(write_jsonl(rows)), "max_length": 16},
-                            "train": {"max_steps": 20, "lr": 1e-2, "batch_size": 8, "precision": "fp32"}}, progress=False)
+    rows = [
+        {"text": f"{w} item {i}", "label": "warm" if w in ("red", "orange") else "cold"}
+        for i in range(20)
+        for w in ("red", "orange", "blue", "teal")
+    ]
+    result = tunelab.train(
+        {
+            "model": "tiny-llama",
+            "task": "classification",
+            "out_dir": str(tmp_path / "runs"),
+            "data": {"train": str(write_jsonl(rows)), "max_length": 16},
+            "train": {"max_steps": 20, "lr": 1e-2, "batch_size": 8, "precision": "fp32"},
+        },
+        progress=False,
+    )
     assert result.summary["eval"]["eval_accuracy"] >= 0.9
     from tunelab.eval.run import evaluate_run
 

@@ -15,15 +15,33 @@ def jsonl(rows):
 
 # name -> (data file contents, extra top-level YAML, overrides, what stderr must name)
 BAD_INPUTS = {
-    "truncated_json": (jsonl(GOOD_ROWS[:3]) + '{"instruction": "Repeat: x", "outp\n' + jsonl(GOOD_ROWS[3:]),
-                       "", [], ["data.jsonl:4", "invalid JSON"]),
-    "missing_field": (jsonl(GOOD_ROWS[:2] + [{"instruction": "Repeat: x"}] + GOOD_ROWS[2:]),
-                      "", [], ["data.jsonl:3", "output", "missing"]),
+    "truncated_json": (
+        jsonl(GOOD_ROWS[:3]) + '{"instruction": "Repeat: x", "outp\n' + jsonl(GOOD_ROWS[3:]),
+        "",
+        [],
+        ["data.jsonl:4", "invalid JSON"],
+    ),
+    "missing_field": (
+        jsonl(GOOD_ROWS[:2] + [{"instruction": "Repeat: x"}] + GOOD_ROWS[2:]),
+        "",
+        [],
+        ["data.jsonl:3", "output", "missing"],
+    ),
     "empty_file": ("", "", [], ["data.jsonl", "empty"]),
     # config errors are all reported at once, so one run covers a wrong format name and an unknown key
-    "bad_format_and_unknown_key": (jsonl(GOOD_ROWS), "train:\n  lrr: 0.001\n", ["data.format=alpacca"],
-                                   ["config.yaml", "data.format", "did you mean 'alpaca'",
-                                    "config.yaml:8", "unknown key 'train.lrr'", "did you mean 'lr'"]),
+    "bad_format_and_unknown_key": (
+        jsonl(GOOD_ROWS),
+        "train:\n  lrr: 0.001\n",
+        ["data.format=alpacca"],
+        [
+            "config.yaml",
+            "data.format",
+            "did you mean 'alpaca'",
+            "config.yaml:8",
+            "unknown key 'train.lrr'",
+            "did you mean 'lr'",
+        ],
+    ),
 }
 
 

@@ -33,7 +33,9 @@ def test_defaults():
 
 
 def test_yaml_loading(tmp_path):
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
 model: tiny-llama
 method: lora
 seed: 3
@@ -48,7 +50,8 @@ train:
 lora:
   r: 8
   target_modules: [q_proj, v_proj]
-""")
+""",
+    )
     (tmp_path / "train.jsonl").write_text("{}\n")
     cfg = load_config(path)
     assert cfg.model == "tiny-llama" and cfg.seed == 3
@@ -67,8 +70,18 @@ def test_empty_yaml_and_bom(tmp_path):
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-4", "train.packing=true", "lora.target_modules=[q_proj,k_proj]",
-                             "train.batch_size=4", "lora.dropout=0.1", "train.max_steps=10", "data.eval=null"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "train.packing=true",
+            "lora.target_modules=[q_proj,k_proj]",
+            "train.batch_size=4",
+            "lora.dropout=0.1",
+            "train.max_steps=10",
+            "data.eval=null",
+        ],
+    )
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-4
     assert cfg.train.packing is True
     assert cfg.lora.target_modules == ["q_proj", "k_proj"]
@@ -113,8 +126,17 @@ def test_numeric_value_for_a_string_key():
 
 # --- errors -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key,closest", [("learning_rate", "lr"), ("lrr", "lr"), ("batchsize", "batch_size"),
-                                         ("epoch", "epochs"), ("num_train_epochs", "epochs")])
+
+@pytest.mark.parametrize(
+    "key,closest",
+    [
+        ("learning_rate", "lr"),
+        ("lrr", "lr"),
+        ("batchsize", "batch_size"),
+        ("epoch", "epochs"),
+        ("num_train_epochs", "epochs"),
+    ],
+)
 def test_unknown_train_key_suggests_closest(tmp_path, key, closest):
     path = write(tmp_path, f"model: tiny-llama\ntrain:\n  epochs: 1\n  {key}: 1\n")
     message = config_error(path)
@@ -144,25 +166,68 @@ def test_unknown_section_key_without_close_match(tmp_path):
 
 # every invalid value is caught at validation: (dotted key, bad value as YAML text)
 BAD_VALUES = [
-    ("train.lr", "-1.0e-4"), ("train.lr", "0"), ("train.lr", ".inf"), ("train.lr", ".nan"),
-    ("train.epochs", "0"), ("train.epochs", "-1"), ("train.epochs", "abc"), ("train.max_steps", "0"),
-    ("train.batch_size", "0"), ("train.grad_accum", "0"), ("train.warmup_ratio", "-0.1"),
-    ("train.warmup_ratio", "1.5"), ("train.weight_decay", "-0.01"), ("train.max_grad_norm", "0"),
-    ("train.save_total_limit", "0"), ("train.save_every", "0"), ("train.eval_every", "0"),
-    ("train.log_every", "0"), ("train.early_stopping_patience", "0"), ("train.scheduler", "exponential"),
-    ("train.precision", "fp8"), ("train.lr_groups", "{lm_head: -1}"),
-    ("lora.r", "0"), ("lora.r", "-4"), ("lora.alpha", "-16"), ("lora.alpha", "0"), ("lora.dropout", "1"),
-    ("lora.dropout", "1.5"), ("lora.dropout", "-0.1"), ("lora.lr_ratio", "0"), ("lora.rank_pattern", "{q_proj: 0}"),
-    ("lora.alpha_pattern", "{q_proj: -2}"), ("lora.init", "svd"),
-    ("data.max_length", "4"), ("data.val_fraction", "1"), ("data.val_fraction", "-0.1"), ("data.format", "parquet"),
-    ("data.loss_on", "prompt"), ("data.labels", "[a, b, a]"),
-    ("adapter.reduction", "0"), ("adapter.dropout", "1"), ("adapter.kind", "lora"),
-    ("prefix.num_virtual_tokens", "0"), ("prompt.num_virtual_tokens", "-1"), ("ptuning.encoder_hidden_size", "0"),
-    ("adalora.init_r", "0"), ("adalora.target_r", "16"), ("adalora.tfinal_ratio", "0.95"),
-    ("freeze.trainable_layers", "-1"), ("freeze.trainable_layers", "[]"), ("quant.bits", "3"),
-    ("eval.max_new_tokens", "0"), ("eval.max_examples", "0"), ("eval.scorer", "not-a-function"),
-    ("method", "lorra"), ("task", "regression"), ("run_name", "../outside"), ("run_name", "a/b"),
-    ("out_dir", "''"), ("adapter_name", "a.b"), ("seed", "abc"), ("trust_remote_code", "maybe"),
+    ("train.lr", "-1.0e-4"),
+    ("train.lr", "0"),
+    ("train.lr", ".inf"),
+    ("train.lr", ".nan"),
+    ("train.epochs", "0"),
+    ("train.epochs", "-1"),
+    ("train.epochs", "abc"),
+    ("train.max_steps", "0"),
+    ("train.batch_size", "0"),
+    ("train.grad_accum", "0"),
+    ("train.warmup_ratio", "-0.1"),
+    ("train.warmup_ratio", "1.5"),
+    ("train.weight_decay", "-0.01"),
+    ("train.max_grad_norm", "0"),
+    ("train.save_total_limit", "0"),
+    ("train.save_every", "0"),
+    ("train.eval_every", "0"),
+    ("train.log_every", "0"),
+    ("train.early_stopping_patience", "0"),
+    ("train.scheduler", "exponential"),
+    ("train.precision", "fp8"),
+    ("train.lr_groups", "{lm_head: -1}"),
+    ("lora.r", "0"),
+    ("lora.r", "-4"),
+    ("lora.alpha", "-16"),
+    ("lora.alpha", "0"),
+    ("lora.dropout", "1"),
+    ("lora.dropout", "1.5"),
+    ("lora.dropout", "-0.1"),
+    ("lora.lr_ratio", "0"),
+    ("lora.rank_pattern", "{q_proj: 0}"),
+    ("lora.alpha_pattern", "{q_proj: -2}"),
+    ("lora.init", "svd"),
+    ("data.max_length", "4"),
+    ("data.val_fraction", "1"),
+    ("data.val_fraction", "-0.1"),
+    ("data.format", "parquet"),
+    ("data.loss_on", "prompt"),
+    ("data.labels", "[a, b, a]"),
+    ("adapter.reduction", "0"),
+    ("adapter.dropout", "1"),
+    ("adapter.kind", "lora"),
+    ("prefix.num_virtual_tokens", "0"),
+    ("prompt.num_virtual_tokens", "-1"),
+    ("ptuning.encoder_hidden_size", "0"),
+    ("adalora.init_r", "0"),
+    ("adalora.target_r", "16"),
+    ("adalora.tfinal_ratio", "0.95"),
+    ("freeze.trainable_layers", "-1"),
+    ("freeze.trainable_layers", "[]"),
+    ("quant.bits", "3"),
+    ("eval.max_new_tokens", "0"),
+    ("eval.max_examples", "0"),
+    ("eval.scorer", "not-a-function"),
+    ("method", "lorra"),
+    ("task", "regression"),
+    ("run_name", "../outside"),
+    ("run_name", "a/b"),
+    ("out_dir", "''"),
+    ("adapter_name", "a.b"),
+    ("seed", "abc"),
+    ("trust_remote_code", "maybe"),
     ("allow_pickle", "maybe"),
 ]
 
@@ -170,8 +235,11 @@ BAD_VALUES = [
 def _nested_yaml(dotted: str, value: str) -> str:
     """`a.b: v` as nested YAML; the bad key always lands on the last line."""
     parts = dotted.split(".")
-    return "model: tiny-llama\n" + "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(parts[:-1])) + \
-        f"{'  ' * (len(parts) - 1)}{parts[-1]}: {value}\n"
+    return (
+        "model: tiny-llama\n"
+        + "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(parts[:-1]))
+        + f"{'  ' * (len(parts) - 1)}{parts[-1]}: {value}\n"
+    )
 
 
 @pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
@@ -195,10 +263,22 @@ def test_cross_field_defaults_are_checked_too():
 
 
 def test_valid_edge_values_pass():
-    cfg = load_config(None, ["train.warmup_ratio=0", "data.val_fraction=0", "lora.dropout=0", "data.max_length=8",
-                             "freeze.trainable_layers=0", "freeze.trainable_layers=[-1, '*norm*']",
-                             "run_name=日期-v1.2", "adapter_name=dates_v2", "eval.scorer=my_pkg.scores:exact",
-                             "adalora.init_r=8", "allow_pickle=true"])
+    cfg = load_config(
+        None,
+        [
+            "train.warmup_ratio=0",
+            "data.val_fraction=0",
+            "lora.dropout=0",
+            "data.max_length=8",
+            "freeze.trainable_layers=0",
+            "freeze.trainable_layers=[-1, '*norm*']",
+            "run_name=日期-v1.2",
+            "adapter_name=dates_v2",
+            "eval.scorer=my_pkg.scores:exact",
+            "adalora.init_r=8",
+            "allow_pickle=true",
+        ],
+    )
     assert cfg.run_name == "日期-v1.2" and cfg.allow_pickle and cfg.freeze.trainable_layers == [-1, "*norm*"]
 
 
@@ -240,10 +320,21 @@ def test_config_not_a_mapping_and_missing_file(tmp_path):
 
 # --- round trip -----------------------------------------------------------------------------------
 
+
 def test_round_trip_through_yaml(tmp_path):
-    cfg = load_config(None, ["model=tiny-llama", "train.lr=3e-4", "lora.target_modules=[q_proj,v_proj]",
-                             "train.lr_groups.lm_head=0.1", "data.system_prompt=你是一个助手。", "run_name=rt",
-                             "train.packing=true", "data.val_fraction=0"])
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-llama",
+            "train.lr=3e-4",
+            "lora.target_modules=[q_proj,v_proj]",
+            "train.lr_groups.lm_head=0.1",
+            "data.system_prompt=你是一个助手。",
+            "run_name=rt",
+            "train.packing=true",
+            "data.val_fraction=0",
+        ],
+    )
     path = write(tmp_path, cfg.to_yaml(), "resolved.yaml")
     again = load_config(path)
     assert again == cfg

@@ -42,14 +42,25 @@ FORMAT_CASES = [
     ),
     (
         "messages",
-        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                      {"role": "assistant", "content": "A"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A"},
+            ]
+        },
         [("system", "S"), ("user", "Q"), ("assistant", "A")],
     ),
     (
         "sharegpt",
-        {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
-                           {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "Q1"},
+                {"from": "gpt", "value": "A1"},
+                {"from": "human", "value": "Q2"},
+                {"from": "gpt", "value": "A2"},
+            ]
+        },
         [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")],
     ),
 ]
@@ -115,9 +126,13 @@ def test_undetectable_fields(write_jsonl):
 
 # --- file kinds and line numbers -----------------------------------------------------------------
 
+
 def test_json_list_line_numbers(tmp_path):
-    rows = [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "input": "x", "output": "a2"},
-            {"instruction": "q3", "output": "a3"}]
+    rows = [
+        {"instruction": "q1", "output": "a1"},
+        {"instruction": "q2", "input": "x", "output": "a2"},
+        {"instruction": "q3", "output": "a3"},
+    ]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     # each element starts on the line of its "{"
@@ -201,6 +216,7 @@ def test_chinese_round_trips_through_tokenization(write_jsonl, smol_tokenizer):
 
 # --- errors -------------------------------------------------------------------------------------
 
+
 def expect_error(path, *parts, **kwargs):
     with pytest.raises(DataError) as err:
         load_examples(path, **kwargs)
@@ -212,15 +228,16 @@ def expect_error(path, *parts, **kwargs):
 
 def test_truncated_json_line(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n'
-                    '{"instruction": "e", "outp\n', encoding="utf-8")
+    path.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{"instruction": "e", "outp\n',
+        encoding="utf-8",
+    )
     err = expect_error(path, "data.jsonl:3", "invalid JSON")
     assert err.line == 3
 
 
 def test_missing_field_names_line_and_field(write_jsonl):
-    path = write_jsonl([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"},
-                        {"instruction": "e"}])
+    path = write_jsonl([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}, {"instruction": "e"}])
     err = expect_error(path, "data.jsonl:3", ":3", "output")
     assert (err.line, err.field) == (3, "output")
 
@@ -230,8 +247,10 @@ def test_empty_field_is_an_error(write_jsonl):
     expect_error(path, "data.jsonl:1", "output", "empty")
 
 
-@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("e.json", b""), ("e.csv", b""),
-                                          ("blank.jsonl", b"\n  \n\n"), ("bom.json", b"\xef\xbb\xbf\n")])
+@pytest.mark.parametrize(
+    "name,content",
+    [("e.jsonl", b""), ("e.json", b""), ("e.csv", b""), ("blank.jsonl", b"\n  \n\n"), ("bom.json", b"\xef\xbb\xbf\n")],
+)
 def test_empty_file(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -293,8 +312,12 @@ def test_deeply_nested_json_is_a_data_error(tmp_path, depth):
 
 
 def test_unknown_role_in_messages(write_jsonl):
-    path = write_jsonl([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-                        {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}])
+    path = write_jsonl(
+        [
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+        ]
+    )
     err = expect_error(path, "data.jsonl:2", "messages[1].role", "'bot'")
     assert err.line == 2
 
@@ -317,13 +340,14 @@ def test_non_object_line(tmp_path):
 
 # --- skip_invalid ---------------------------------------------------------------------------------
 
+
 def test_skip_invalid_skips_and_counts(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(
         '{"instruction": "q1", "output": "a1"}\n'
-        '{"instruction": "q2"}\n'                      # missing output
-        '{"instruction": "q3", "output": ["x"]}\n'     # wrong type
-        '{"instruction": "q4", "outp\n'                # truncated JSON
+        '{"instruction": "q2"}\n'  # missing output
+        '{"instruction": "q3", "output": ["x"]}\n'  # wrong type
+        '{"instruction": "q4", "outp\n'  # truncated JSON
         '{"instruction": "q5", "output": "a5"}\n',
         encoding="utf-8",
     )

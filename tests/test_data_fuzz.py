@@ -91,16 +91,39 @@ def run_fuzz(name: str, data: bytes, fmt: str = "auto", skip_invalid: bool = Fal
 # --- strategies ------------------------------------------------------------------------------------
 
 odd_text = st.sampled_from(
-    ["", " ", "\t", "\n", "\r\n", "你好，世界", "😀🎉", "\u2028", "\u0085", "\ufeff", "\x00", '"', ",", "a\r\nb", "  x  "]
+    [
+        "",
+        " ",
+        "\t",
+        "\n",
+        "\r\n",
+        "你好，世界",
+        "😀🎉",
+        "\u2028",
+        "\u0085",
+        "\ufeff",
+        "\x00",
+        '"',
+        ",",
+        "a\r\nb",
+        "  x  ",
+    ]
 )
-texts = st.one_of(odd_text, st.text(max_size=30), st.text(alphabet="你好世界😀🎉 \n\r\t\",", max_size=20))
+texts = st.one_of(odd_text, st.text(max_size=30), st.text(alphabet='你好世界😀🎉 \n\r\t",', max_size=20))
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), texts,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    texts,
 )
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(KEYS), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.sampled_from(KEYS), children, max_size=4)
+    ),
     max_leaves=20,
 )
 roles = st.one_of(
@@ -130,14 +153,19 @@ mostly_turns = st.lists(
         st.fixed_dictionaries({"from": good_roles, "value": mostly_text}),
         turn,
     ),
-    min_size=1, max_size=4,
+    min_size=1,
+    max_size=4,
 )
 PLAUSIBLE = (
-    st.fixed_dictionaries({"instruction": mostly_text, "output": mostly_text}, optional={"input": mostly_text, "system": mostly_text}),
+    st.fixed_dictionaries(
+        {"instruction": mostly_text, "output": mostly_text}, optional={"input": mostly_text, "system": mostly_text}
+    ),
     st.fixed_dictionaries({"input": mostly_text, "target": mostly_text}),
     st.fixed_dictionaries({"messages": mostly_turns}),
     st.fixed_dictionaries({"conversations": mostly_turns}),
-    st.fixed_dictionaries({"text": mostly_text}, optional={"label": st.one_of(st.integers(-3, 9), texts, field_values)}),
+    st.fixed_dictionaries(
+        {"text": mostly_text}, optional={"label": st.one_of(st.integers(-3, 9), texts, field_values)}
+    ),
 )
 plausible_records = st.one_of(*PLAUSIBLE)
 any_record = st.one_of(records, turns_records, plausible_records, plausible_records)
@@ -193,7 +221,9 @@ def json_files(draw):
     if shape == "list":
         body = json.dumps(items, indent=indent, ensure_ascii=ascii_)
     elif shape == "wrapped":
-        body = json.dumps({draw(st.sampled_from(["data", "examples", "records", "x"])): items}, indent=indent, ensure_ascii=ascii_)
+        body = json.dumps(
+            {draw(st.sampled_from(["data", "examples", "records", "x"])): items}, indent=indent, ensure_ascii=ascii_
+        )
     elif shape == "single":
         body = json.dumps(draw(any_record), indent=indent, ensure_ascii=ascii_)
     elif shape == "lines":  # JSON Lines saved as .json
@@ -221,8 +251,18 @@ csv_cells = st.one_of(
 )
 long_cell = st.integers(131_000, 140_000).map(lambda n: "y" * n)  # around csv's field size limit
 csv_headers = st.one_of(
-    st.sampled_from([["instruction", "output"], ["instruction", "input", "output", "system"], ["input", "target"],
-                     ["text"], ["text", "label"], ["label", "text", "extra"], ["messages"], [" instruction ", "output "]]),
+    st.sampled_from(
+        [
+            ["instruction", "output"],
+            ["instruction", "input", "output", "system"],
+            ["input", "target"],
+            ["text"],
+            ["text", "label"],
+            ["label", "text", "extra"],
+            ["messages"],
+            [" instruction ", "output "],
+        ]
+    ),
     st.sampled_from([["instruction", "output"], ["text"], ["input", "target"]]),
     st.lists(st.sampled_from(KEYS) | st.text(alphabet='ab ,"\n', max_size=5), min_size=0, max_size=5),
 )
@@ -238,7 +278,8 @@ def csv_files(draw):
                 *[st.lists(csv_cells, min_size=width, max_size=width)] * 15,  # right column count
                 st.lists(csv_cells, max_size=width + 2),  # random column count
             ),
-            min_size=1, max_size=6,
+            min_size=1,
+            max_size=6,
         )
     )
     if rows and draw(st.integers(0, 9)) == 0:
@@ -276,7 +317,9 @@ def test_arbitrary_bytes_load_or_data_error(data, suffix, options):
     run_fuzz("data" + suffix, data, *options)
 
 
-syntax_text = st.text(alphabet=st.sampled_from('{}[]",:\n\r\t \\0123456789.eE+-truefalsnxy你😀\ufeff') | st.characters(), max_size=400)
+syntax_text = st.text(
+    alphabet=st.sampled_from('{}[]",:\n\r\t \\0123456789.eE+-truefalsnxy你😀\ufeff') | st.characters(), max_size=400
+)
 
 
 @settings(FUZZ, max_examples=600)
@@ -357,7 +400,9 @@ def csv_text(draw, rows):
     buf = io.StringIO(newline="")
     # QUOTE_MINIMAL quotes a field only for the characters of its own lineterminator, so with "\n" a
     # field holding a bare "\r" would be written unquoted (an ambiguous file): QUOTE_ALL there.
-    terminator, quoting = draw(st.sampled_from([("\r\n", csv.QUOTE_MINIMAL), ("\n", csv.QUOTE_ALL), ("\r\n", csv.QUOTE_ALL)]))
+    terminator, quoting = draw(
+        st.sampled_from([("\r\n", csv.QUOTE_MINIMAL), ("\n", csv.QUOTE_ALL), ("\r\n", csv.QUOTE_ALL)])
+    )
     writer = csv.writer(buf, lineterminator=terminator, quoting=quoting)
     writer.writerow(columns)
     starts = []
@@ -383,7 +428,7 @@ def test_alpaca_round_trip(data, rows):
 
 def test_csv_line_numbers_with_bare_cr():
     """A bare \\r inside a quoted CSV field is not a line break: line numbers count \\n, as editors do."""
-    raw = 'instruction,output\r\n"a\rb",x\r\nc,y\r\n'.encode()
+    raw = b'instruction,output\r\n"a\rb",x\r\nc,y\r\n'
     with tempfile.TemporaryDirectory() as d:
         examples, _, _ = load_examples(write(d, "data.csv", raw))
     assert [ex.line for ex in examples] == [2, 3]

@@ -16,15 +16,30 @@ def _losses(run):
 
 
 def test_two_processes_equal_one_and_resume_under_another_count(tmp_path, write_jsonl):
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp_path / "runs"), "seed": 0,
-           "data": {"train": str(write_jsonl(toy_rows(40))), "val_fraction": 0.2, "max_length": 64},
-           "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "precision": "fp32", "warmup_ratio": 0.0,
-                     "save_every": 3, "eval_every": 3},
-           "lora": {"dropout": 0.0}}
+    cfg = {
+        "model": "tiny-llama",
+        "out_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "data": {"train": str(write_jsonl(toy_rows(40))), "val_fraction": 0.2, "max_length": 64},
+        "train": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "precision": "fp32",
+            "warmup_ratio": 0.0,
+            "save_every": 3,
+            "eval_every": 3,
+        },
+        "lora": {"dropout": 0.0},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "run_name=two", "--nproc", "2", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(path), "run_name=two", "--nproc", "2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "runs" / "two"
     assert proc.stdout.strip() == str(two)  # printed once: only rank 0 speaks

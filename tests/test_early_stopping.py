@@ -26,7 +26,9 @@ def test_early_stopping_stops_on_plateau_and_restores_the_best_step(tiny_config,
     assert result.summary["best_step"] == 6
     for name, tensor in snapshots[6].items():
         assert torch.equal(dict(trainer.model.named_parameters())[name].detach(), tensor), name
-    evals = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    evals = [
+        r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r
+    ]
     assert [r["step"] for r in evals] == [2, 4, 6, 8, 10]
 
 
@@ -45,7 +47,10 @@ def test_best_weights_survive_a_resume(tiny_config, monkeypatch):
     assert resumed.summary["best_step"] == 2
     from safetensors.torch import load_file
 
-    a, b = load_file(full.run_dir / "adapter" / "adapter_model.safetensors"), load_file(run / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(full.run_dir / "adapter" / "adapter_model.safetensors"),
+        load_file(run / "adapter" / "adapter_model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the best step's weights are not the last step's, so the resumed run had to restore them from its checkpoint
     ckpt = full.run_dir / "checkpoints" / "step-6"

@@ -43,9 +43,14 @@ def chat(*turns):
 
 def test_prompt_masked_completion_supervised(smol_tokenizer, template, eos):
     answer = "The capital of France is Paris."
-    example = Example(1, messages=[{"role": "system", "content": "You answer geography questions."},
-                                   {"role": "user", "content": "What is the capital of France?"},
-                                   {"role": "assistant", "content": answer}])
+    example = Example(
+        1,
+        messages=[
+            {"role": "system", "content": "You answer geography questions."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": answer},
+        ],
+    )
     enc, truncated = encode_example(example, smol_tokenizer, template, 512)
     ids, labels = enc["input_ids"], enc["labels"]
     assert not truncated and len(ids) == len(labels)
@@ -69,9 +74,11 @@ def test_supervised_tokens_decode_to_answer_plus_eos(smol_tokenizer, template, a
 
 
 def test_alpaca_file_every_example_ends_with_eos(write_jsonl, smol_tokenizer, template, eos):
-    rows = [{"instruction": "Repeat: red", "output": "red"},
-            {"instruction": "Add", "input": "2 and 3", "output": "5"},
-            {"system": "Be terse.", "instruction": "Greet", "output": "Hello there!"}]
+    rows = [
+        {"instruction": "Repeat: red", "output": "red"},
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"system": "Be terse.", "instruction": "Greet", "output": "Hello there!"},
+    ]
     examples, _, _ = load_examples(write_jsonl(rows))
     encoded, stats = encode_examples(examples, smol_tokenizer, template, 512, "completion")
     assert stats.examples == 3 and stats.truncated == 0 and stats.dropped_no_target == 0
@@ -83,8 +90,9 @@ def test_alpaca_file_every_example_ends_with_eos(write_jsonl, smol_tokenizer, te
 
 
 def test_two_assistant_turns_both_supervised(smol_tokenizer, template, eos):
-    enc, _ = encode_example(chat("first question", "first answer", "second question", "second answer"),
-                            smol_tokenizer, template, 512)
+    enc, _ = encode_example(
+        chat("first question", "first answer", "second question", "second answer"), smol_tokenizer, template, 512
+    )
     ids, labels = enc["input_ids"], enc["labels"]
     # the supervised tokens form exactly two runs: one per assistant turn, each ending with EOS
     runs, current = [], []
@@ -99,8 +107,13 @@ def test_two_assistant_turns_both_supervised(smol_tokenizer, template, eos):
     assert [smol_tokenizer.decode(r) for r in runs] == ["first answer" + IM_END, "second answer" + IM_END]
     assert all(r[-1] == eos for r in runs)
     # the user turn in between is masked
-    end_of_first = max(i for i, t in enumerate(ids) if t == eos and labels[i] != IGNORE_INDEX and
-                       smol_tokenizer.decode(ids[: i + 1]).endswith("first answer" + IM_END))
+    end_of_first = max(
+        i
+        for i, t in enumerate(ids)
+        if t == eos
+        and labels[i] != IGNORE_INDEX
+        and smol_tokenizer.decode(ids[: i + 1]).endswith("first answer" + IM_END)
+    )
     start_of_second = next(i for i in range(end_of_first + 1, len(ids)) if labels[i] != IGNORE_INDEX)
     between = smol_tokenizer.decode(ids[end_of_first + 1 : start_of_second])
     assert "second question" in between and between.endswith("<|im_start|>assistant\n")
@@ -108,8 +121,14 @@ def test_two_assistant_turns_both_supervised(smol_tokenizer, template, eos):
 
 
 def test_messages_file_two_turns(write_jsonl, smol_tokenizer, template, eos):
-    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "goodbye"},
+        ]
+    }
     examples, _, _ = load_examples(write_jsonl([row]))
     encoded, _ = encode_examples(examples, smol_tokenizer, template, 512, "completion")
     enc = encoded[0]
@@ -133,8 +152,9 @@ def test_loss_on_all_supervises_everything(smol_tokenizer, template, eos):
     assert enc["labels"] == enc["input_ids"]
     assert IGNORE_INDEX not in enc["labels"]
     # exactly the rendered conversation: the template's own <|im_end|> closes the answer, no second EOS
-    rendered = smol_tokenizer.apply_chat_template(chat("question", "answer").messages, chat_template=template,
-                                                  tokenize=False)
+    rendered = smol_tokenizer.apply_chat_template(
+        chat("question", "answer").messages, chat_template=template, tokenize=False
+    )
     assert smol_tokenizer.decode(enc["input_ids"]) == rendered
     assert rendered.endswith("answer" + IM_END + "\n")
     assert enc["input_ids"].count(eos) == 3  # the end of the system, user and assistant turns
@@ -161,8 +181,10 @@ def test_auto_without_tokenizer_template_falls_back_to_chatml():
 
 def test_template_without_eos_gets_eos_appended(smol_tokenizer, eos):
     # a plain template whose turns do not end with the EOS token
-    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     enc, _ = encode_example(chat("q", "the answer"), smol_tokenizer, template, 512)
     assert last_supervised(enc) == eos
     assert smol_tokenizer.decode(supervised(enc)).strip() == "the answer" + IM_END
@@ -176,6 +198,7 @@ def test_system_prompt_setting(smol_tokenizer, template):
 
 
 # --- truncation ----------------------------------------------------------------------------------
+
 
 def test_truncation_to_max_length(smol_tokenizer, template):
     long_answer = " ".join(["word"] * 200)
@@ -207,13 +230,15 @@ def test_long_prompt_loses_its_middle_and_the_answer_is_kept(smol_tokenizer, tem
 
 
 def test_both_long_prompt_and_answer_share_max_length(smol_tokenizer, template):
-    encoded, _ = encode_examples([chat(" ".join(["context"] * 200), " ".join(["word"] * 200))], smol_tokenizer, template,
-                                 64, "completion")
+    encoded, _ = encode_examples(
+        [chat(" ".join(["context"] * 200), " ".join(["word"] * 200))], smol_tokenizer, template, 64, "completion"
+    )
     labels = encoded[0]["labels"]
     assert len(labels) == 64 and sum(x != IGNORE_INDEX for x in labels) == 32  # half prompt, half answer
 
 
 # --- batching ------------------------------------------------------------------------------------
+
 
 def test_pad_batch(smol_tokenizer):
     pad = smol_tokenizer.pad_token_id
@@ -233,8 +258,13 @@ def test_pad_batch(smol_tokenizer):
 
 
 def test_pad_batch_real_examples(smol_tokenizer, template):
-    encoded, _ = encode_examples([chat("q", "a"), chat("a much longer question here", "a longer answer")],
-                                 smol_tokenizer, template, 512, "completion")
+    encoded, _ = encode_examples(
+        [chat("q", "a"), chat("a much longer question here", "a longer answer")],
+        smol_tokenizer,
+        template,
+        512,
+        "completion",
+    )
     batch = pad_batch(encoded, smol_tokenizer.pad_token_id)
     width = max(len(e["input_ids"]) for e in encoded)
     assert batch["input_ids"].shape == (2, width)
@@ -244,6 +274,7 @@ def test_pad_batch_real_examples(smol_tokenizer, template):
 
 
 # --- validation split ----------------------------------------------------------------------------
+
 
 def test_split_validation_deterministic_disjoint_covering():
     items = list(range(50))

@@ -20,10 +20,18 @@ def runs(tmp_path_factory):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows(30)), encoding="utf-8")
     out = {}
     for name, seed in (("a", 0), ("b", 1)):
-        out[name] = tunelab.train({"model": "tiny-llama", "out_dir": str(tmp / "runs"), "run_name": name, "seed": seed,
-                                   "data": {"train": str(data), "val_fraction": 0.2, "max_length": 64},
-                                   "train": {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"},
-                                   "eval": {"max_new_tokens": 8}}, progress=False).run_dir
+        out[name] = tunelab.train(
+            {
+                "model": "tiny-llama",
+                "out_dir": str(tmp / "runs"),
+                "run_name": name,
+                "seed": seed,
+                "data": {"train": str(data), "val_fraction": 0.2, "max_length": 64},
+                "train": {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "precision": "fp32"},
+                "eval": {"max_new_tokens": 8},
+            },
+            progress=False,
+        ).run_dir
     return out
 
 
@@ -47,11 +55,22 @@ def test_perplexity_is_exp_of_token_weighted_nll(runs):
 
 
 def test_generation_metrics_predictions_and_efficiency(runs, tmp_path, monkeypatch):
-    (tmp_path / "my_scorer.py").write_text("def length_ratio(pred, ref, record):\n    return min(len(pred), len(ref)) / max(len(ref), 1)\n")
+    (tmp_path / "my_scorer.py").write_text(
+        "def length_ratio(pred, ref, record):\n    return min(len(pred), len(ref)) / max(len(ref), 1)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     metrics = evaluate_run(str(runs["a"]), overrides=["eval.scorer=my_scorer:length_ratio"])
-    for key in ("eval_exact_match", "eval_bleu", "eval_rouge1", "eval_rougeL", "eval_score",
-                "eval_latency_p50_ms", "eval_latency_p95_ms", "eval_latency_throughput", "peak_mem_bytes"):
+    for key in (
+        "eval_exact_match",
+        "eval_bleu",
+        "eval_rouge1",
+        "eval_rougeL",
+        "eval_score",
+        "eval_latency_p50_ms",
+        "eval_latency_p95_ms",
+        "eval_latency_throughput",
+        "peak_mem_bytes",
+    ):
         assert key in metrics, key
     assert 0 <= metrics["eval_exact_match"] <= 1 and metrics["eval_latency_p95_ms"] >= metrics["eval_latency_p50_ms"]
     rows = [json.loads(x) for x in (runs["a"] / "predictions.jsonl").read_text().splitlines()]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.errors import UserError
 from tunelab.data.encode import prompt_text
+from tunelab.errors import UserError
 from tunelab.generation import GenerationSettings, chat_loop, generate_batch, generate_text
 from tunelab.models import load_tokenizer
 
@@ -23,8 +23,9 @@ def test_defaults_match_the_spec():
     s = GenerationSettings()
     assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.penalty) == (256, 0.7, 0.9, 50, 1.1)
     # temperature 0 is plain greedy: no repetition penalty unless asked for (what evaluation decodes with)
-    assert GenerationSettings(temperature=0).generate_kwargs(tok := load_tokenizer("tiny-llama")) == \
-        GenerationSettings.greedy(256).generate_kwargs(tok)
+    assert GenerationSettings(temperature=0).generate_kwargs(
+        tok := load_tokenizer("tiny-llama")
+    ) == GenerationSettings.greedy(256).generate_kwargs(tok)
     assert "repetition_penalty" not in GenerationSettings.greedy(8).generate_kwargs(tok)
     assert GenerationSettings(temperature=0, repetition_penalty=1.3).generate_kwargs(tok)["repetition_penalty"] == 1.3
 
@@ -37,12 +38,14 @@ def test_temperature_zero_is_greedy_and_matches_plain_generate(tiny):
     first = generate_batch(model, tok, ["Say something"], settings)
     assert first == generate_batch(model, tok, ["Say something"], settings)
     # the same tokens as transformers' own greedy decoding on the chat-templated prompt
-    text = tok.apply_chat_template([{"role": "user", "content": "Say something"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Say something"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert first[0] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert first[0] == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_sampling_with_a_seed_is_reproducible_and_respects_max_new_tokens(tiny):
@@ -55,8 +58,17 @@ def test_sampling_with_a_seed_is_reproducible_and_respects_max_new_tokens(tiny):
         assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 6
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0),
-                                 dict(top_k=-1), dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(max_new_tokens=0),
+        dict(top_k=-1),
+        dict(repetition_penalty=0),
+    ],
+)
 def test_invalid_settings_are_user_errors(bad):
     with pytest.raises(UserError):
         GenerationSettings(**bad).validate()
@@ -65,7 +77,13 @@ def test_invalid_settings_are_user_errors(bad):
 def test_chat_loop_keeps_history_and_resets(tiny):
     model, tok = tiny
     out = io.StringIO()
-    chat_loop(model, tok, GenerationSettings(max_new_tokens=3, temperature=0), io.StringIO("hello\n/reset\n/help\n/nope\nhi again\n/exit\n"), out)
+    chat_loop(
+        model,
+        tok,
+        GenerationSettings(max_new_tokens=3, temperature=0),
+        io.StringIO("hello\n/reset\n/help\n/nope\nhi again\n/exit\n"),
+        out,
+    )
     text = out.getvalue()
     assert text.count("model> ") == 2  # /help and an unknown command are commands, not prompts
     assert text.count("/reset clears the history") == 3 and "unknown command /nope" in text
@@ -83,24 +101,48 @@ def test_system_prompt_override_and_streaming_give_the_same_answer(tiny):
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert generate_batch(model, tok, ["Say something"], settings, system="Answer in French.")[0] == expected
 
 
 def test_cli_generate_on_a_bare_model_name(tiny):
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "generate", "tiny-llama", "--prompt", "hi",
-                           "--max-new-tokens", "4", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "generate",
+            "tiny-llama",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     model, tok = tiny  # streamed, the same greedy answer as the library's
     assert proc.stdout.strip() == generate_batch(model, tok, ["hi"], GenerationSettings.greedy(4))[0]
-    bad = subprocess.run([sys.executable, "-m", "tunelab", "generate", "tiny-llama", "--prompt", "hi", "--top-p", "2"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "tunelab", "generate", "tiny-llama", "--prompt", "hi", "--top-p", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_missing_run_path_says_it_does_not_exist(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "generate", str(tmp_path / "runs" / "nope"), "--prompt", "hi"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab", "generate", str(tmp_path / "runs" / "nope"), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not exist" in proc.stderr and "hub" not in proc.stderr.replace("Hugging Face cache", ""), proc.stderr
     version = subprocess.run([sys.executable, "-m", "tunelab", "--version"], capture_output=True, text=True, timeout=60)

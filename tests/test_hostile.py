@@ -34,11 +34,14 @@ def one_error_line(result, *parts):
 @pytest.fixture
 def workdir(tmp_path, smol_tokenizer):
     """A folder with toy data and a config for a short tiny-llama run (tiny-llama's cache already built)."""
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()),
-                                         encoding="utf-8")
+    (tmp_path / "data.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8"
+    )
     (tmp_path / "config.yaml").write_text(
         "model: tiny-llama\nout_dir: runs\nrun_name: r\ndata:\n  train: data.jsonl\n  max_length: 64\n"
-        "train:\n  max_steps: 2\n  batch_size: 4\n  precision: fp32\n", encoding="utf-8")
+        "train:\n  max_steps: 2\n  batch_size: 4\n  precision: fp32\n",
+        encoding="utf-8",
+    )
     return tmp_path
 
 
@@ -48,11 +51,16 @@ def no_run_written(workdir):
 
 # --- data files and out_dir ----------------------------------------------------------------------
 
+
 def test_symlink_loop_as_data_file(workdir):
     (workdir / "loop_a").symlink_to(workdir / "loop_b")
     (workdir / "loop_b").symlink_to(workdir / "loop_a")
-    one_error_line(run_cli(["train", "config.yaml", "data.train=loop_a", "--no-progress"], workdir),
-                   "loop_a", "cannot read the file", "symbolic links")
+    one_error_line(
+        run_cli(["train", "config.yaml", "data.train=loop_a", "--no-progress"], workdir),
+        "loop_a",
+        "cannot read the file",
+        "symbolic links",
+    )
     assert no_run_written(workdir)
 
 
@@ -71,12 +79,20 @@ def test_unreadable_data_file(workdir, monkeypatch):
     assert no_run_written(workdir)
 
 
-@pytest.mark.parametrize("out_dir,message", [("afile", "is a file, not a folder"), ("afile/sub", "is a file, not a folder"),
-                                             ("/proc/tunelab-runs", "cannot create the run folder")])
+@pytest.mark.parametrize(
+    "out_dir,message",
+    [
+        ("afile", "is a file, not a folder"),
+        ("afile/sub", "is a file, not a folder"),
+        ("/proc/tunelab-runs", "cannot create the run folder"),
+    ],
+)
 def test_out_dir_that_cannot_hold_runs(workdir, out_dir, message):
     (workdir / "afile").write_text("x")
     if out_dir == "afile":  # the CLI's answer once; the others in-process (the same UserError path)
-        one_error_line(run_cli(["train", "config.yaml", f"out_dir={out_dir}", "--no-progress"], workdir), out_dir, message)
+        one_error_line(
+            run_cli(["train", "config.yaml", f"out_dir={out_dir}", "--no-progress"], workdir), out_dir, message
+        )
         return
     with pytest.raises(UserError, match=message):
         tunelab.train(str(workdir / "config.yaml"), [f"out_dir={workdir / out_dir}"], progress=False)
@@ -91,24 +107,34 @@ def test_read_only_out_dir_fails_before_any_work(workdir, monkeypatch):
 
 # --- config --------------------------------------------------------------------------------------
 
+
 def test_duplicate_yaml_keys_are_refused(workdir):
     (workdir / "dup.yaml").write_text((workdir / "config.yaml").read_text() + "train:\n  lr: 0.1\n", encoding="utf-8")
-    one_error_line(run_cli(["train", "dup.yaml", "--no-progress"], workdir),
-                   "dup.yaml:11", "duplicate key 'train'", "line 7")
+    one_error_line(
+        run_cli(["train", "dup.yaml", "--no-progress"], workdir), "dup.yaml:11", "duplicate key 'train'", "line 7"
+    )
     with pytest.raises(ConfigError, match="duplicate key 'r'"):
         load_config(None, ["lora={r: 4, r: 8}"])
 
 
-@pytest.mark.parametrize("targets,named", [("[nope]", "'nope'"), ("[q_proj, v_prj]", "did you mean 'v_proj'"),
-                                           ("zzz", "'zzz' matches no module name")])
+@pytest.mark.parametrize(
+    "targets,named",
+    [("[nope]", "'nope'"), ("[q_proj, v_prj]", "did you mean 'v_proj'"), ("zzz", "'zzz' matches no module name")],
+)
 def test_target_modules_that_match_nothing(workdir, targets, named):
     if targets == "[nope]":
-        one_error_line(run_cli(["train", "config.yaml", f"lora.target_modules={targets}", "--no-progress"], workdir),
-                       "lora.target_modules", named)
+        one_error_line(
+            run_cli(["train", "config.yaml", f"lora.target_modules={targets}", "--no-progress"], workdir),
+            "lora.target_modules",
+            named,
+        )
     else:
         with pytest.raises(ConfigError, match=f"lora.target_modules: .*{named}"):
-            tunelab.train(str(workdir / "config.yaml"), [f"lora.target_modules={targets}", f"out_dir={workdir / 'runs'}"],
-                          progress=False)
+            tunelab.train(
+                str(workdir / "config.yaml"),
+                [f"lora.target_modules={targets}", f"out_dir={workdir / 'runs'}"],
+                progress=False,
+            )
     assert no_run_written(workdir)
 
 
@@ -116,13 +142,19 @@ def test_ia3_feedforward_modules_are_checked_too():
     from tunelab.methods import get_method
     from tunelab.models import load_causal_lm
 
-    cfg = build_config({"model": "tiny-llama", "method": "ia3",
-                        "ia3": {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_projj"]}})
+    cfg = build_config(
+        {
+            "model": "tiny-llama",
+            "method": "ia3",
+            "ia3": {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_projj"]},
+        }
+    )
     with pytest.raises(ConfigError, match="ia3.feedforward_modules: 'down_projj'.*did you mean 'down_proj'"):
         get_method("ia3").apply(load_causal_lm("tiny-llama"), cfg)
 
 
 # --- divergence and collapse ---------------------------------------------------------------------
+
 
 def test_huge_lr_stops_with_the_reason_and_the_run_shows_failed(workdir):
     result = run_cli(["train", "config.yaml", "train.lr=1e9", "train.max_steps=30", "--no-progress"], workdir)
@@ -145,6 +177,7 @@ def test_watchdog_catches_divergence_not_noise():
 
 
 # --- faults mid-run ------------------------------------------------------------------------------
+
 
 def test_run_folder_turning_read_only_mid_run(tiny_config, monkeypatch):
     """Writes start failing after the step-2 checkpoint: one error naming the file, the last complete
@@ -185,6 +218,7 @@ def test_tensorboard_failure_is_one_note_and_metrics_go_on(tiny_config, monkeypa
 
 
 # --- resume --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory):
@@ -229,7 +263,9 @@ def test_resume_applies_a_new_lr_and_records_it(interrupted):
 
 def test_resume_refuses_what_would_change_the_steps_taken(interrupted):
     _, run = interrupted
-    with pytest.raises(ConfigError, match=r"cannot change on resume: lora.r \(16 -> 4\).*may change on resume: train.lr"):
+    with pytest.raises(
+        ConfigError, match=r"cannot change on resume: lora.r \(16 -> 4\).*may change on resume: train.lr"
+    ):
         tunelab.train(None, ["lora.r=4"], resume=run, progress=False)
     assert not (run / "resumes.jsonl").exists()
 
@@ -261,8 +297,16 @@ def test_lock_is_released_when_the_holder_is_killed(interrupted):
 
 # --- tunelab runs ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content,reason", [(b"{}", None), (b"[1, 2]", "expected a JSON object, got list"),
-                                            (b"\xff\xfe{", "not valid JSON"), (b'{"method": "lora", "mo', "not valid JSON")])
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"{}", None),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b"\xff\xfe{", "not valid JSON"),
+        (b'{"method": "lora", "mo', "not valid JSON"),
+    ],
+)
 def test_runs_lists_every_run_and_names_broken_summaries(tmp_path, content, reason):
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)
@@ -287,6 +331,7 @@ def test_runs_shows_unfinished_runs(interrupted):
 
 # --- adapters, pickles, generation flags, data check ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp("fin"), val_fraction=0, max_steps=1).run_dir
@@ -295,8 +340,11 @@ def finished_run(tmp_path_factory):
 def test_adapter_config_holding_a_list(finished_run, tmp_path):
     run = shutil.copytree(finished_run, tmp_path / "run")
     (run / "adapter" / "adapter_config.json").write_text("[1, 2, 3]")
-    one_error_line(run_cli(["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"], tmp_path),
-                   "adapter_config.json", "expected a JSON object, got list")
+    one_error_line(
+        run_cli(["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"], tmp_path),
+        "adapter_config.json",
+        "expected a JSON object, got list",
+    )
 
 
 def test_adapter_config_with_wrong_field_types(finished_run, tmp_path):
@@ -341,6 +389,12 @@ def test_data_check_where_every_row_is_invalid_gives_the_reasons(tmp_path):
 
 def test_skip_invalid_training_with_no_valid_row_names_the_first_problem(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": ""}\n')
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp_path / "runs"), "data": {"train": str(tmp_path / "d.jsonl"), "skip_invalid": True}}
-    with pytest.raises(DataError, match=r"no valid records \(1 invalid; the first: .*d.jsonl:1: field 'output': is empty"):
+    cfg = {
+        "model": "tiny-llama",
+        "out_dir": str(tmp_path / "runs"),
+        "data": {"train": str(tmp_path / "d.jsonl"), "skip_invalid": True},
+    }
+    with pytest.raises(
+        DataError, match=r"no valid records \(1 invalid; the first: .*d.jsonl:1: field 'output': is empty"
+    ):
         tunelab.train(cfg, progress=False)

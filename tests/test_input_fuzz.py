@@ -86,8 +86,12 @@ from tunelab.trust import PICKLE_SUFFIXES, check_adapter_folder
 
 FUZZ = settings(
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                           HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
     report_multiple_bugs=False,  # one crash per test, shrunk: a red run stays short
 )
 MIN_CASES = 5000
@@ -202,12 +206,27 @@ TOP_SCALARS = [k for k in Config.model_fields if k not in SECTIONS]
 TOP_KEYS = list(Config.model_fields)
 DOTTED = TOP_SCALARS + [f"{s}.{k}" for s, fields in SECTIONS.items() for k in fields]
 FIELD_NAMES = sorted({k for fields in SECTIONS.values() for k in fields})
-ALIASES = ["learning_rate", "num_epochs", "rank", "lora_r", "lora_alpha", "output_dir", "max_seq_length",
-           "model_name_or_path", "per_device_train_batch_size", "warmup", "gradient_accumulation_steps"]
+ALIASES = [
+    "learning_rate",
+    "num_epochs",
+    "rank",
+    "lora_r",
+    "lora_alpha",
+    "output_dir",
+    "max_seq_length",
+    "model_name_or_path",
+    "per_device_train_batch_size",
+    "warmup",
+    "gradient_accumulation_steps",
+]
 
 # a config that loads (and would train tiny-llama on a toy file): the base for near-misses
 VALID = {
-    "model": "tiny-llama", "method": "lora", "out_dir": "runs", "run_name": "tiny", "seed": 0,
+    "model": "tiny-llama",
+    "method": "lora",
+    "out_dir": "runs",
+    "run_name": "tiny",
+    "seed": 0,
     "data": {"train": "toy.jsonl", "val_fraction": 0.0, "max_length": 64},
     "train": {"max_steps": 1, "batch_size": 4, "precision": "fp32", "lr": 0.001},
     "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
@@ -219,22 +238,148 @@ VALID = {
 # YAML values that break naive handling: special floats, huge ints, bad dates, tags (unknown, unsafe,
 # empty), anchors/aliases (self-referencing too), unbalanced flow, NUL / surrogate escapes, indicators
 HOSTILE = [
-    ".nan", ".NaN", ".inf", "-.inf", "+.inf", "1e400", "-1e400", "1e-400", "-1", "0", "-0", "0.0", "1.5", "-7",
-    "99999999999999999999999", "-99999999999999999999999", "0x1F", "0o17", "0b101", "1_000", "1:30", "0777",
-    "+12", "~", "null", "Null", "NULL", "true", "True", "yes", "no", "on", "off", "y", "''", '""', "' '",
-    '"\\0"', '"a\\0b"', '"\\ud800"', '"\\udcff"', '"\\x00"', '"\\t"', '"\\u2028"', '"\\e"',
-    "2024-01-01", "2024-13-45", "2024-02-30", "0000-00-00", "2024-01-01 25:61:00", "2001-12-14t21:59:43.10-05:00",
-    "2024-1-1T99:99:99", "!!int x", "!!int 0x", "!!int", "!!float x", "!!float", "!!bool maybe", "!!null x",
-    "!!timestamp x", "!!timestamp 2024-13-45", "!!binary '%%%'", "!!binary aGk=", "!!str 3", "!!set {a, b}",
-    "!!set [a]", "!!omap [a]", "!!omap [{a: 1}, {a: 2}]", "!!pairs [1]", "!!map [1]", "!!seq {a: 1}",
-    "!!python/object:os.system", "!!python/name:os.system", "!!python/object/apply:os.system [ls]",
-    "!!python/tuple [1]", "!<tag:yaml.org,2002:int> x", "!local x", "!!merge x", "!!value x",
-    "&a [*a]", "&a {x: *a}", "&a {a: *a, b: *a}", "*undefined", "&a 1", "[1, 2", "{a: 1, a: 2}", "{a: 1",
-    "{train: 1, train: 2}", "[", "]", "{", "}", ":", "-", "- a", "? a", "|", ">", "|-\n  x\n", ">+\n  y\n", "@x",
-    "`x`", "%x", "#", "a: b", "a: b: c", "[a, [b, [c]]]", "{a: [1, {b: 2}]}", "[[1]]", "[{}]", "{}", "[]",
-    "'unterminated", '"unterminated', "x\ty", "\t1", "[1,,2]", "{,}", "[1]]", "!", "&", "*", "? [1]: 2",
-    "{? [1]: 2}", "{[1]: 2}", "{{a: 1}: 2}", "<<", "{<<: {a: 1}}", "{<<: [1]}", "'a''b'", "\"\\\"\"",
-    "你好", "😀", "\ufeff", "\u0085", "a\rb", "q_proj", "all-linear", "lora", "auto", "cosine", "fp32",
+    ".nan",
+    ".NaN",
+    ".inf",
+    "-.inf",
+    "+.inf",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "-1",
+    "0",
+    "-0",
+    "0.0",
+    "1.5",
+    "-7",
+    "99999999999999999999999",
+    "-99999999999999999999999",
+    "0x1F",
+    "0o17",
+    "0b101",
+    "1_000",
+    "1:30",
+    "0777",
+    "+12",
+    "~",
+    "null",
+    "Null",
+    "NULL",
+    "true",
+    "True",
+    "yes",
+    "no",
+    "on",
+    "off",
+    "y",
+    "''",
+    '""',
+    "' '",
+    '"\\0"',
+    '"a\\0b"',
+    '"\\ud800"',
+    '"\\udcff"',
+    '"\\x00"',
+    '"\\t"',
+    '"\\u2028"',
+    '"\\e"',
+    "2024-01-01",
+    "2024-13-45",
+    "2024-02-30",
+    "0000-00-00",
+    "2024-01-01 25:61:00",
+    "2001-12-14t21:59:43.10-05:00",
+    "2024-1-1T99:99:99",
+    "!!int x",
+    "!!int 0x",
+    "!!int",
+    "!!float x",
+    "!!float",
+    "!!bool maybe",
+    "!!null x",
+    "!!timestamp x",
+    "!!timestamp 2024-13-45",
+    "!!binary '%%%'",
+    "!!binary aGk=",
+    "!!str 3",
+    "!!set {a, b}",
+    "!!set [a]",
+    "!!omap [a]",
+    "!!omap [{a: 1}, {a: 2}]",
+    "!!pairs [1]",
+    "!!map [1]",
+    "!!seq {a: 1}",
+    "!!python/object:os.system",
+    "!!python/name:os.system",
+    "!!python/object/apply:os.system [ls]",
+    "!!python/tuple [1]",
+    "!<tag:yaml.org,2002:int> x",
+    "!local x",
+    "!!merge x",
+    "!!value x",
+    "&a [*a]",
+    "&a {x: *a}",
+    "&a {a: *a, b: *a}",
+    "*undefined",
+    "&a 1",
+    "[1, 2",
+    "{a: 1, a: 2}",
+    "{a: 1",
+    "{train: 1, train: 2}",
+    "[",
+    "]",
+    "{",
+    "}",
+    ":",
+    "-",
+    "- a",
+    "? a",
+    "|",
+    ">",
+    "|-\n  x\n",
+    ">+\n  y\n",
+    "@x",
+    "`x`",
+    "%x",
+    "#",
+    "a: b",
+    "a: b: c",
+    "[a, [b, [c]]]",
+    "{a: [1, {b: 2}]}",
+    "[[1]]",
+    "[{}]",
+    "{}",
+    "[]",
+    "'unterminated",
+    '"unterminated',
+    "x\ty",
+    "\t1",
+    "[1,,2]",
+    "{,}",
+    "[1]]",
+    "!",
+    "&",
+    "*",
+    "? [1]: 2",
+    "{? [1]: 2}",
+    "{[1]: 2}",
+    "{{a: 1}: 2}",
+    "<<",
+    "{<<: {a: 1}}",
+    "{<<: [1]}",
+    "'a''b'",
+    '"\\""',
+    "你好",
+    "😀",
+    "\ufeff",
+    "\u0085",
+    "a\rb",
+    "q_proj",
+    "all-linear",
+    "lora",
+    "auto",
+    "cosine",
+    "fp32",
 ]
 # Long and deep tokens. pyyaml composes nested nodes recursively (past ~450 levels: RecursionError),
 # and scans nesting in quadratic time (a 500-deep flow collection: ~0.1 s), so DEEP tokens have a test
@@ -249,7 +394,8 @@ LONG = st.one_of(
     st.integers(200, 400).map(lambda n: '"' + "y" * n + '"'),
     # aliases fanning out (3**n leaves in the last list)
     st.integers(2, 7).map(
-        lambda n: "[&l0 [1, 2, 3], " + ", ".join(f"&l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}]" for i in range(1, n)) + "]"),
+        lambda n: "[&l0 [1, 2, 3], " + ", ".join(f"&l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}]" for i in range(1, n)) + "]"
+    ),
 )
 DEEP = st.one_of(
     st.integers(300, 700).map(lambda n: "- " * n + "x"),
@@ -260,13 +406,39 @@ DEEP = st.one_of(
 )
 odd_text = st.text(st.characters(codec="utf-8"), max_size=25)
 py_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-(2**70), 2**70), st.floats(), odd_text, st.dates(),
-    st.sampled_from(["auto", "lora", "cosine", "fp32", "houlsby", "relu", "nf4", "default", "tiny-llama",
-                     "all-linear", "q_proj", "eval_loss", "completion", "", " ", "."]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    odd_text,
+    st.dates(),
+    st.sampled_from(
+        [
+            "auto",
+            "lora",
+            "cosine",
+            "fp32",
+            "houlsby",
+            "relu",
+            "nf4",
+            "default",
+            "tiny-llama",
+            "all-linear",
+            "q_proj",
+            "eval_loss",
+            "completion",
+            "",
+            " ",
+            ".",
+        ]
+    ),
 )
 py_values = st.recursive(
     py_scalars,
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(odd_text | st.sampled_from(FIELD_NAMES + TOP_KEYS), c, max_size=4),
+    lambda c: (
+        st.lists(c, max_size=4) | st.dictionaries(odd_text | st.sampled_from(FIELD_NAMES + TOP_KEYS), c, max_size=4)
+    ),
     max_leaves=8,
 )
 
@@ -293,22 +465,60 @@ def random_value(rng: random.Random, depth: int = 0):
     if kind == 1:
         return rng.choice([0, -1, 1, 2, 7, 8, 64, 512, -(2**31), 2**63, -(2**64), 10**30, rng.randrange(-999, 999)])
     if kind == 2:
-        return rng.choice([0.0, -0.0, 0.5, 1.0, 1e-9, -0.25, 0.999999, 1.0000001, 1e308, float("nan"), float("inf"),
-                           -float("inf"), rng.uniform(-2, 2)])
+        return rng.choice(
+            [
+                0.0,
+                -0.0,
+                0.5,
+                1.0,
+                1e-9,
+                -0.25,
+                0.999999,
+                1.0000001,
+                1e308,
+                float("nan"),
+                float("inf"),
+                -float("inf"),
+                rng.uniform(-2, 2),
+            ]
+        )
     if kind in (3, 4, 5):
         alphabet = "abcxyz_-./: 0123456789'\"#&*!|>%@`{}[],\t你好😀\u2028\x85é"
         return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
     if kind == 6:
-        return rng.choice(FIELD_NAMES + TOP_KEYS + ["auto", "lora", "cosine", "fp32", "houlsby", "relu", "nf4", "default",
-                                                    "tiny-llama", "all-linear", "q_proj", "eval_loss", "", " ", "."])
+        return rng.choice(
+            FIELD_NAMES
+            + TOP_KEYS
+            + [
+                "auto",
+                "lora",
+                "cosine",
+                "fp32",
+                "houlsby",
+                "relu",
+                "nf4",
+                "default",
+                "tiny-llama",
+                "all-linear",
+                "q_proj",
+                "eval_loss",
+                "",
+                " ",
+                ".",
+            ]
+        )
     if kind == 7:
         return datetime.date(rng.randrange(1, 9999), rng.randrange(1, 13), rng.randrange(1, 29))
     if kind == 8:
         return rng.choice(sorted(METHODS))
     if kind in (9, 10):
         return [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
-    return {random_value(rng, 2) if rng.random() < 0.2 else rng.choice(FIELD_NAMES + ["a", ""]): random_value(rng, depth + 1)
-            for _ in range(rng.randrange(0, 4))}
+    return {
+        random_value(rng, 2) if rng.random() < 0.2 else rng.choice(FIELD_NAMES + ["a", ""]): random_value(
+            rng, depth + 1
+        )
+        for _ in range(rng.randrange(0, 4))
+    }
 
 
 _rng = random.Random(20240)  # a fixed seed: the same pools in every run, so a failure replays
@@ -335,13 +545,13 @@ def misspelled(words: tuple):
         op = draw(TYPOS)
         if op == "drop" and len(word) > 1:
             i = draw(st.integers(0, len(word) - 1))
-            return word[:i] + word[i + 1:]
+            return word[:i] + word[i + 1 :]
         if op == "double" and word:
             i = draw(st.integers(0, len(word) - 1))
             return word[:i] + word[i] + word[i:]
         if op == "swap" and len(word) > 1:
             i = draw(st.integers(0, len(word) - 2))
-            return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+            return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
         if op == "upper":
             return word.upper()
         if op == "plural":
@@ -360,10 +570,35 @@ def misspelled(words: tuple):
 
 
 ALL_KEYS = tuple(TOP_KEYS + FIELD_NAMES)
-RAW_KEYS = ["1", "null", "~", ".nan", "true", "'quoted'", '"dq"', "<<", "[1, 2]", "{a: 1}", "*a", "&k seed",
-            "a b", "''", "-1", "你好", "😀", "? seed", "!!str seed", "!!int seed", "'seed'", '"train"']
-yaml_keys = weighted((4, misspelled(ALL_KEYS)), (1, st.sampled_from(RAW_KEYS)),
-                     (1, st.text(st.characters(codec="utf-8", exclude_characters=":#\n\r"), min_size=1, max_size=10)))
+RAW_KEYS = [
+    "1",
+    "null",
+    "~",
+    ".nan",
+    "true",
+    "'quoted'",
+    '"dq"',
+    "<<",
+    "[1, 2]",
+    "{a: 1}",
+    "*a",
+    "&k seed",
+    "a b",
+    "''",
+    "-1",
+    "你好",
+    "😀",
+    "? seed",
+    "!!str seed",
+    "!!int seed",
+    "'seed'",
+    '"train"',
+]
+yaml_keys = weighted(
+    (4, misspelled(ALL_KEYS)),
+    (1, st.sampled_from(RAW_KEYS)),
+    (1, st.text(st.characters(codec="utf-8", exclude_characters=":#\n\r"), min_size=1, max_size=10)),
+)
 
 
 def block_value(key: str, token: str, pad: str) -> str:
@@ -413,8 +648,11 @@ def field_token(section: str, key: str):
     if key in ("target_modules", "modules_to_save", "labels", "feedforward_modules", "trainable_layers"):
         plausible.append(st.lists(st.sampled_from(["q_proj", "v_proj", "a", "a", "", "-1", "1"]), max_size=3).map(flow))
     if key in ("lr_groups", "rank_pattern", "alpha_pattern"):
-        plausible.append(st.dictionaries(st.sampled_from(["q_proj", "*", "lm_head", ""]),
-                                         st.one_of(st.integers(-2, 9), st.floats()), max_size=2).map(flow))
+        plausible.append(
+            st.dictionaries(
+                st.sampled_from(["q_proj", "*", "lm_head", ""]), st.one_of(st.integers(-2, 9), st.floats()), max_size=2
+            ).map(flow)
+        )
     return weighted((1, st.one_of(*plausible)), (1, yaml_tokens))
 
 
@@ -455,7 +693,9 @@ def structured_yaml(draw) -> str:
     elif damage == "tab":
         text = text.replace("  ", "\t")
     elif damage == "doc":
-        text = draw(st.sampled_from(["---\n", "%YAML 1.1\n---\n", "%YAML 2.0\n---\n", "%TAG ! tag:x,2000:\n---\n"])) + text
+        text = (
+            draw(st.sampled_from(["---\n", "%YAML 1.1\n---\n", "%YAML 2.0\n---\n", "%TAG ! tag:x,2000:\n---\n"])) + text
+        )
         text += draw(st.sampled_from(["", "\n...\n", "\n---\n", "\n--- x\n"]))
     elif damage == "comment":
         text = "# " + draw(odd_text) + "\n" + text.replace(newline, " # c" + newline, 1)
@@ -482,8 +722,13 @@ def dumped_yaml(draw) -> str:
     else:
         keys = st.one_of(st.sampled_from(TOP_KEYS), misspelled(tuple(TOP_KEYS)))
         data = draw(st.dictionaries(keys, some_values, max_size=6))
-    return yaml.dump(data, Dumper=DUMPER, default_flow_style=draw(st.sampled_from([None, True, False])),
-                     allow_unicode=draw(st.booleans()), sort_keys=draw(st.booleans()))
+    return yaml.dump(
+        data,
+        Dumper=DUMPER,
+        default_flow_style=draw(st.sampled_from([None, True, False])),
+        allow_unicode=draw(st.booleans()),
+        sort_keys=draw(st.booleans()),
+    )
 
 
 @st.composite
@@ -506,9 +751,43 @@ def hostile_yaml(draw) -> str:
 
 yaml_soup = st.lists(
     st.one_of(
-        st.sampled_from(TOP_KEYS + FIELD_NAMES + [":", ": ", " ", "  ", "\n", "\n  ", "- ", "[", "]", "{", "}", ",",
-                                                 "&a ", "*a", "!!int ", "'", '"', "#", "\t", "|", ">", "---", "...", "? ",
-                                                 "~", "<<: ", "%YAML 1.1", "\ufeff", "\x00", "\x85", "\u2028"]),
+        st.sampled_from(
+            TOP_KEYS
+            + FIELD_NAMES
+            + [
+                ":",
+                ": ",
+                " ",
+                "  ",
+                "\n",
+                "\n  ",
+                "- ",
+                "[",
+                "]",
+                "{",
+                "}",
+                ",",
+                "&a ",
+                "*a",
+                "!!int ",
+                "'",
+                '"',
+                "#",
+                "\t",
+                "|",
+                ">",
+                "---",
+                "...",
+                "? ",
+                "~",
+                "<<: ",
+                "%YAML 1.1",
+                "\ufeff",
+                "\x00",
+                "\x85",
+                "\u2028",
+            ]
+        ),
         st.sampled_from(HOSTILE),
     ),
     max_size=40,
@@ -572,7 +851,11 @@ def test_config_arbitrary_text(text, bom):
 
 
 @settings(FUZZ, max_examples=460)
-@given(data=st.one_of(st.binary(max_size=500), st.builds(lambda a, b: a + b, st.binary(max_size=20), yaml_soup.map(encode))))
+@given(
+    data=st.one_of(
+        st.binary(max_size=500), st.builds(lambda a, b: a + b, st.binary(max_size=20), yaml_soup.map(encode))
+    )
+)
 @fuzz_case("configs", "config_bytes")
 def test_config_arbitrary_bytes(data):
     run_config_file(data)
@@ -608,24 +891,72 @@ def test_deeply_nested_values(path, token, where):
 
 # --- 2. overrides --------------------------------------------------------------------------------
 
-ODD_PATHS = ["", ".", "..", "a..b", ".seed", "seed.", "train..lr", "train.lr.x", "seed.x", "data.train.x",
-             "__class__", "model_config", "model_fields", "data.__dict__", " seed ", "SEED", "train.LR", "lora.r.r.r",
-             "train.lr_groups.q_proj", "lora.rank_pattern.x", "data.labels.0", "train.", ".train.lr", "…", "你好.世界",
-             "data\x00train", "seed\n", "a=b", "train.lr_groups..x", "lora.target_modules.0", "eval.eval"]
-segment = st.one_of(st.sampled_from(TOP_KEYS + FIELD_NAMES + ["", " ", "0", "-1", "你好", "😀"]), misspelled(ALL_KEYS),
-                    st.text(max_size=6))
+ODD_PATHS = [
+    "",
+    ".",
+    "..",
+    "a..b",
+    ".seed",
+    "seed.",
+    "train..lr",
+    "train.lr.x",
+    "seed.x",
+    "data.train.x",
+    "__class__",
+    "model_config",
+    "model_fields",
+    "data.__dict__",
+    " seed ",
+    "SEED",
+    "train.LR",
+    "lora.r.r.r",
+    "train.lr_groups.q_proj",
+    "lora.rank_pattern.x",
+    "data.labels.0",
+    "train.",
+    ".train.lr",
+    "…",
+    "你好.世界",
+    "data\x00train",
+    "seed\n",
+    "a=b",
+    "train.lr_groups..x",
+    "lora.target_modules.0",
+    "eval.eval",
+]
+segment = st.one_of(
+    st.sampled_from(TOP_KEYS + FIELD_NAMES + ["", " ", "0", "-1", "你好", "😀"]),
+    misspelled(ALL_KEYS),
+    st.text(max_size=6),
+)
 override_paths = weighted(
     (5, st.sampled_from(DOTTED)),
-    (1, st.builds(lambda parts, edit: ".".join(parts[:-1] + [edit]), st.sampled_from(DOTTED).map(lambda p: p.split(".")),
-                  misspelled(ALL_KEYS))),
+    (
+        1,
+        st.builds(
+            lambda parts, edit: ".".join(parts[:-1] + [edit]),
+            st.sampled_from(DOTTED).map(lambda p: p.split(".")),
+            misspelled(ALL_KEYS),
+        ),
+    ),
     (1, st.lists(segment, min_size=1, max_size=4).map(".".join)),
     (1, st.sampled_from(ODD_PATHS)),
 )
-override_values = weighted((6, yaml_tokens), (1, st.sampled_from(["", " ", "=", "==", "a=b", "x\ny", "1\n2", "- 1\n- 2"])),
-                           (1, st.text(max_size=30)))
+override_values = weighted(
+    (6, yaml_tokens),
+    (1, st.sampled_from(["", " ", "=", "==", "a=b", "x\ny", "1\n2", "- 1\n- 2"])),
+    (1, st.text(max_size=30)),
+)
 override_items = weighted(
-    (9, st.builds(lambda p, sep, v: p + sep + v, override_paths,
-                  st.sampled_from(["=", "=", "=", "=", " = ", "==", "= ", ":", ": ", ""]), override_values)),
+    (
+        9,
+        st.builds(
+            lambda p, sep, v: p + sep + v,
+            override_paths,
+            st.sampled_from(["=", "=", "=", "=", " = ", "==", "= ", ":", ": ", ""]),
+            override_values,
+        ),
+    ),
     (1, override_paths),  # no '=' at all
 )
 
@@ -638,8 +969,12 @@ def test_overrides_structured(items, resave):
 
 
 @settings(FUZZ, max_examples=1150)
-@given(items=st.lists(st.one_of(st.text(max_size=40),
-                                st.text(alphabet="=.:[]{}&*!-_ ,#'\"\n\tabdlrsx01你\x00", max_size=30)), max_size=4))
+@given(
+    items=st.lists(
+        st.one_of(st.text(max_size=40), st.text(alphabet="=.:[]{}&*!-_ ,#'\"\n\tabdlrsx01你\x00", max_size=30)),
+        max_size=4,
+    )
+)
 @fuzz_case("overrides", "overrides_arbitrary")
 def test_overrides_arbitrary_strings(items):
     config_or_config_error(None, items)
@@ -648,23 +983,86 @@ def test_overrides_arbitrary_strings(items):
 # --- 3. adapter folders --------------------------------------------------------------------------
 
 TENSOR_NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-VALID_SAFETENSORS = safetensors_bytes({TENSOR_NAME: torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.float16)},
-                                      metadata={"format": "pt"})
-LORA_KEYS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path",
-             "inference_mode", "bias", "modules_to_save", "init_lora_weights", "use_dora", "rank_pattern", "fan_in_fan_out"]
+VALID_SAFETENSORS = safetensors_bytes(
+    {TENSOR_NAME: torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.float16)}, metadata={"format": "pt"}
+)
+LORA_KEYS = [
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "base_model_name_or_path",
+    "inference_mode",
+    "bias",
+    "modules_to_save",
+    "init_lora_weights",
+    "use_dora",
+    "rank_pattern",
+    "fan_in_fan_out",
+]
 wild = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 64),
-    st.sampled_from([-1, 0, 1, 2, 8, 16, -2**63, 2**64, 10**12, 1.5, -0.5, 0.0, 1e308, float("nan"), float("inf"),
-                     "", "16", "x", "all-linear", "q_proj", ".*", "[", "LORA", "IA3", "ADALORA", "PREFIX_TUNING", "lora",
-                     "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "gaussian", "pissa", "olora", "loftq", "eva", "corda", "none",
-                     "all", "lora_only", "megatron.core", "os", "tiny-llama", "/nonexistent", "你好"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 64),
+    st.sampled_from(
+        [
+            -1,
+            0,
+            1,
+            2,
+            8,
+            16,
+            -(2**63),
+            2**64,
+            10**12,
+            1.5,
+            -0.5,
+            0.0,
+            1e308,
+            float("nan"),
+            float("inf"),
+            "",
+            "16",
+            "x",
+            "all-linear",
+            "q_proj",
+            ".*",
+            "[",
+            "LORA",
+            "IA3",
+            "ADALORA",
+            "PREFIX_TUNING",
+            "lora",
+            "CAUSAL_LM",
+            "SEQ_CLS",
+            "TOKEN_CLS",
+            "gaussian",
+            "pissa",
+            "olora",
+            "loftq",
+            "eva",
+            "corda",
+            "none",
+            "all",
+            "lora_only",
+            "megatron.core",
+            "os",
+            "tiny-llama",
+            "/nonexistent",
+            "你好",
+        ]
+    ),
     st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "o_proj", "nope", "", 1, None]), max_size=3),
-    st.dictionaries(st.sampled_from(["q_proj", "v_proj", "a", "", "r"]), st.sampled_from([1, -1, "x", None, 0, 2.5]),
-                    max_size=2),
+    st.dictionaries(
+        st.sampled_from(["q_proj", "v_proj", "a", "", "r"]), st.sampled_from([1, -1, "x", None, 0, 2.5]), max_size=2
+    ),
 )
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), odd_text)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(odd_text, c, max_size=3),
-                           max_leaves=10)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(odd_text, c, max_size=3), max_leaves=10
+)
 json_damage = st.one_of(
     st.binary(max_size=300),
     json_values.map(lambda v: json.dumps(v).encode()),
@@ -672,16 +1070,33 @@ json_damage = st.one_of(
     st.integers(1, 200_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
     st.integers(4000, 6000).map(lambda n: b"1" * n),
     st.integers(4000, 6000).map(lambda n: b'{"r": ' + b"9" * n + b"}"),
-    st.sampled_from([b"", b"\xef\xbb\xbf{}", b"{}", b"[]", b"NaN", b"-Infinity", b'"\\ud800"', b"{\"a\": 1,}",
-                     b"\xff\xfe{\x00}\x00", b'{"a": 1, "a": 2}', b'{"tunelab_method": "adapter"}\x00', b"null"]),
+    st.sampled_from(
+        [
+            b"",
+            b"\xef\xbb\xbf{}",
+            b"{}",
+            b"[]",
+            b"NaN",
+            b"-Infinity",
+            b'"\\ud800"',
+            b'{"a": 1,}',
+            b"\xff\xfe{\x00}\x00",
+            b'{"a": 1, "a": 2}',
+            b'{"tunelab_method": "adapter"}\x00',
+            b"null",
+        ]
+    ),
 )
 
 
 @st.composite
 def safetensors_files(draw):
     """None (absent), "dir", or bytes: valid, truncated, flipped, random, or a header of random JSON."""
-    kind = draw(st.sampled_from(["absent", "valid", "valid", "truncated", "flipped", "random", "header", "header", "lie",
-                                 "empty", "dir"]))
+    kind = draw(
+        st.sampled_from(
+            ["absent", "valid", "valid", "truncated", "flipped", "random", "header", "header", "lie", "empty", "dir"]
+        )
+    )
     if kind == "absent":
         return None
     if kind == "dir":
@@ -702,25 +1117,47 @@ def safetensors_files(draw):
     if kind == "lie":  # a header length that does not match the file
         n = draw(st.sampled_from([0, 1, 7, 8, 2**31, 2**63 - 1, 2**64 - 1, 100_000_000]))
         return n.to_bytes(8, "little") + draw(st.binary(max_size=40))
-    tensor = st.fixed_dictionaries({}, optional={
-        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "XX", "", 1, None]),
-        "shape": st.lists(st.integers(-2, 2**40) | st.sampled_from([0, 1, 2, 3]), max_size=3),
-        "data_offsets": st.lists(st.integers(-1, 64) | st.sampled_from([2**64, 2**63]), max_size=3),
-    })
-    header = draw(st.dictionaries(st.sampled_from([TENSOR_NAME, "b", "", "__metadata__"]) | odd_text,
-                                  tensor | json_values, max_size=3))
+    tensor = st.fixed_dictionaries(
+        {},
+        optional={
+            "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "XX", "", 1, None]),
+            "shape": st.lists(st.integers(-2, 2**40) | st.sampled_from([0, 1, 2, 3]), max_size=3),
+            "data_offsets": st.lists(st.integers(-1, 64) | st.sampled_from([2**64, 2**63]), max_size=3),
+        },
+    )
+    header = draw(
+        st.dictionaries(
+            st.sampled_from([TENSOR_NAME, "b", "", "__metadata__"]) | odd_text, tensor | json_values, max_size=3
+        )
+    )
     raw = json.dumps(header).encode()
     pad = draw(st.integers(0, 8))
     return len(raw + b" " * pad).to_bytes(8, "little") + raw + b" " * pad + draw(st.binary(max_size=64))
 
 
 adapter_config_files = st.one_of(
-    st.none(), st.just("dir"), json_damage,
+    st.none(),
+    st.just("dir"),
+    json_damage,
     st.dictionaries(st.sampled_from(LORA_KEYS) | odd_text, wild | json_values, max_size=8).map(
-        lambda d: json.dumps(d).encode()),
+        lambda d: json.dumps(d).encode()
+    ),
 )
-OTHER_FILES = ["model.pt", "x.ckpt", "weights.pth", "a.pkl", "b.pickle", "training_args.bin", "optimizer.pt",
-               "scheduler.pt", "README.md", "config.json", "adapter_model.safetensors.bak", "model.safetensors", ".bin"]
+OTHER_FILES = [
+    "model.pt",
+    "x.ckpt",
+    "weights.pth",
+    "a.pkl",
+    "b.pickle",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "README.md",
+    "config.json",
+    "adapter_model.safetensors.bak",
+    "model.safetensors",
+    ".bin",
+]
 
 
 def write_node(path: Path, content) -> None:
@@ -739,7 +1176,9 @@ def write_node(path: Path, content) -> None:
     config=adapter_config_files,
     weights=safetensors_files(),
     pickle_bin=st.one_of(st.none(), st.binary(max_size=50), st.just("dir")),
-    others=st.lists(st.tuples(st.sampled_from(OTHER_FILES), st.binary(max_size=20)), max_size=3, unique_by=lambda t: t[0]),
+    others=st.lists(
+        st.tuples(st.sampled_from(OTHER_FILES), st.binary(max_size=20)), max_size=3, unique_by=lambda t: t[0]
+    ),
     folder_kind=st.sampled_from(["dir"] * 8 + ["missing", "file"]),
     allow_pickle=st.booleans(),
 )
@@ -765,8 +1204,13 @@ def test_check_adapter_folder(config, weights, pickle_bin, others, folder_kind, 
         event("accepted")
         assert result is None
         has_weights = (folder / "adapter_model.safetensors").is_file()
-        pickles = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)
-                   and p.name not in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")]
+        pickles = [
+            p
+            for p in folder.iterdir()
+            if p.is_file()
+            and p.name.endswith(PICKLE_SUFFIXES)
+            and p.name not in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+        ]
         assert has_weights or pickles, "accepted an adapter folder without weights"
         assert has_weights or allow_pickle, "accepted pickle-only adapter weights without allow_pickle"
 
@@ -775,10 +1219,26 @@ def test_check_adapter_folder(config, weights, pickle_bin, others, folder_kind, 
 @given(
     data=st.one_of(
         json_damage,
-        st.builds(lambda d, m: json.dumps({"tunelab_method": m, **d}).encode(),
-                  st.dictionaries(st.sampled_from(["kind", "reduction", "non_linearity", "dropout", "targets", "hidden_size",
-                                                   "base_model_name_or_path"]) | odd_text, wild | json_values, max_size=5),
-                  st.sampled_from(["adapter", "adapter", "lora", "", None, 1, ["adapter"]])),
+        st.builds(
+            lambda d, m: json.dumps({"tunelab_method": m, **d}).encode(),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "kind",
+                        "reduction",
+                        "non_linearity",
+                        "dropout",
+                        "targets",
+                        "hidden_size",
+                        "base_model_name_or_path",
+                    ]
+                )
+                | odd_text,
+                wild | json_values,
+                max_size=5,
+            ),
+            st.sampled_from(["adapter", "adapter", "lora", "", None, 1, ["adapter"]]),
+        ),
     ),
     kind=st.sampled_from(["file"] * 10 + ["missing", "dir"]),
 )
@@ -806,8 +1266,21 @@ def lora_run(tmp_path_factory):
     return run_dir, json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
 
 
-HOT_KEYS = ["r", "lora_alpha", "target_modules", "lora_dropout", "peft_type", "task_type", "init_lora_weights",
-            "rank_pattern", "alpha_pattern", "modules_to_save", "use_dora", "bias", "layers_to_transform"]
+HOT_KEYS = [
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "peft_type",
+    "task_type",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "use_dora",
+    "bias",
+    "layers_to_transform",
+]
 
 
 @st.composite
@@ -859,7 +1332,9 @@ def cached_tokenizer(*args):
 def test_load_run_with_mutated_adapter_config(lora_run, data):
     run_dir, real = lora_run
     with scratch() as d:
-        run = Path(shutil.copytree(run_dir, Path(d) / "run", ignore=shutil.ignore_patterns("checkpoints", "tb", "plots")))
+        run = Path(
+            shutil.copytree(run_dir, Path(d) / "run", ignore=shutil.ignore_patterns("checkpoints", "tb", "plots"))
+        )
         raw = data.draw(adapter_config_mutations(real), label="adapter_config.json")
         (run / "adapter" / "adapter_config.json").write_bytes(raw)
         try:
@@ -878,38 +1353,80 @@ def test_load_run_with_mutated_adapter_config(lora_run, data):
 # --- 4. run folders ------------------------------------------------------------------------------
 
 summary_fields = st.dictionaries(
-    st.sampled_from(["method", "model", "final_train_loss", "eval", "config_hash", "steps", "run_name", "error"]) | odd_text,
+    st.sampled_from(["method", "model", "final_train_loss", "eval", "config_hash", "steps", "run_name", "error"])
+    | odd_text,
     st.one_of(wild, json_values, st.dictionaries(st.sampled_from(["eval_loss", "exact_match", ""]), wild, max_size=2)),
     max_size=6,
 )
 summary_files = st.one_of(
-    st.none(), st.just("dir"), json_damage,
+    st.none(),
+    st.just("dir"),
+    json_damage,
     summary_fields.map(lambda d: json.dumps(d).encode()),
-    st.sampled_from([b"{}", b'{"eval": 3, "final_train_loss": "x"}', b'{"method": 3, "model": ["x"]}',
-                     b'{"eval": {"eval_loss": NaN}, "final_train_loss": Infinity}', b'{"eval": [1]}', b'{"method": ""}',
-                     b'{"method": "lora", "final_train_loss": 1e999}', b'{"eval": null}', b'{"method"']),
+    st.sampled_from(
+        [
+            b"{}",
+            b'{"eval": 3, "final_train_loss": "x"}',
+            b'{"method": 3, "model": ["x"]}',
+            b'{"eval": {"eval_loss": NaN}, "final_train_loss": Infinity}',
+            b'{"eval": [1]}',
+            b'{"method": ""}',
+            b'{"method": "lora", "final_train_loss": 1e999}',
+            b'{"eval": null}',
+            b'{"method"',
+        ]
+    ),
 )
 config_texts = weighted(
-    (30, st.one_of(st.none(), st.just("dir"), yaml_soup.map(encode), hostile_yaml().map(encode),
-                   st.binary(max_size=100), st.just(encode(yaml.safe_dump(VALID))))),
+    (
+        30,
+        st.one_of(
+            st.none(),
+            st.just("dir"),
+            yaml_soup.map(encode),
+            hostile_yaml().map(encode),
+            st.binary(max_size=100),
+            st.just(encode(yaml.safe_dump(VALID))),
+        ),
+    ),
     (1, DEEP.map(lambda token: encode(block_value("method", token, "")))),  # 1 in 31 (slow to scan)
 )
-STEP_NAMES = ["step-1", "step-2", "step-10", "step-0", "step-03", "step-x", "step--1", "step-", "step-\u0663", ".step-3.tmp",
-              "step-1 ", "Step-4", "step-99999999999999999999"]
+STEP_NAMES = [
+    "step-1",
+    "step-2",
+    "step-10",
+    "step-0",
+    "step-03",
+    "step-x",
+    "step--1",
+    "step-",
+    "step-\u0663",
+    ".step-3.tmp",
+    "step-1 ",
+    "Step-4",
+    "step-99999999999999999999",
+]
 checkpoint_dirs = st.one_of(
-    st.none(), st.just("file"),
-    st.lists(st.tuples(st.sampled_from(STEP_NAMES),
-                       st.sampled_from(["complete", "complete", "partial", "marker-dir", "file"])),
-             max_size=3, unique_by=lambda t: t[0]),
+    st.none(),
+    st.just("file"),
+    st.lists(
+        st.tuples(
+            st.sampled_from(STEP_NAMES), st.sampled_from(["complete", "complete", "partial", "marker-dir", "file"])
+        ),
+        max_size=3,
+        unique_by=lambda t: t[0],
+    ),
 )
-run_specs = st.fixed_dictionaries({
-    "summary": summary_files,
-    "config": config_texts,
-    "failure": st.one_of(st.none(), st.none(), json_damage, summary_fields.map(lambda d: json.dumps(d).encode())),
-    "checkpoints": checkpoint_dirs,
-    "lock": st.sampled_from([None, None, "file", "held", "dir"]),
-    "metrics": st.one_of(st.none(), st.binary(max_size=60)),
-})
+run_specs = st.fixed_dictionaries(
+    {
+        "summary": summary_files,
+        "config": config_texts,
+        "failure": st.one_of(st.none(), st.none(), json_damage, summary_fields.map(lambda d: json.dumps(d).encode())),
+        "checkpoints": checkpoint_dirs,
+        "lock": st.sampled_from([None, None, "file", "held", "dir"]),
+        "metrics": st.one_of(st.none(), st.binary(max_size=60)),
+    }
+)
 RUN_NAMES = ["tiny", "run-1", "2024-01-01", "你好", "a b", ".hidden", "runs", "x" * 100, "-", "summary.json"]
 
 
@@ -958,13 +1475,17 @@ def json_object_file(path: Path) -> bool:
 
 def has_complete_checkpoint(run: Path) -> bool:
     root = run / "checkpoints"
-    return root.is_dir() and any(re.fullmatch(r"step-\d+", p.name) and (p / "COMPLETE").exists() for p in root.iterdir())
+    return root.is_dir() and any(
+        re.fullmatch(r"step-\d+", p.name) and (p / "COMPLETE").exists() for p in root.iterdir()
+    )
 
 
 @settings(FUZZ, max_examples=200)
 @given(
     runs=st.lists(st.tuples(st.sampled_from(RUN_NAMES), run_specs), max_size=3, unique_by=lambda t: t[0]),
-    strays=st.lists(st.sampled_from(["notes.txt", "config.yaml", "summary.json", ".DS_Store"]), max_size=2, unique=True),
+    strays=st.lists(
+        st.sampled_from(["notes.txt", "config.yaml", "summary.json", ".DS_Store"]), max_size=2, unique=True
+    ),
 )
 @fuzz_case("runs", "list_runs")
 def test_list_runs(runs, strays):
@@ -979,8 +1500,11 @@ def test_list_runs(runs, strays):
                 make_run(root / name, spec, stack)
         rows = list_runs(root)
         assert isinstance(rows, list)
-        want = sorted(p.name for p in root.iterdir()
-                      if p.is_dir() and ((p / "config.yaml").exists() or (p / "summary.json").exists()))
+        want = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and ((p / "config.yaml").exists() or (p / "summary.json").exists())
+        )
         assert sorted(r["run"] for r in rows) == want
         spec_of = dict(runs)
         for row in rows:
@@ -998,15 +1522,21 @@ def test_list_runs(runs, strays):
                 assert row["status"] == "running", row
             elif json_object_file(run / "summary.json"):
                 assert row["status"] == "finished", row
-            elif not any((run / n).exists() for n in ("summary.json", "failure.json")) and not has_complete_checkpoint(run):
+            elif not any((run / n).exists() for n in ("summary.json", "failure.json")) and not has_complete_checkpoint(
+                run
+            ):
                 assert row["status"] == "broken", row
 
 
 @settings(FUZZ, max_examples=120)
-@given(runs=st.lists(st.tuples(st.sampled_from(RUN_NAMES), checkpoint_dirs,
-                               st.sampled_from([None, None, b"{}", b"x", "dir"])),
-                     max_size=4, unique_by=lambda t: t[0]),
-       out_kind=st.sampled_from(["dir"] * 8 + ["missing", "file"]))
+@given(
+    runs=st.lists(
+        st.tuples(st.sampled_from(RUN_NAMES), checkpoint_dirs, st.sampled_from([None, None, b"{}", b"x", "dir"])),
+        max_size=4,
+        unique_by=lambda t: t[0],
+    ),
+    out_kind=st.sampled_from(["dir"] * 8 + ["missing", "file"]),
+)
 @fuzz_case("runs", "latest_unfinished")
 def test_latest_unfinished_run(runs, out_kind):
     with scratch() as d:
@@ -1022,8 +1552,15 @@ def test_latest_unfinished_run(runs, out_kind):
                 run.mkdir()
                 make_checkpoints(run, ckpts)
                 write_node(run / "summary.json", summary)
-        unfinished = {p for p in out.glob("*") if p.is_dir() and has_complete_checkpoint(p)
-                      and not (p / "summary.json").exists()} if out.is_dir() else set()
+        unfinished = (
+            {
+                p
+                for p in out.glob("*")
+                if p.is_dir() and has_complete_checkpoint(p) and not (p / "summary.json").exists()
+            }
+            if out.is_dir()
+            else set()
+        )
         try:
             found = latest_unfinished_run(out)
         except UserError as exc:
@@ -1040,8 +1577,11 @@ def _no_model_load(*args, **kwargs):
 
 
 @settings(FUZZ, max_examples=100)
-@given(config=st.one_of(hostile_yaml(), structured_yaml(), dumped_yaml(), yaml_soup, st.text(max_size=100)).map(encode),
-       summary=st.sampled_from([b"{}", b'{"method": "lora"}', b"x"]), artifact=st.booleans())
+@given(
+    config=st.one_of(hostile_yaml(), structured_yaml(), dumped_yaml(), yaml_soup, st.text(max_size=100)).map(encode),
+    summary=st.sampled_from([b"{}", b'{"method": "lora"}', b"x"]),
+    artifact=st.booleans(),
+)
 @fuzz_case("runs", "load_invalid")
 def test_load_run_with_invalid_config(config, summary, artifact):
     with scratch() as d:
@@ -1059,8 +1599,11 @@ def test_load_run_with_invalid_config(config, summary, artifact):
             event("valid config: not loaded")  # only invalid configs here: no model loads
             return
         start = time.monotonic()
-        with mock.patch.object(tunelab.loading, "load_tokenizer", _no_model_load), \
-                mock.patch.object(tunelab.loading, "load_causal_lm", _no_model_load), pytest.raises(UserError) as err:
+        with (
+            mock.patch.object(tunelab.loading, "load_tokenizer", _no_model_load),
+            mock.patch.object(tunelab.loading, "load_causal_lm", _no_model_load),
+            pytest.raises(UserError) as err,
+        ):
             tunelab.loading.load(run)
         assert str(err.value).strip()
         assert time.monotonic() - start < 5, "an invalid config took over 5 s to refuse"
@@ -1068,18 +1611,43 @@ def test_load_run_with_invalid_config(config, summary, artifact):
 
 good_records = st.fixed_dictionaries(
     {"step": st.integers(-5, 10**6) | st.integers()},
-    optional={"loss": st.floats(allow_nan=False, allow_infinity=False), "lr": st.floats(0, 1),
-              "split": st.sampled_from(["train", "eval"])},
+    optional={
+        "loss": st.floats(allow_nan=False, allow_infinity=False),
+        "lr": st.floats(0, 1),
+        "split": st.sampled_from(["train", "eval"]),
+    },
 )
 bad_metric_lines = st.one_of(
-    st.sampled_from([b'{"step": "1"}', b'{"step": true}', b'{"step": 1.0}', b'{"step": null}', b"{}", b"[1]", b"1", b'"x"',
-                     b"", b" ", b"\r", b'{"loss": 1}', b'{"step": 1', b"NaN", b'{"step": 1e999}', b"\x00", b"\xff\xfe",
-                     b'{"step": []}', b'{"step": {"a": 1}}', b"\xef\xbb\xbf{\"step\": 4}"]),
+    st.sampled_from(
+        [
+            b'{"step": "1"}',
+            b'{"step": true}',
+            b'{"step": 1.0}',
+            b'{"step": null}',
+            b"{}",
+            b"[1]",
+            b"1",
+            b'"x"',
+            b"",
+            b" ",
+            b"\r",
+            b'{"loss": 1}',
+            b'{"step": 1',
+            b"NaN",
+            b'{"step": 1e999}',
+            b"\x00",
+            b"\xff\xfe",
+            b'{"step": []}',
+            b'{"step": {"a": 1}}',
+            b'\xef\xbb\xbf{"step": 4}',
+        ]
+    ),
     st.binary(max_size=80).filter(lambda b: b"\n" not in b and b"\r" not in b),
     st.integers(1, 200_000).map(lambda n: b"[" * n),
     st.integers(4000, 6000).map(lambda n: b'{"step": ' + b"1" * n + b"}"),
     good_records.map(lambda r: json.dumps(r).encode()).flatmap(  # a record torn by a kill
-        lambda raw: st.integers(0, len(raw) - 1).map(lambda k: raw[:k])),
+        lambda raw: st.integers(0, len(raw) - 1).map(lambda k: raw[:k])
+    ),
 )
 metric_lines = weighted(  # (kind, line, the record a good line holds)
     (1, good_records.map(lambda r: ("good", json.dumps(r).encode(), r))),
@@ -1093,8 +1661,12 @@ def is_subsequence(small: list, big: list) -> bool:
 
 
 @settings(FUZZ, max_examples=180)
-@given(lines=st.lists(metric_lines, max_size=8), newline=st.sampled_from([b"\n", b"\r\n"]), tail=st.booleans(),
-       kind=st.sampled_from(["file"] * 12 + ["missing"]))
+@given(
+    lines=st.lists(metric_lines, max_size=8),
+    newline=st.sampled_from([b"\n", b"\r\n"]),
+    tail=st.booleans(),
+    kind=st.sampled_from(["file"] * 12 + ["missing"]),
+)
 @fuzz_case("runs", "metrics")
 def test_read_metrics(lines, newline, tail, kind):
     with scratch() as d:
@@ -1111,9 +1683,22 @@ def test_read_metrics(lines, newline, tail, kind):
 
 # --- budget --------------------------------------------------------------------------------------
 
-ALL_FUZZ = {"config_text", "config_bytes", "config_hostile", "config_structured", "deep", "overrides_structured",
-            "overrides_arbitrary", "adapter_folder", "adapter_config", "adapter_load", "list_runs", "latest_unfinished",
-            "load_invalid", "metrics"}
+ALL_FUZZ = {
+    "config_text",
+    "config_bytes",
+    "config_hostile",
+    "config_structured",
+    "deep",
+    "overrides_structured",
+    "overrides_arbitrary",
+    "adapter_folder",
+    "adapter_config",
+    "adapter_load",
+    "list_runs",
+    "latest_unfinished",
+    "load_invalid",
+    "metrics",
+}
 
 
 def test_generated_case_count():

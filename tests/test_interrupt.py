@@ -11,10 +11,15 @@ import yaml
 
 
 def _config(tmp_path, toy_data, name):
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp_path / "runs"), "run_name": name, "seed": 0,
-           "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
-           "train": {"max_steps": 120, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "log_every": 1},
-           "lora": {"dropout": 0.1}}
+    cfg = {
+        "model": "tiny-llama",
+        "out_dir": str(tmp_path / "runs"),
+        "run_name": name,
+        "seed": 0,
+        "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
+        "train": {"max_steps": 120, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "log_every": 1},
+        "lora": {"dropout": 0.1},
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -26,8 +31,9 @@ def _losses(run):
 
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, toy_data):
     cmd = [sys.executable, "-m", "tunelab", "train", "--no-progress"]
-    proc = subprocess.Popen(cmd + [str(_config(tmp_path, toy_data, "killed"))], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd + [str(_config(tmp_path, toy_data, "killed"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     run = tmp_path / "runs" / "killed"
     deadline = time.time() + 240
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(_losses(run)) >= 3):
@@ -44,7 +50,9 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, toy_data
 
     # resume (the newest unfinished run is found on its own) and compare with an uninterrupted run
     config = _config(tmp_path, toy_data, "killed")
-    done = subprocess.run(cmd + [str(config), "--resume", "train.log_every=1"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        cmd + [str(config), "--resume", "train.log_every=1"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     # an uninterrupted run of the same length for reference, in-process
     import tunelab

@@ -6,27 +6,33 @@ import pytest
 import torch
 
 import tunelab
+from helpers import TINY_LR
 from tunelab.config import build_config
 from tunelab.methods import METHODS
 from tunelab.training.accounting import count_params
 from tunelab.training.loop import Trainer
-
-from helpers import TINY_LR
 
 PEFT_BACKED = {"lora", "dora", "rslora", "pissa", "loraplus", "prefix", "prompt", "ptuning", "ia3", "adalora"}
 ZERO_INIT = ["lora", "dora", "rslora", "loraplus", "ia3", "adapter", "adalora", "full", "freeze"]
 
 
 def config(tmp_path, toy_data, method, **train):
-    return build_config({
-        "model": "tiny-llama", "method": method, "out_dir": str(tmp_path / "runs"), "run_name": method,
-        "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
-        "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]} | train,
-        "lora": {"target_modules": "all-linear", "r": 8},
-        "adapter": {"reduction": 4},
-        "prefix": {"num_virtual_tokens": 4}, "prompt": {"num_virtual_tokens": 4, "init_text": "repeat the colour"},
-        "ptuning": {"num_virtual_tokens": 4},
-    })
+    return build_config(
+        {
+            "model": "tiny-llama",
+            "method": method,
+            "out_dir": str(tmp_path / "runs"),
+            "run_name": method,
+            "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
+            "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]}
+            | train,
+            "lora": {"target_modules": "all-linear", "r": 8},
+            "adapter": {"reduction": 4},
+            "prefix": {"num_virtual_tokens": 4},
+            "prompt": {"num_virtual_tokens": 4, "init_text": "repeat the colour"},
+            "ptuning": {"num_virtual_tokens": 4},
+        }
+    )
 
 
 def logits(model, ids):
@@ -61,8 +67,9 @@ def test_method_learns_saves_and_reloads_exactly(tmp_path, toy_data, smol_tokeni
         from transformers import AutoModelForCausalLM
 
         cfg = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
-        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
-                                          result.run_dir / "adapter")
+        plain = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), result.run_dir / "adapter"
+        )
         assert (logits(plain, ids) - trained).abs().max() < 1e-5
 
 
@@ -92,7 +99,9 @@ def test_freeze_trains_exactly_the_chosen_blocks(tmp_path, toy_data):
         if name in trainable:
             continue
         assert torch.equal(p.detach(), base[name].detach()), name
-    assert any(not torch.equal(p.detach(), base[n].detach()) for n, p in trainer.model.named_parameters() if n in trainable)
+    assert any(
+        not torch.equal(p.detach(), base[n].detach()) for n, p in trainer.model.named_parameters() if n in trainable
+    )
 
 
 def test_loraplus_defaults_to_ratio_16(tmp_path, toy_data):

@@ -5,13 +5,13 @@ import random
 import pytest
 import torch
 
+from tunelab.attention import varlen_attention
+from tunelab.config import build_config
 from tunelab.data.collate import count_loss_tokens, pack_rows, packed_batch, pad_batch, varlen_batch
 from tunelab.data.encode import IGNORE_INDEX
 from tunelab.losses import model_inputs, plain_loss_sum, selected_loss_sum
 from tunelab.models import load_causal_lm
-from tunelab.attention import varlen_attention
 from tunelab.training.batching import epoch_windows, step_batches
-from tunelab.config import build_config
 
 
 def _examples(vocab, lengths, seed=0):
@@ -104,7 +104,13 @@ def test_position_ids_alone_do_not_isolate_sequences():
 def test_group_by_length_keeps_every_example_and_batches_similar_lengths():
     rng = random.Random(0)
     lengths = [rng.choice([10, 200]) + rng.randint(0, 5) for _ in range(400)]
-    cfg = build_config({"model": "tiny-llama", "seed": 3, "train": {"batch_size": 8, "grad_accum": 1, "group_by_length": True, "packing": False}})
+    cfg = build_config(
+        {
+            "model": "tiny-llama",
+            "seed": 3,
+            "train": {"batch_size": 8, "grad_accum": 1, "group_by_length": True, "packing": False},
+        }
+    )
     windows = epoch_windows(lengths, cfg, 0)
     assert sorted(i for w in windows for i in w) == list(range(400))
     assert windows == epoch_windows(lengths, cfg, 0)  # a pure function of (seed, epoch)

@@ -3,7 +3,6 @@
 import json
 import math
 
-
 from tunelab.eval.plots import plot_confusion_matrix, plot_loss_curves, plot_run
 
 
@@ -15,7 +14,13 @@ def _write_metrics(run_dir, records):
 def _train_records(steps=20, loss=lambda s: 2.0 / (1 + 0.1 * s)):
     records = []
     for step in range(1, steps + 1):
-        r = {"step": step, "loss": loss(step), "lr": 1e-3 * (1 - step / (steps + 1)), "grad_norm": 1.0, "tokens_per_s": 500.0}
+        r = {
+            "step": step,
+            "loss": loss(step),
+            "lr": 1e-3 * (1 - step / (steps + 1)),
+            "grad_norm": 1.0,
+            "tokens_per_s": 500.0,
+        }
         if step % 5 == 0:
             r["eval_loss"] = 2.2 / (1 + 0.08 * step)
         records.append(r)

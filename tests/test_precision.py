@@ -12,10 +12,14 @@ from tunelab.device import CPU_BF16_ENV, cpu_capability, cpu_has_native_bf16, re
 
 
 def test_bf16_autocast_reaches_the_fp32_eval_loss(tmp_path, write_jsonl):
-    cfg = {"model": "tiny-llama", "out_dir": str(tmp_path / "runs"), "seed": 0,
-           "data": {"train": str(write_jsonl(toy_rows(64))), "val_fraction": 0.25, "max_length": 48},
-           "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0},
-           "lora": {"dropout": 0.0}}
+    cfg = {
+        "model": "tiny-llama",
+        "out_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "data": {"train": str(write_jsonl(toy_rows(64))), "val_fraction": 0.25, "max_length": 48},
+        "train": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0},
+        "lora": {"dropout": 0.0},
+    }
     fp32 = tunelab.train(cfg | {"run_name": "fp32", "train": cfg["train"] | {"precision": "fp32"}}, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # AVX2-only CPUs warn that bf16 is slow; the tiny model does not mind

@@ -5,14 +5,21 @@ import torch
 
 from tunelab.config import build_config
 from tunelab.methods import get_method
-from tunelab.models import load_causal_lm
 from tunelab.methods.lora import bnb_config
+from tunelab.models import load_causal_lm
 from tunelab.quant import packed_cpu_kernel_fits, use_generic_4bit_kernel
 
 
 def qlora_cfg(**extra):
-    return build_config({"model": "tiny-llama", "method": "qlora", "train": {"precision": "fp32"},
-                         "lora": {"target_modules": ["q_proj", "v_proj"], "r": 4}} | extra)
+    return build_config(
+        {
+            "model": "tiny-llama",
+            "method": "qlora",
+            "train": {"precision": "fp32"},
+            "lora": {"target_modules": ["q_proj", "v_proj"], "r": 4},
+        }
+        | extra
+    )
 
 
 def four_bit_layers(model):
@@ -28,8 +35,13 @@ def test_packed_kernel_shape_rule():
 
 def test_every_4bit_layer_leaves_the_packed_kernel_and_misfits_are_named():
     # force bitsandbytes' AVX512-BF16 choice on every layer, as it is on such a CPU, whatever this CPU is
-    model = load_causal_lm("tiny-llama", None, torch.float32, quantization_config=bnb_config(qlora_cfg().quant),
-                           device_map={"": torch.device("cpu")})
+    model = load_causal_lm(
+        "tiny-llama",
+        None,
+        torch.float32,
+        quantization_config=bnb_config(qlora_cfg().quant),
+        device_map={"": torch.device("cpu")},
+    )
     layers = four_bit_layers(model)
     assert layers
     for m in layers:
@@ -44,7 +56,9 @@ def test_every_4bit_layer_leaves_the_packed_kernel_and_misfits_are_named():
 
 def test_qlora_base_never_takes_the_packed_kernel():
     model = get_method("qlora").load_base(qlora_cfg(), torch.device("cpu"))
-    assert four_bit_layers(model) and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in four_bit_layers(model))
+    assert four_bit_layers(model) and not any(
+        getattr(m, "support_avx512bf16_for_cpu", False) for m in four_bit_layers(model)
+    )
 
 
 def test_qlora_gradients_survive_an_evaluation():

@@ -11,10 +11,14 @@ from tunelab.generation import GenerationSettings, generate_batch
 
 def test_smollm2_lora_run_trains_saves_and_reloads(tmp_path):
     train_path, _ = write_dataset(tmp_path / "data", n_train=24, n_test=4)
-    cfg = {"model": "smollm2-135m-instruct", "out_dir": str(tmp_path / "runs"), "run_name": "smol",
-           "data": {"train": str(train_path), "val_fraction": 0.25, "max_length": 96},
-           "train": {"max_steps": 3, "batch_size": 4, "lr": 2e-3, "precision": "fp32"},
-           "lora": {"target_modules": "all-linear", "dropout": 0.0}}
+    cfg = {
+        "model": "smollm2-135m-instruct",
+        "out_dir": str(tmp_path / "runs"),
+        "run_name": "smol",
+        "data": {"train": str(train_path), "val_fraction": 0.25, "max_length": 96},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 2e-3, "precision": "fp32"},
+        "lora": {"target_modules": "all-linear", "dropout": 0.0},
+    }
     result = tunelab.train(cfg, progress=False)
     losses = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
@@ -29,6 +33,10 @@ def test_smollm2_lora_run_trains_saves_and_reloads(tmp_path):
         with model.disable_adapter():
             base = model(input_ids=ids).logits
     assert not torch.allclose(tuned, base, atol=1e-4)  # the adapter is applied
-    out = generate_batch(model, tok, ["Convert the date to ISO 8601 format (YYYY-MM-DD).\n\nMarch 3, 2021"],
-                         GenerationSettings(max_new_tokens=12, temperature=0))
+    out = generate_batch(
+        model,
+        tok,
+        ["Convert the date to ISO 8601 format (YYYY-MM-DD).\n\nMarch 3, 2021"],
+        GenerationSettings(max_new_tokens=12, temperature=0),
+    )
     assert isinstance(out[0], str) and out[0]

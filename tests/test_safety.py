@@ -38,6 +38,7 @@ def as_pickle(folder, name="pytorch_model.bin"):
 
 # --- models: pickle weights ----------------------------------------------------------------------
 
+
 def test_pickle_only_model_is_refused_naming_the_file_and_the_opt_in(tiny_llama_copy):
     as_pickle(tiny_llama_copy)
     with pytest.raises(UserError, match=r"pytorch_model\.bin.*allow_pickle: true"):
@@ -73,6 +74,7 @@ def test_safetensors_win_over_pickle_files_next_to_them(tiny_llama_copy):
 
 # --- models: custom code -------------------------------------------------------------------------
 
+
 def with_auto_map(folder, model_type):
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type=model_type, auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
@@ -104,6 +106,7 @@ def test_auto_map_on_a_known_architecture_loads_without_running_the_code(tiny_ll
 
 
 # --- adapters: damaged or pickle files -----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
@@ -167,8 +170,9 @@ def test_truncated_bottleneck_head_is_a_clear_error(tmp_path):
     from tunelab.models import load_classifier
 
     method = BottleneckAdapterMethod()
-    settings = types.SimpleNamespace(adapter=types.SimpleNamespace(kind="houlsby", reduction=4,
-                                                                   non_linearity="relu", dropout=0.0))
+    settings = types.SimpleNamespace(
+        adapter=types.SimpleNamespace(kind="houlsby", reduction=4, non_linearity="relu", dropout=0.0)
+    )
     method.save(method.apply(load_classifier("tiny-bert", ["a", "b"]), settings), tmp_path)
     truncate(tmp_path / HEAD_FILE)
     with pytest.raises(UserError) as err:
@@ -177,6 +181,7 @@ def test_truncated_bottleneck_head_is_a_clear_error(tmp_path):
 
 
 # --- paths: nothing written outside the run folder -----------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["../escape", "..", ".", "a/b", "/tmp/abs", "a\\b", "a\x00b", "line\nbreak", ""])
 def test_run_name_must_stay_inside_out_dir(name):

@@ -1,6 +1,7 @@
 """Training on tiny-llama: the run directory, adapter portability, accumulation, resume, losses."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,13 +9,28 @@ import torch
 import tunelab
 from tunelab.config import build_config
 from tunelab.data.encode import IGNORE_INDEX
-from tunelab.training.loop import Trainer
 from tunelab.losses import plain_loss_sum, selected_loss_sum
+from tunelab.training.loop import Trainer
 
 SPEC_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "tb", "eval.json"]
-SUMMARY_FIELDS = ["method", "model", "trainable_params", "total_params", "trainable_pct", "artifact_bytes",
-                  "train_wall_s", "train_tokens", "train_tokens_per_s", "peak_mem_bytes", "peak_mem_kind",
-                  "final_train_loss", "eval", "device", "precision", "versions"]
+SUMMARY_FIELDS = [
+    "method",
+    "model",
+    "trainable_params",
+    "total_params",
+    "trainable_pct",
+    "artifact_bytes",
+    "train_wall_s",
+    "train_tokens",
+    "train_tokens_per_s",
+    "peak_mem_bytes",
+    "peak_mem_kind",
+    "final_train_loss",
+    "eval",
+    "device",
+    "precision",
+    "versions",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +91,21 @@ def test_adapter_loads_in_plain_peft_with_same_logits(tiny_run):
 
 
 def _grads(tmp_path, toy_data, batch_size, grad_accum, packing=False, checkpointing=False):
-    cfg = build_config({"model": "tiny-llama", "out_dir": str(tmp_path / f"g{batch_size}{packing}"),
-                        "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
-                        "train": {"batch_size": batch_size, "grad_accum": grad_accum, "precision": "fp32", "packing": packing,
-                                  "gradient_checkpointing": checkpointing},
-                        "lora": {"dropout": 0.0, "init": "gaussian"}})
+    cfg = build_config(
+        {
+            "model": "tiny-llama",
+            "out_dir": str(tmp_path / f"g{batch_size}{packing}"),
+            "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
+            "train": {
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "precision": "fp32",
+                "packing": packing,
+                "gradient_checkpointing": checkpointing,
+            },
+            "lora": {"dropout": 0.0, "init": "gaussian"},
+        }
+    )
     trainer = Trainer(cfg, progress=False)
     window = list(range(8))
     counts = [sum(1 for x in trainer.data.train[i]["labels"][1:] if x != IGNORE_INDEX) for i in range(8)]
@@ -162,7 +188,7 @@ def test_epochs_set_the_number_of_steps(tiny_config):
     tiny_config["train"].update(epochs=2, batch_size=4, grad_accum=2)
     trainer = Trainer(build_config(tiny_config), progress=False)
     n = len(trainer.data.train)
-    assert trainer.total_steps == 2 * -(-(-(-n // 4)) // 2)
+    assert trainer.total_steps == 2 * math.ceil(math.ceil(n / 4) / 2)
 
 
 def test_selected_position_loss_equals_plain_loss_and_gradients(smol_tokenizer):
@@ -170,8 +196,10 @@ def test_selected_position_loss_equals_plain_loss_and_gradients(smol_tokenizer):
     from tunelab.models import load_causal_lm
 
     model = load_causal_lm("tiny-llama")
-    examples = [{"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
-                for n in (7, 12, 9)]
+    examples = [
+        {"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
+        for n in (7, 12, 9)
+    ]
     batch = pad_batch(examples, smol_tokenizer.pad_token_id)
     plain = plain_loss_sum(model, batch)
     plain.backward()
@@ -220,7 +248,9 @@ def _oom_over(rows, monkeypatch):
 
     def limited(model, batch):
         if batch["input_ids"].shape[0] > rows:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+            )
         return real(model, batch)
 
     monkeypatch.setattr(loop, "loss_sum", limited)
@@ -231,7 +261,10 @@ def test_out_of_memory_gives_advice(tiny_config, monkeypatch, tmp_path):
 
     tiny_config["train"].update(packing=False)
     _oom_over(2, monkeypatch)
-    with pytest.raises(UserError, match=r"out of memory with a micro-batch of 4.*train.batch_size=2 train.grad_accum=2.*gradient_checkpointing"):
+    with pytest.raises(
+        UserError,
+        match=r"out of memory with a micro-batch of 4.*train.batch_size=2 train.grad_accum=2.*gradient_checkpointing",
+    ):
         tunelab.train(tiny_config, progress=False)
 
 

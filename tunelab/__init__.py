@@ -33,8 +33,9 @@ def load(run_or_model, device=None, adapters=None, trust_remote_code=False, allo
     `trust_remote_code` / `allow_pickle` opt in to a bare model's own code / pickle weights."""
     from .loading import load as _load
 
-    return _load(run_or_model, device=device, adapters=adapters, trust_remote_code=trust_remote_code,
-                 allow_pickle=allow_pickle)
+    return _load(
+        run_or_model, device=device, adapters=adapters, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
 
 
 def generate(model, tokenizer, prompt, **settings):

@@ -26,8 +26,12 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     if groups > 1:  # grouped-query attention: one key/value head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    out = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                          is_causal=True, scale=scaling) for s, e in zip(bounds[:-1], bounds[1:])]
+    out = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling
+        )
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -47,7 +51,9 @@ def varlen_attention(model, active: bool = True):
         yield
         return
     register()
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    configs = {
+        id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
     saved = [(c, c._attn_implementation) for c in configs.values()]
     try:
         for c, _ in saved:

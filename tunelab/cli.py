@@ -22,14 +22,18 @@ def _generation_settings(args):
     from .generation import GenerationSettings
 
     return GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
     ).validate()
 
 
 def cmd_train(args) -> int:
-    from .training import train
     from .log import is_rank0
+    from .training import train
     from .training.signals import Interrupted
 
     if args.resume is None and args.config is None:
@@ -77,7 +81,16 @@ def _relaunch(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tunelab", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "tunelab",
+        *argv,
+    ]
     proc = subprocess.Popen(cmd)
     # SIGTERM (a scheduler's preemption) goes on to torchrun, which passes it to the workers: they finish the
     # step and checkpoint. Ctrl-C already reaches every process of the terminal's group: not sent twice.
@@ -96,8 +109,14 @@ def cmd_generate(args) -> int:
     if args.no_stream:
         print(generate_text(model, tokenizer, args.prompt, settings, system=args.system))
         return 0
-    generate_text(model, tokenizer, args.prompt, settings, system=args.system,
-                  on_text=lambda text: print(text, end="", flush=True))
+    generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        settings,
+        system=args.system,
+        on_text=lambda text: print(text, end="", flush=True),
+    )
     print()
     return 0
 
@@ -133,8 +152,11 @@ def cmd_data_check(args) -> int:
     report = check_file(args.file, load_tokenizer(args.model), args.format, args.max_length)
     _print_json(report)
     if report["invalid"]:
-        print(f"error: {args.file}: {report['invalid']} of {report['records']} records are invalid; the first: "
-              f"{report['problems'][0]}", file=sys.stderr)
+        print(
+            f"error: {args.file}: {report['invalid']} of {report['records']} records are invalid; the first: "
+            f"{report['problems'][0]}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -149,8 +171,10 @@ def cmd_methods(args) -> int:
     for r in rows:
         line = f"{r['method']:9s} {r['artifact']:9s} lr {r['default_lr']:<7g} {r['summary']}"
         if "trainable_params" in r:
-            line += (f"\n{'':9s} trainable {r['trainable_params']:,} / {r['total_params']:,} ({r['trainable_pct']:.3f}%),"
-                     f" artifact ~{r['artifact_bytes_est'] / 2**20:.2f} MiB")
+            line += (
+                f"\n{'':9s} trainable {r['trainable_params']:,} / {r['total_params']:,} ({r['trainable_pct']:.3f}%),"
+                f" artifact ~{r['artifact_bytes_est'] / 2**20:.2f} MiB"
+            )
         print(line)
         if r["config_block"]:
             opts = ", ".join(f"{k}={v}" for k, v in r["defaults"].items())
@@ -166,8 +190,10 @@ def cmd_runs(args) -> int:
         print(f"no runs under {args.dir}")
         return 0
     for r in rows:
-        line = (f"{r['run']:40s} {r['status']:11s} {r['method'] or '-':8s} {r['model'] or '-':24s} "
-                f"loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']}")
+        line = (
+            f"{r['run']:40s} {r['status']:11s} {r['method'] or '-':8s} {r['model'] or '-':24s} "
+            f"loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']}"
+        )
         print(line + (f"  ({r['detail']})" if r["detail"] else ""))
     return 0
 
@@ -200,10 +226,16 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = plain greedy")
     p.add_argument("--top-p", type=float, default=defaults.top_p)
     p.add_argument("--top-k", type=int, default=defaults.top_k)
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help=f"default: {SAMPLING_REPETITION_PENALTY} when sampling, none when greedy")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help=f"default: {SAMPLING_REPETITION_PENALTY} when sampling, none when greedy",
+    )
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt, else the template's)")
+    p.add_argument(
+        "--system", default=None, help="system prompt (default: the run's data.system_prompt, else the template's)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,11 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config; prints the run directory")
     p.add_argument("config", nargs="?", help="CONFIG.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--resume", metavar="RUN", nargs="?", const="latest",
-                   help="continue RUN (default: the newest unfinished run) from its latest complete checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        nargs="?",
+        const="latest",
+        help="continue RUN (default: the newest unfinished run) from its latest complete checkpoint",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, metavar="N",
-                   help="data-parallel over N processes (torchrun; same as `accelerate launch -m tunelab train ...`)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="data-parallel over N processes (torchrun; same as `accelerate launch -m tunelab train ...`)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="one completion from a run or a model")
@@ -263,11 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README demo: before/after LoRA on a generated date-normalisation task")
     p.add_argument("--out-dir", default="runs")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--task", choices=["dates", "triage"], default="dates",
-                   help="dates: LoRA on smollm2 (causal LM); triage: LoRA q/v classification on minilm-l6")
+    p.add_argument(
+        "--task",
+        choices=["dates", "triage"],
+        default="dates",
+        help="dates: LoRA on smollm2 (causal LM); triage: LoRA q/v classification on minilm-l6",
+    )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="tunelab's fast path vs a transformers Trainer + peft baseline, measured in the same run; JSON")
+    p = sub.add_parser(
+        "bench", help="tunelab's fast path vs a transformers Trainer + peft baseline, measured in the same run; JSON"
+    )
     p.add_argument("--quick", action="store_true", help="a few steps (under 3 minutes on 2 CPU cores) instead of 30")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per phase, the first one a warm-up")

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,23 +22,22 @@ from .errors import ConfigError
 class Section(BaseModel):
     # coerce numbers: YAML reads `run_name: 2024` as an int, which is still a fine name
     # no inf/nan: `lr: .inf` is never meant
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
-    train: Optional[str] = None
-    eval: Optional[str] = None
+    train: str | None = None
+    eval: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     format: Literal["auto", "alpaca", "input_target", "messages", "sharegpt", "text", "classification"] = "auto"
     max_length: int = Field(512, ge=8)
     # "auto": the tokenizer's own template (ChatML if it has none); "chatml"; or a Jinja template string.
     chat_template: str = "auto"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     loss_on: Literal["completion", "all"] = "completion"
     skip_invalid: bool = False
     # classification: the label names in class-id order; filled from the training data when unset
-    labels: Optional[list[str]] = None
+    labels: list[str] | None = None
 
     @field_validator("labels")
     @classmethod
@@ -59,25 +58,25 @@ def positive_values(patterns: dict, what: str) -> dict:
 
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)
-    lr: Optional[float] = Field(None, gt=0)  # None: the method's default (tunelab methods)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)  # None: the method's default (tunelab methods)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # None: pack wherever it is exact (causal LM, methods that do not prepend virtual tokens)
-    packing: Optional[bool] = None
+    packing: bool | None = None
     group_by_length: bool = False  # without packing: batch examples of similar length (less padding)
     gradient_checkpointing: bool = False
     auto_batch_size: bool = False  # on out-of-memory, halve the micro-batch (more accumulation, same step)
     log_every: int = Field(1, ge=1)
-    eval_every: Optional[int] = Field(None, ge=1)
-    save_every: Optional[int] = Field(None, ge=1)
-    save_total_limit: Optional[int] = Field(None, ge=1)
-    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
     metric_for_best: str = "eval_loss"
     # module-name glob pattern -> LR multiplier, applied as optimizer parameter groups
     lr_groups: dict[str, float] = Field(default_factory=dict)
@@ -93,14 +92,14 @@ class LoraConfig(Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # None: peft's default for the architecture (q/v projections); "all-linear"; or a list of names.
-    target_modules: Optional[Union[str, list[str]]] = None
+    target_modules: str | list[str] | None = None
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     dora: bool = False
     rslora: bool = False
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+: B matrices at lr_ratio x the base LR
-    modules_to_save: Optional[list[str]] = None
+    lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B matrices at lr_ratio x the base LR
+    modules_to_save: list[str] | None = None
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
@@ -109,7 +108,7 @@ class LoraConfig(Section):
 
 
 class QuantConfig(Section):
-    bits: Optional[Literal[4, 8]] = None  # 4: QLoRA (NF4 base weights); 8: LLM.int8 base weights
+    bits: Literal[4, 8] | None = None  # 4: QLoRA (NF4 base weights); 8: LLM.int8 base weights
     type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 where native, else fp32
@@ -124,14 +123,14 @@ class AdapterConfig(Section):
 
 class VirtualTokensConfig(Section):
     num_virtual_tokens: int = Field(20, ge=1)
-    init_text: Optional[str] = None  # prompt tuning: initialise the soft prompt from this text
-    encoder_hidden_size: Optional[int] = Field(None, ge=1)  # ptuning: the prompt encoder's MLP width
+    init_text: str | None = None  # prompt tuning: initialise the soft prompt from this text
+    encoder_hidden_size: int | None = Field(None, ge=1)  # ptuning: the prompt encoder's MLP width
     projection: bool = False  # prefix: reparameterise the prefix through an MLP
 
 
 class FreezeConfig(Section):
     # the last N blocks, or explicit block indices (negative counts from the end) / parameter-name patterns
-    trainable_layers: Union[int, list[Union[int, str]]] = 2
+    trainable_layers: int | list[int | str] = 2
     train_embeddings: bool = False
     train_lm_head: bool = False
     train_norm: bool = True  # the final norm
@@ -173,16 +172,16 @@ class AdaLoraSection(Section):
 
 
 class IA3Section(Section):
-    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
-    feedforward_modules: Optional[list[str]] = None
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    feedforward_modules: list[str] | None = None
 
 
 class EvalConfig(Section):
     generate: bool = True  # causal LMs: also generate answers and score them (exact match, BLEU, ROUGE)
     max_new_tokens: int = Field(128, ge=1)
-    max_examples: Optional[int] = Field(None, ge=1)  # cap the generation eval (it is the slow part)
+    max_examples: int | None = Field(None, ge=1)  # cap the generation eval (it is the slow part)
     lang: str = "auto"  # "zh" tokenizes BLEU/ROUGE for Chinese; auto detects CJK references
-    scorer: Optional[str] = None  # "module:function(prediction, reference, record) -> float"
+    scorer: str | None = None  # "module:function(prediction, reference, record) -> float"
 
     @field_validator("scorer")
     @classmethod
@@ -196,7 +195,7 @@ class Config(Section):
     model: str = "smollm2-135m-instruct"
     method: str = "lora"
     task: Literal["causal_lm", "classification"] = "causal_lm"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     out_dir: str = "runs"
     seed: int = 0
     trust_remote_code: bool = False
@@ -234,7 +233,11 @@ class Config(Section):
         if info.field_name == "adapter_name" and not problem and "." in v:
             problem = "it contains '.'"
         if problem:
-            what = "folder name inside out_dir" if info.field_name == "run_name" else "name (no '/', '.' or control characters)"
+            what = (
+                "folder name inside out_dir"
+                if info.field_name == "run_name"
+                else "name (no '/', '.' or control characters)"
+            )
             raise ValueError(f"must be a plain {what}: {problem}")
         return v
 
@@ -274,15 +277,24 @@ class Config(Section):
 
 # names other tools use for our keys; spelling distance alone would not find these
 _ALIASES = {
-    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio", "rank": "r", "lora_r": "r",
-    "lora_alpha": "alpha", "lora_dropout": "dropout", "max_seq_length": "max_length",
-    "model_name_or_path": "model", "output_dir": "out_dir",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "warmup": "warmup_ratio",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "max_seq_length": "max_length",
+    "model_name_or_path": "model",
+    "output_dir": "out_dir",
 }
 
 
-def plain_name_problem(name: str) -> Optional[str]:
+def plain_name_problem(name: str) -> str | None:
     """Why `name` cannot be one folder name directly inside another (None when it can): run names
     must not reach outside out_dir."""
     if not name or name in (".", ".."):
@@ -353,7 +365,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (first set on line {first})", key_node.start_mark)
+                    None, None, f"duplicate key '{key}' (first set on line {first})", key_node.start_mark
+                )
         return super().construct_mapping(node, deep)
 
 
@@ -367,7 +380,9 @@ def read_yaml(text: str):
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
-        raise yaml.YAMLError(f"cannot read a value ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        raise yaml.YAMLError(
+            f"cannot read a value ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -399,7 +414,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def build_config(data: dict, source: str = "<config>", lines: Optional[dict] = None) -> Config:
+def build_config(data: dict, source: str = "<config>", lines: dict | None = None) -> Config:
     """Validate a plain dict into a Config; errors name the key, line and closest valid key."""
     lines = lines or {}
     try:
@@ -423,7 +438,7 @@ def build_config(data: dict, source: str = "<config>", lines: Optional[dict] = N
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults when path is None) and apply overrides."""
     data: dict = {}
     lines: dict = {}

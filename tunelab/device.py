@@ -32,7 +32,7 @@ def cpu_has_native_bf16() -> bool:
     return _detected_native_bf16()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _detected_native_bf16() -> bool:
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(c is not None for c in checks):

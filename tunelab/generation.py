@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -26,11 +26,11 @@ class GenerationSettings:
     temperature: float = 0.7  # 0 means plain greedy
     top_p: float = 0.9
     top_k: int = 50
-    repetition_penalty: Optional[float] = None  # None: 1.1 when sampling, none (1.0) when greedy
-    seed: Optional[int] = None
+    repetition_penalty: float | None = None  # None: 1.1 when sampling, none (1.0) when greedy
+    seed: int | None = None
 
     @classmethod
-    def greedy(cls, max_new_tokens: int) -> "GenerationSettings":
+    def greedy(cls, max_new_tokens: int) -> GenerationSettings:
         """What evaluation and the demo decode with."""
         return cls(max_new_tokens=max_new_tokens, temperature=0.0)
 
@@ -40,7 +40,7 @@ class GenerationSettings:
             return self.repetition_penalty
         return 1.0 if self.temperature == 0 else SAMPLING_REPETITION_PENALTY
 
-    def validate(self) -> "GenerationSettings":
+    def validate(self) -> GenerationSettings:
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -58,8 +58,11 @@ class GenerationSettings:
         return self
 
     def generate_kwargs(self, tokenizer) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                  "eos_token_id": tokenizer.eos_token_id}
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
         if self.penalty != 1.0:
             kwargs["repetition_penalty"] = self.penalty
         if self.temperature == 0:
@@ -69,7 +72,7 @@ class GenerationSettings:
         return kwargs
 
 
-def _system_prompt(model, system: Optional[str]) -> Optional[str]:
+def _system_prompt(model, system: str | None) -> str | None:
     if system is not None:
         return system
     cfg = getattr(model, "tunelab_config", None)
@@ -92,8 +95,15 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list, settings: GenerationSettings, batch_size: int = 16,
-                   system: Optional[str] = None, on_text: Optional[Callable[[str], None]] = None) -> list[str]:
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list,
+    settings: GenerationSettings,
+    batch_size: int = 16,
+    system: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> list[str]:
     """Completions for many prompts (strings or message lists), left-padded in batches. `system`
     replaces the run's system prompt; `on_text` receives the text as it is generated (one prompt only)."""
     settings.validate()
@@ -101,14 +111,18 @@ def generate_batch(model, tokenizer, prompts: list, settings: GenerationSettings
         raise ValueError("streaming (on_text) takes one prompt")
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
-    texts = [prompt_text(tokenizer, tokenizer.chat_template, _messages(p), _system_prompt(model, system)) for p in prompts]
+    texts = [
+        prompt_text(tokenizer, tokenizer.chat_template, _messages(p), _system_prompt(model, system)) for p in prompts
+    ]
     device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs = []
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
             streamer = _streamer(tokenizer, on_text) if on_text is not None else None
             out = model.generate(**enc, **settings.generate_kwargs(tokenizer), streamer=streamer)
@@ -119,15 +133,25 @@ def generate_batch(model, tokenizer, prompts: list, settings: GenerationSettings
     return [o.strip() for o in outputs]
 
 
-def generate_text(model, tokenizer, prompt, settings: Optional[GenerationSettings] = None, system: Optional[str] = None,
-                  on_text: Optional[Callable[[str], None]] = None) -> str:
-    return generate_batch(model, tokenizer, [prompt], settings or GenerationSettings(), system=system, on_text=on_text)[0]
+def generate_text(
+    model,
+    tokenizer,
+    prompt,
+    settings: GenerationSettings | None = None,
+    system: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    return generate_batch(model, tokenizer, [prompt], settings or GenerationSettings(), system=system, on_text=on_text)[
+        0
+    ]
 
 
 CHAT_HELP = "commands: /reset clears the history, /help shows this, /exit (or Ctrl-D) quits"
 
 
-def chat_loop(model, tokenizer, settings: GenerationSettings, stdin=None, stdout=None, system: Optional[str] = None) -> None:
+def chat_loop(
+    model, tokenizer, settings: GenerationSettings, stdin=None, stdout=None, system: str | None = None
+) -> None:
     """Interactive chat, streamed: the conversation so far is kept; /reset clears it, /help, /exit or EOF ends."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history: list[dict] = []
@@ -154,8 +178,14 @@ def chat_loop(model, tokenizer, settings: GenerationSettings, stdin=None, stdout
             continue
         history.append({"role": "user", "content": line})
         print("model> ", end="", file=stdout, flush=True)
-        reply = generate_batch(model, tokenizer, [history], settings, system=system,
-                               on_text=lambda text: print(text, end="", file=stdout, flush=True))[0]
+        reply = generate_batch(
+            model,
+            tokenizer,
+            [history],
+            settings,
+            system=system,
+            on_text=lambda text: print(text, end="", file=stdout, flush=True),
+        )[0]
         print(file=stdout, flush=True)
         history.append({"role": "assistant", "content": reply})
 

@@ -57,7 +57,9 @@ def read_jsonl_objects(path) -> list[dict]:
 
 def read_metrics(path) -> list[dict]:
     """A run's metrics.jsonl records (those with an integer step), so a torn log never blocks a resume or a plot."""
-    return [r for r in read_jsonl_objects(path) if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+    return [
+        r for r in read_jsonl_objects(path) if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)
+    ]
 
 
 def fsync_dir(path) -> None:

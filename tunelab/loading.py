@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Optional
 
 from .config import load_config
 from .data.encode import resolve_chat_template
@@ -29,18 +28,29 @@ def _load_run(path: Path, device):
     base = method.load_base(cfg, device) if method.needs_base else None
     try:
         model = method.load(base, artifact, cfg)
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, ImportError,
-            pickle.UnpicklingError) as exc:
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        ImportError,
+        pickle.UnpicklingError,
+    ) as exc:
         # a damaged or foreign artifact folder: peft reads its config fields without checking them (and a
         # `megatron_config` makes it import Megatron)
-        raise UserError(f"{artifact}: cannot load the trained {method.artifact}: {' '.join(str(exc).split())[:300]}") from None
+        raise UserError(
+            f"{artifact}: cannot load the trained {method.artifact}: {' '.join(str(exc).split())[:300]}"
+        ) from None
     tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template)
     model.tunelab_config = cfg
     return model, tokenizer, cfg
 
 
-def load(run_or_model, device=None, adapters: Optional[dict] = None, trust_remote_code: bool = False,
-         allow_pickle: bool = False):
+def load(
+    run_or_model, device=None, adapters: dict | None = None, trust_remote_code: bool = False, allow_pickle: bool = False
+):
     """(model, tokenizer), in eval mode, with the run's chat template set on the tokenizer.
 
     `adapters={"task": RUN, ...}` loads more PEFT adapters onto the same base (stored once); switch
@@ -53,7 +63,9 @@ def load(run_or_model, device=None, adapters: Optional[dict] = None, trust_remot
     path = Path(str(run_or_model))
     if path.is_dir() and (path / "config.yaml").is_file():
         if not is_run_dir(path):
-            raise UserError(f"{path}: the run has no summary.json (unfinished?); resume it with tunelab train --resume {path}")
+            raise UserError(
+                f"{path}: the run has no summary.json (unfinished?); resume it with tunelab train --resume {path}"
+            )
         model, tokenizer, cfg = _load_run(path, device)
         for name, run in (adapters or {}).items():
             _add_adapter(model, cfg, name, Path(run))
@@ -61,8 +73,9 @@ def load(run_or_model, device=None, adapters: Optional[dict] = None, trust_remot
         if adapters:
             raise UserError("adapters= needs a run directory as the first argument")
         tokenizer = load_tokenizer(str(run_or_model), trust_remote_code)
-        model = load_causal_lm(str(run_or_model), device, trust_remote_code=trust_remote_code,
-                               allow_pickle=allow_pickle)
+        model = load_causal_lm(
+            str(run_or_model), device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
         tokenizer.chat_template = resolve_chat_template(tokenizer, "auto")
         model.tunelab_config = None
     model.eval()

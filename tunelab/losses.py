@@ -50,7 +50,9 @@ def plain_loss_sum(model, batch) -> torch.Tensor:
     # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
     logits = logits[:, -batch["input_ids"].shape[1] : -1].float()
     labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def _head_ce_sum(hidden, weight, bias, targets):

@@ -17,8 +17,8 @@ import pickle
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -174,8 +174,10 @@ def resolve_model_path(name: str) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown model '{name}'{hint}; registry names: {', '.join(REGISTRY)}, or a local directory")
     if not _in_hub_cache(name):  # else loading would say it failed to reach a hub (none is reached)
-        raise UserError(f"'{name}' does not exist: not a run folder, a model directory, a registry name "
-                        f"({', '.join(REGISTRY)}), or a model already in the local Hugging Face cache")
+        raise UserError(
+            f"'{name}' does not exist: not a run folder, a model directory, a registry name "
+            f"({', '.join(REGISTRY)}), or a model already in the local Hugging Face cache"
+        )
     return name  # a hub id found in the local cache
 
 
@@ -217,15 +219,17 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or repr(exc)
 
 
-def _user_load_error(name: str, exc: Exception) -> Optional[UserError]:
+def _user_load_error(name: str, exc: Exception) -> UserError | None:
     """A transformers loading error the user can fix, as one clear line (custom code, missing or
     pickle-only weights, an architecture the auto class does not cover); None for anything else."""
     text = _one_line(exc)
     if "trust_remote_code" in text:
         return UserError(needs_custom_code_message(name, "transformers has no built-in code for it"))
     if isinstance(exc, OSError):
-        return UserError(f"cannot load model '{name}' offline: {text} "
-                         "(tunelab reads safetensors weights only; `allow_pickle: true` opts in to pickle weights)")
+        return UserError(
+            f"cannot load model '{name}' offline: {text} "
+            "(tunelab reads safetensors weights only; `allow_pickle: true` opts in to pickle weights)"
+        )
     if "Unrecognized configuration class" in text:
         return UserError(f"cannot load model '{name}': {text[:300]}")
     return None
@@ -238,11 +242,14 @@ def _from_pretrained(auto_class, name: str, trust_remote_code: bool, allow_pickl
     check_remote_code(path, name, trust_remote_code)
     use_safetensors = model_weights_are_safetensors(path, allow_pickle)
     try:
-        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors,
-                                          **kwargs)
+        return auto_class.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, **kwargs
+        )
     except pickle.UnpicklingError as exc:  # allow_pickle: torch's weights_only loader refused the file's contents
-        raise UserError(f"cannot load model '{name}': its pickle weights hold more than tensors and were refused "
-                        f"(nothing in them ran): {_one_line(exc)[:200]}") from None
+        raise UserError(
+            f"cannot load model '{name}': its pickle weights hold more than tensors and were refused "
+            f"(nothing in them ran): {_one_line(exc)[:200]}"
+        ) from None
     except (OSError, ValueError) as exc:
         error = _user_load_error(name, exc)
         if error is None:
@@ -250,14 +257,29 @@ def _from_pretrained(auto_class, name: str, trust_remote_code: bool, allow_pickl
         raise error from None
 
 
-def load_classifier(name: str, labels: list[str], device=None, dtype=torch.float32, trust_remote_code=False,
-                    pad_token_id=None, allow_pickle=False, **kwargs):
+def load_classifier(
+    name: str,
+    labels: list[str],
+    device=None,
+    dtype=torch.float32,
+    trust_remote_code=False,
+    pad_token_id=None,
+    allow_pickle=False,
+    **kwargs,
+):
     """A sequence-classification model (a new seeded head when the checkpoint has none) for `labels`."""
     from transformers import AutoModelForSequenceClassification
 
     model = _from_pretrained(
-        AutoModelForSequenceClassification, name, trust_remote_code, allow_pickle, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}, dtype=dtype, **kwargs,
+        AutoModelForSequenceClassification,
+        name,
+        trust_remote_code,
+        allow_pickle,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        dtype=dtype,
+        **kwargs,
     )
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token by it
@@ -266,8 +288,14 @@ def load_classifier(name: str, labels: list[str], device=None, dtype=torch.float
     return model
 
 
-def load_causal_lm(name: str, device: Optional[torch.device] = None, dtype=torch.float32, trust_remote_code=False,
-                   allow_pickle=False, **kwargs):
+def load_causal_lm(
+    name: str,
+    device: torch.device | None = None,
+    dtype=torch.float32,
+    trust_remote_code=False,
+    allow_pickle=False,
+    **kwargs,
+):
     """Load a causal LM from the registry or disk, weights as `dtype` (fp32 master weights by default).
     Extra keyword arguments (quantization_config, device_map) go to transformers."""
     from transformers import AutoModelForCausalLM

@@ -60,19 +60,23 @@ def list_runs(root="runs") -> list[dict]:
     if not root.is_dir():
         return []
     rows = []
-    for run in sorted(p for p in root.iterdir() if p.is_dir() and ((p / "config.yaml").exists() or (p / "summary.json").exists())):
+    for run in sorted(
+        p for p in root.iterdir() if p.is_dir() and ((p / "config.yaml").exists() or (p / "summary.json").exists())
+    ):
         status, s, detail = run_status(run)
         if not s.get("method"):  # not finished (or an empty summary): the config still says what it trains
             s = {**_config_fields(run), **s}
         evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
-        rows.append({
-            "run": run.name,
-            "status": status,
-            "method": _text(s.get("method")),
-            "model": _text(s.get("model")),
-            "final_train_loss": _number(s.get("final_train_loss")),
-            "eval_loss": _number(evals.get("eval_loss")),
-            "config_hash": _text(s.get("config_hash")),
-            "detail": detail,
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "status": status,
+                "method": _text(s.get("method")),
+                "model": _text(s.get("model")),
+                "final_train_loss": _number(s.get("final_train_loss")),
+                "eval_loss": _number(evals.get("eval_loss")),
+                "config_hash": _text(s.get("config_hash")),
+                "detail": detail,
+            }
+        )
     return rows

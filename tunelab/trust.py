@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 from .errors import UserError
 from .io import check_safetensors, read_json_object
@@ -38,8 +37,11 @@ def warn(message: str) -> None:
 
 def pickle_weight_files(folder: Path) -> list[str]:
     """Names of the pickle weight files directly in `folder`, sorted."""
-    return sorted(p.name for p in Path(folder).iterdir()
-                  if p.is_file() and p.name.endswith(PICKLE_SUFFIXES) and p.name not in _NOT_WEIGHTS)
+    return sorted(
+        p.name
+        for p in Path(folder).iterdir()
+        if p.is_file() and p.name.endswith(PICKLE_SUFFIXES) and p.name not in _NOT_WEIGHTS
+    )
 
 
 def _refuse_or_warn_pickle(folder: Path, files: list[str], allow_pickle: bool) -> None:
@@ -50,11 +52,13 @@ def _refuse_or_warn_pickle(folder: Path, files: list[str], allow_pickle: bool) -
             "unpickling can run arbitrary code; convert them to safetensors, or set `allow_pickle: true` "
             "in the config if you trust where they came from"
         )
-    warn(f"{folder}: reading pickle weights ({shown}) because allow_pickle is true; "
-         "unpickling can run code, so only do this for files you trust")
+    warn(
+        f"{folder}: reading pickle weights ({shown}) because allow_pickle is true; "
+        "unpickling can run code, so only do this for files you trust"
+    )
 
 
-def model_weights_are_safetensors(folder, allow_pickle: bool) -> Optional[bool]:
+def model_weights_are_safetensors(folder, allow_pickle: bool) -> bool | None:
     """transformers' `use_safetensors` for a model: True to read safetensors (the rule), False to read
     a local folder's pickle weights (only with `allow_pickle`, warned). A folder with only pickle
     weights and no opt-in is a UserError naming the file and the opt-in; one with neither is left to
@@ -94,7 +98,7 @@ def _code_files(auto_map: dict) -> list[str]:
     return sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "." in r})
 
 
-def _read_model_config(folder: Path) -> Optional[dict]:
+def _read_model_config(folder: Path) -> dict | None:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -121,5 +125,7 @@ def check_remote_code(folder, name: str, trust_remote_code: bool) -> None:
 
 
 def needs_custom_code_message(name: str, detail: str) -> str:
-    return (f"model '{name}' needs its own Python code to load ({detail}); set `trust_remote_code: true` "
-            "in the config only if you trust its source")
+    return (
+        f"model '{name}' needs its own Python code to load ({detail}); set `trust_remote_code: true` "
+        "in the config only if you trust its source"
+    )

@@ -73,10 +73,17 @@ def train_baseline(spec: dict, step_log: StepLog):
     from peft import LoraConfig, get_peft_model
 
     lora = spec["lora"]
-    model = get_peft_model(model, LoraConfig(
-        task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"], bias="none",
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            bias="none",
+        ),
+    )
     step_log.init_checksum = adapter_checksum(model)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(dir=spec["workdir"], prefix="hf-"),

@@ -23,11 +23,25 @@ def fast_config(spec: dict) -> dict:
         "seed": spec["seed"],
         "out_dir": str(Path(spec["workdir"]) / "runs"),
         "run_name": "bench-fast",
-        "data": {"train": spec["train_file"], "val_fraction": 0.0, "max_length": spec["max_length"],
-                 "loss_on": "completion"},
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "grad_accum": spec["grad_accum"],
-                  "lr": spec["lr"], "scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
-                  "max_grad_norm": 1.0, "precision": "auto", "packing": True, "log_every": 1},
+        "data": {
+            "train": spec["train_file"],
+            "val_fraction": 0.0,
+            "max_length": spec["max_length"],
+            "loss_on": "completion",
+        },
+        "train": {
+            "max_steps": spec["steps"],
+            "batch_size": spec["batch_size"],
+            "grad_accum": spec["grad_accum"],
+            "lr": spec["lr"],
+            "scheduler": "linear",
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "precision": "auto",
+            "packing": True,
+            "log_every": 1,
+        },
         "lora": dict(spec["lora"]),
     }
 
@@ -58,8 +72,9 @@ class TimedTrainer(loop.Trainer):
         self.step_log.begin()
         result = super().train_step(window, *args, **kwargs)
         indices = _flat_indices(window)
-        self.step_log.add_micro(loss=float(result[0]),
-                                useful=sum(len(self.data.train[i]["input_ids"]) for i in indices))
+        self.step_log.add_micro(
+            loss=float(result[0]), useful=sum(len(self.data.train[i]["input_ids"]) for i in indices)
+        )
         self.step_log.end(indices=indices, loop_tokens=int(result[2]))
         return result
 

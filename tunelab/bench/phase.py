@@ -1,6 +1,6 @@
 """One benchmark phase in a process of its own, so its peak memory (ru_maxrss) is its own:
 
-    python -m tunelab.bench.phase baseline|fast --spec SPEC.json --out RESULT.json
+python -m tunelab.bench.phase baseline|fast --spec SPEC.json --out RESULT.json
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ def run_phase(name: str, spec: dict) -> dict:
     if name == "fast":  # what tunelab's loop itself reported: its examples per step and its token count
         result["step_indices"] = [s["indices"] for s in step_log.steps]
         result["loop_reported_tokens"] = [s["loop_tokens"] for s in step_log.steps]
-    log(f"[{name}] {result['useful_tokens_per_s']:.0f} useful tok/s, final loss {result['final_train_loss']:.4f}, "
-        f"held-out loss {result['heldout_loss']:.4f}, peak {kind} {peak / 2**20:.0f} MiB")
+    log(
+        f"[{name}] {result['useful_tokens_per_s']:.0f} useful tok/s, final loss {result['final_train_loss']:.4f}, "
+        f"held-out loss {result['heldout_loss']:.4f}, peak {kind} {peak / 2**20:.0f} MiB"
+    )
     return result
 
 

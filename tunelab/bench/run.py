@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -39,11 +38,13 @@ HELDOUT_EXAMPLES = 8
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out batch comes from a different stream of the generator
 MIN_CPU_UTILISATION = 0.75  # measured on the idle 2-core machine: 0.95-0.99 per phase
 TARGETS = {"speedup_min": 2.0, "mem_ratio_max": 0.7, "loss_rel_diff_max": 0.03}
-MFU_FORMULA = ("mfu = (4 * N * useful_tokens / seconds) / matmul_peak: N = base model parameters (a tied embedding "
-               "counted once, as the LM head); 4N FLOPs per useful token = forward 2N + backward through the frozen "
-               "base for activation gradients 2N (LoRA weight gradients and attention-score FLOPs left out; padding "
-               "and work the fast path skips never count); matmul_peak = the best timed square torch.matmul of this run "
-               "at the phase's precision (2048x2048 before the phases; fp32 also 1024x1024 before and after each)")
+MFU_FORMULA = (
+    "mfu = (4 * N * useful_tokens / seconds) / matmul_peak: N = base model parameters (a tied embedding "
+    "counted once, as the LM head); 4N FLOPs per useful token = forward 2N + backward through the frozen "
+    "base for activation gradients 2N (LoRA weight gradients and attention-score FLOPs left out; padding "
+    "and work the fast path skips never count); matmul_peak = the best timed square torch.matmul of this run "
+    "at the phase's precision (2048x2048 before the phases; fp32 also 1024x1024 before and after each)"
+)
 
 
 def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int) -> list[dict]:
@@ -51,7 +52,9 @@ def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int) -> 
     examples = [Example(i + 1, messages=r["messages"]) for i, r in enumerate(rows)]
     encoded, stats = encode_examples(examples, tokenizer, template, max_length, "completion")
     if stats.dropped_no_target:
-        raise UserError(f"{stats.dropped_no_target} bench examples lost their answer at max_length {max_length}; raise it")
+        raise UserError(
+            f"{stats.dropped_no_target} bench examples lost their answer at max_length {max_length}; raise it"
+        )
     return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded]
 
 
@@ -91,16 +94,22 @@ def versions() -> dict:
     import peft
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def timing_reliable(base: dict, fast: dict) -> bool:
     """False when another process visibly took CPU from a phase (CPU-only: a GPU phase leaves the CPU idle)."""
     if base["peak_mem_kind"] != "rss":
         return True
-    return all(phase["cpu_utilisation"] is not None and phase["cpu_utilisation"] >= MIN_CPU_UTILISATION
-               for phase in (base, fast))
+    return all(
+        phase["cpu_utilisation"] is not None and phase["cpu_utilisation"] >= MIN_CPU_UTILISATION
+        for phase in (base, fast)
+    )
 
 
 def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
@@ -119,8 +128,10 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
         "speedup": fast["useful_tokens_per_s"] / base["useful_tokens_per_s"],
         "mem_ratio": fast["peak_mem_bytes"] / base["peak_mem_bytes"],
         # what training adds on top of the loaded model (the part packing and the fast loss can change)
-        "mem_ratio_training": ((fast["peak_mem_bytes"] - fast["peak_mem_before_train_bytes"])
-                               / max(1, base["peak_mem_bytes"] - base["peak_mem_before_train_bytes"])),
+        "mem_ratio_training": (
+            (fast["peak_mem_bytes"] - fast["peak_mem_before_train_bytes"])
+            / max(1, base["peak_mem_bytes"] - base["peak_mem_before_train_bytes"])
+        ),
         "loss_rel_diff": max(loss_train, loss_heldout),
         "loss_rel_diff_train": loss_train,
         "loss_rel_diff_heldout": loss_heldout,
@@ -129,7 +140,10 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
         "peak_flops_per_s": peak_flops,
         # 1024x1024 fp32 matmul FLOP/s just before and after each phase: unequal values mean the machine's
         # speed changed between the phases (other load), which moves the speedup by the same factor
-        "matmul_probe_flops_per_s": {"baseline": base["matmul_probe_flops_per_s"], "fast": fast["matmul_probe_flops_per_s"]},
+        "matmul_probe_flops_per_s": {
+            "baseline": base["matmul_probe_flops_per_s"],
+            "fast": fast["matmul_probe_flops_per_s"],
+        },
         "timing_reliable": timing_reliable(base, fast),
         "packing_active": fast["packed_batches"],
         "precision": fast["precision"],
@@ -137,7 +151,9 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
             "same_tokens": True,  # the fast phase refuses to run otherwise
             "same_order": fast_order == spec["order"][: spec["steps"] * spec["batch_size"]],
             "same_useful_tokens": base["step_useful_tokens"] == fast["step_useful_tokens"],
-            "same_initial_adapter": math.isclose(base["init_adapter_checksum"], fast["init_adapter_checksum"], rel_tol=1e-9),
+            "same_initial_adapter": math.isclose(
+                base["init_adapter_checksum"], fast["init_adapter_checksum"], rel_tol=1e-9
+            ),
         },
     }
     report["targets"] = TARGETS
@@ -149,8 +165,9 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
     return report
 
 
-def build_spec(workdir: Path, model: str, steps: int, warmup_steps: int, batch_size: int, max_length: int,
-               seed: int) -> dict:
+def build_spec(
+    workdir: Path, model: str, steps: int, warmup_steps: int, batch_size: int, max_length: int, seed: int
+) -> dict:
     """What both phases train on: settings, the data file, the encoded examples and their step order."""
     tokenizer = load_tokenizer(model)
     template = resolve_chat_template(tokenizer, "auto")
@@ -158,13 +175,22 @@ def build_spec(workdir: Path, model: str, steps: int, warmup_steps: int, batch_s
     train_file = workdir / "train.jsonl"
     atomic_write_jsonl(train_file, train_rows)
     spec = {
-        "model": model, "seed": seed, "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size,
-        "grad_accum": 1, "lr": 2e-4, "max_length": max_length,
+        "model": model,
+        "seed": seed,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "batch_size": batch_size,
+        "grad_accum": 1,
+        "lr": 2e-4,
+        "max_length": max_length,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "workdir": str(workdir), "train_file": str(train_file), "pad_id": tokenizer.pad_token_id,
+        "workdir": str(workdir),
+        "train_file": str(train_file),
+        "pad_id": tokenizer.pad_token_id,
         "examples": encode_rows(train_rows, tokenizer, template, max_length),
-        "heldout": encode_rows(make_bench_rows(HELDOUT_EXAMPLES, seed + HELDOUT_SEED_OFFSET), tokenizer, template,
-                               max_length),
+        "heldout": encode_rows(
+            make_bench_rows(HELDOUT_EXAMPLES, seed + HELDOUT_SEED_OFFSET), tokenizer, template, max_length
+        ),
     }
     from .fast import step_order
 
@@ -172,9 +198,17 @@ def build_spec(workdir: Path, model: str, steps: int, warmup_steps: int, batch_s
     return spec
 
 
-def run_bench(model: str = DEFAULT_MODEL, steps: Optional[int] = None, quick: bool = False, out: Optional[str] = None,
-              warmup_steps: int = 1, batch_size: int = 8, max_length: int = 512, seed: int = 0,
-              matmul_size: int = 2048) -> dict:
+def run_bench(
+    model: str = DEFAULT_MODEL,
+    steps: int | None = None,
+    quick: bool = False,
+    out: str | None = None,
+    warmup_steps: int = 1,
+    batch_size: int = 8,
+    max_length: int = 512,
+    seed: int = 0,
+    matmul_size: int = 2048,
+) -> dict:
     """Run the benchmark; returns the report (and writes it to `out` when given). Progress goes to stderr."""
     steps = steps or (QUICK_STEPS if quick else FULL_STEPS)
     if steps <= warmup_steps:
@@ -188,8 +222,10 @@ def run_bench(model: str = DEFAULT_MODEL, steps: Optional[int] = None, quick: bo
         spec_path = workdir / "spec.json"
         atomic_write_json(spec_path, spec)
         stats = length_stats([len(e["input_ids"]) for e in spec["examples"]])
-        log(f"bench: {model}, {steps} steps x {batch_size} examples; tokens per example p10 {stats['p10']:.0f}, "
-            f"median {stats['p50']:.0f}, p90 {stats['p90']:.0f}, max {stats['max']}")
+        log(
+            f"bench: {model}, {steps} steps x {batch_size} examples; tokens per example p10 {stats['p10']:.0f}, "
+            f"median {stats['p50']:.0f}, p90 {stats['p90']:.0f}, max {stats['max']}"
+        )
 
         fast_precision = resolve_precision("auto", device)
         peak_flops = {p: matmul_peak_flops(p, device, matmul_size) for p in sorted({"fp32", fast_precision})}
@@ -203,10 +239,20 @@ def run_bench(model: str = DEFAULT_MODEL, steps: Optional[int] = None, quick: bo
         "cpu_capability": cpu_capability(),
         "threads": torch.get_num_threads(),
         "versions": versions(),
-        "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "grad_accum": 1, "lr": spec["lr"],
-        "scheduler": "linear, no warmup", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": seed,
-        "lora": spec["lora"], "examples": len(spec["examples"]), "heldout_examples": len(spec["heldout"]),
-        "max_length": max_length, "lengths": stats,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "batch_size": batch_size,
+        "grad_accum": 1,
+        "lr": spec["lr"],
+        "scheduler": "linear, no warmup",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": seed,
+        "lora": spec["lora"],
+        "examples": len(spec["examples"]),
+        "heldout_examples": len(spec["heldout"]),
+        "max_length": max_length,
+        "lengths": stats,
         "baseline_padding_fraction": base["padding_fraction"],
         **combine(spec, base, fast, peak_flops),
         "baseline": base,
@@ -215,11 +261,15 @@ def run_bench(model: str = DEFAULT_MODEL, steps: Optional[int] = None, quick: bo
         "load_average_1m": {"start": load_start[0], "end": os.getloadavg()[0]},
     }
     if not report["timing_reliable"]:
-        log(f"bench: warning: other processes took CPU during the run (CPU utilisation baseline "
-            f"{base['cpu_utilisation']:.2f}, fast {fast['cpu_utilisation']:.2f}); the timings and the speedup are unreliable")
-    log(f"bench: speedup {report['speedup']:.2f}x useful tok/s, memory {report['mem_ratio']:.2f}x, "
+        log(
+            f"bench: warning: other processes took CPU during the run (CPU utilisation baseline "
+            f"{base['cpu_utilisation']:.2f}, fast {fast['cpu_utilisation']:.2f}); the timings and the speedup are unreliable"
+        )
+    log(
+        f"bench: speedup {report['speedup']:.2f}x useful tok/s, memory {report['mem_ratio']:.2f}x, "
         f"loss diff {100 * report['loss_rel_diff']:.2f}%, packing {'on' if report['packing_active'] else 'OFF'}, "
-        f"{report['wall_s']:.0f} s")
+        f"{report['wall_s']:.0f} s"
+    )
     if out:
         atomic_write_json(out, report)
     return report

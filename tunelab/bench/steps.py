@@ -10,7 +10,6 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..log import log
 
@@ -23,11 +22,11 @@ class StepLog:
     total_steps: int
     steps: list = field(default_factory=list)
     notes: dict = field(default_factory=dict)
-    init_checksum: Optional[float] = None
-    peak_before_train: Optional[tuple] = None
-    _last_end: Optional[float] = None
+    init_checksum: float | None = None
+    peak_before_train: tuple | None = None
+    _last_end: float | None = None
     _last_cpu: float = 0.0
-    _current: Optional[dict] = None
+    _current: dict | None = None
 
     def mark_train_start(self) -> None:
         from ..device import peak_memory, pick_device
@@ -54,8 +53,10 @@ class StepLog:
         self._last_end, self._last_cpu, self._current = now, cpu, None
         self.steps.append(record)
         rate = record["useful_tokens"] / record["seconds"] if record["seconds"] > 0 else 0.0
-        log(f"[{self.phase}] step {len(self.steps)}/{self.total_steps}  loss {record['loss']:.4f}  "
-            f"{record['seconds']:.2f} s  {rate:.0f} useful tok/s")
+        log(
+            f"[{self.phase}] step {len(self.steps)}/{self.total_steps}  loss {record['loss']:.4f}  "
+            f"{record['seconds']:.2f} s  {rate:.0f} useful tok/s"
+        )
 
     def summary(self, warmup_steps: int, threads: int) -> dict:
         """Throughput and step times over the steps after the warm-up; losses over all steps."""
@@ -73,11 +74,17 @@ class StepLog:
             "useful_tokens": useful_all,
             "useful_tokens_timed": useful_timed,
             "useful_tokens_per_s": useful_timed / sum(seconds) if sum(seconds) > 0 else 0.0,
-            "step_time_s": {"mean": statistics.fmean(seconds), "median": statistics.median(seconds),
-                            "min": min(seconds), "max": max(seconds)},
+            "step_time_s": {
+                "mean": statistics.fmean(seconds),
+                "median": statistics.median(seconds),
+                "min": min(seconds),
+                "max": max(seconds),
+            },
             # CPU time this process got per wall second and thread: well below the idle value means
             # other processes took the cores, and the step times are not this trainer's alone
-            "cpu_utilisation": sum(s["cpu_seconds"] for s in timed) / (sum(seconds) * threads) if sum(seconds) > 0 else None,
+            "cpu_utilisation": sum(s["cpu_seconds"] for s in timed) / (sum(seconds) * threads)
+            if sum(seconds) > 0
+            else None,
             # token positions the model ran on (rows x width): useful + padding
             "batch_slots": slots_all,
             "padding_fraction": 1.0 - useful_all / slots_all if slots_all else None,

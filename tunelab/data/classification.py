@@ -15,7 +15,9 @@ def label_names(examples: list[Example]) -> list[str]:
     return sorted(names)
 
 
-def encode_classification(examples: list[Example], tokenizer, max_length: int, labels: list[str], path) -> tuple[list[dict], EncodeStats]:
+def encode_classification(
+    examples: list[Example], tokenizer, max_length: int, labels: list[str], path
+) -> tuple[list[dict], EncodeStats]:
     """{input_ids, label} per example; a label missing from `labels` is an error naming its line."""
     index = {name: i for i, name in enumerate(labels)}
     stats = EncodeStats()
@@ -23,7 +25,9 @@ def encode_classification(examples: list[Example], tokenizer, max_length: int, l
     for ex in examples:
         label = str(ex.label)
         if label not in index:
-            raise DataError(path, ex.line, f"label {label!r} does not occur in the training data (labels: {labels})", field="label")
+            raise DataError(
+                path, ex.line, f"label {label!r} does not occur in the training data (labels: {labels})", field="label"
+            )
         ids = tokenizer(ex.text, truncation=False, add_special_tokens=True)["input_ids"]
         if len(ids) > max_length:
             stats.truncated += 1

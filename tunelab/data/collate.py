@@ -101,5 +101,12 @@ def varlen_batch(examples: list[dict]) -> dict:
     labels = torch.tensor([x for e in examples for x in [IGNORE_INDEX] + list(e["labels"][1:])]).unsqueeze(0)
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     bounds = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seq_lens_q": bounds,
-            "cu_seq_lens_k": bounds, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-
 from ..errors import ConfigError
 from .classification import encode_classification, label_names
 from .encode import EncodeStats, encode_examples, resolve_chat_template
@@ -28,8 +27,10 @@ class PreparedData:
         notes = []
         for name, s in (("train", self.train_stats), ("eval", self.val_stats)):
             if s.truncated:
-                notes.append(f"{s.truncated} {name} examples were longer than data.max_length: their prompts lost "
-                             "their middle so the answer fits (answers longer than half of it were cut)")
+                notes.append(
+                    f"{s.truncated} {name} examples were longer than data.max_length: their prompts lost "
+                    "their middle so the answer fits (answers longer than half of it were cut)"
+                )
             if s.dropped_no_target:
                 notes.append(f"{s.dropped_no_target} {name} examples had no completion tokens left and were dropped")
         if self.skipped:
@@ -57,7 +58,11 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     if (fmt == "classification") != (cfg.task == "classification"):
         raise ConfigError(
             f"{d.train}: {fmt} data does not fit task: {cfg.task} "
-            + ("(text/label data needs task: classification)" if fmt == "classification" else "(classification needs text/label records)")
+            + (
+                "(text/label data needs task: classification)"
+                if fmt == "classification"
+                else "(classification needs text/label records)"
+            )
         )
     if d.eval:
         val_examples, _, val_skipped = load_examples(d.eval, fmt, d.skip_invalid)
@@ -73,10 +78,14 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, d.labels, d.eval or d.train)
         return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped, val_examples)
     template = resolve_chat_template(tokenizer, d.chat_template)
-    train, train_stats = encode_examples(train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train)
-    val, val_stats = encode_examples(val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train)
+    train, train_stats = encode_examples(
+        train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train
+    )
+    val, val_stats = encode_examples(
+        val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train
+    )
     if not train:
-        raise ConfigError(f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length")
+        raise ConfigError(
+            f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length"
+        )
     return PreparedData(train, val, fmt, template, train_stats, val_stats, skipped, val_examples)
-
-

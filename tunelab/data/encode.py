@@ -8,7 +8,6 @@ end-of-turn token, so a fine-tuned model learns to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..errors import DataError
 from .formats import Example
@@ -52,7 +51,7 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
     )
 
 
-def with_system_prompt(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     if system_prompt is None or (messages and messages[0]["role"] == "system"):
         return messages
     return [{"role": "system", "content": system_prompt}] + messages
@@ -68,7 +67,9 @@ def _completion_spans(tokenizer, template: str, messages: list[dict], full: str,
         upto = render(tokenizer, template, messages[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(
-                where[0], where[1], "the chat template does not render conversations prefix by prefix; use data.loss_on: all"
+                where[0],
+                where[1],
+                "the chat template does not render conversations prefix by prefix; use data.loss_on: all",
             )
         end = len(upto.rstrip(" \n"))  # the newline after the end-of-turn token is not part of the answer
         spans.append((len(before), end))
@@ -81,7 +82,7 @@ def encode_example(
     template: str,
     max_length: int,
     loss_on: str = "completion",
-    system_prompt: Optional[str] = None,
+    system_prompt: str | None = None,
     where=("<data>", None),
 ) -> tuple[dict, bool]:
     """Tokenize one example. Returns ({input_ids, labels}, truncated)."""
@@ -105,7 +106,9 @@ def encode_example(
         last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
         # whitespace after the end-of-turn token (ChatML's newline, supervised with loss_on: all)
         # is not the end of the answer; looking past it avoids a second EOS after "<eos>\n"
-        while last and labels[last - 1] != IGNORE_INDEX and ids[last] != eos and not tokenizer.decode([ids[last]]).strip():
+        while (
+            last and labels[last - 1] != IGNORE_INDEX and ids[last] != eos and not tokenizer.decode([ids[last]]).strip()
+        ):
             last -= 1
         if last is not None and ids[last] != eos:
             ids.insert(last + 1, eos)
@@ -134,8 +137,15 @@ def _kept_positions(labels: list[int], max_length: int) -> list[int]:
     return prompt + list(range(first, first + max_length - prompt_keep))
 
 
-def encode_examples(examples: list[Example], tokenizer, template: str, max_length: int, loss_on: str,
-                    system_prompt: Optional[str] = None, path="<data>") -> tuple[list[dict], EncodeStats]:
+def encode_examples(
+    examples: list[Example],
+    tokenizer,
+    template: str,
+    max_length: int,
+    loss_on: str,
+    system_prompt: str | None = None,
+    path="<data>",
+) -> tuple[list[dict], EncodeStats]:
     """Encode many examples; drops (and counts) those left with no loss tokens after truncation."""
     stats = EncodeStats()
     out = []
@@ -153,7 +163,7 @@ def encode_examples(examples: list[Example], tokenizer, template: str, max_lengt
     return out, stats
 
 
-def prompt_text(tokenizer, template: str, messages: list[dict], system_prompt: Optional[str] = None) -> str:
+def prompt_text(tokenizer, template: str, messages: list[dict], system_prompt: str | None = None) -> str:
     """The rendered prompt for generation: everything up to the assistant's reply."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]

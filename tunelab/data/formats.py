@@ -16,7 +16,6 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from ..errors import DataError
 
@@ -31,9 +30,9 @@ class Example:
     """One normalised record: a conversation, plain text, or text with a label."""
 
     line: int
-    messages: Optional[list[dict]] = None
-    text: Optional[str] = None
-    label: Optional[object] = None
+    messages: list[dict] | None = None
+    text: str | None = None
+    label: object | None = None
     source: dict = field(default_factory=dict, repr=False)
 
 
@@ -60,8 +59,11 @@ def _decode(path: Path, raw: bytes, line: int) -> str:
         if line:
             raise DataError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
         line_start = raw.rfind(b"\n", 0, exc.start) + 1
-        raise DataError(path, raw.count(b"\n", 0, exc.start) + 1,
-                        f"not valid UTF-8 ({exc.reason} at byte {exc.start - line_start} of the line)") from None
+        raise DataError(
+            path,
+            raw.count(b"\n", 0, exc.start) + 1,
+            f"not valid UTF-8 ({exc.reason} at byte {exc.start - line_start} of the line)",
+        ) from None
 
 
 def _check_depth(obj, path, line, depth=0):
@@ -86,7 +88,7 @@ def _parse_json(text: str, path: Path, line: int):
         raise DataError(path, line, f"invalid JSON: {str(exc).split(';')[0]}") from None
 
 
-def _read_jsonl(path: Path, raw: bytes, problems: Optional[list] = None) -> list[Record]:
+def _read_jsonl(path: Path, raw: bytes, problems: list | None = None) -> list[Record]:
     """With a `problems` list, lines that do not parse are recorded there and skipped (skip_invalid)."""
     records = []
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
@@ -180,7 +182,7 @@ def _read_csv(path: Path, raw: bytes) -> list[Record]:
     return records
 
 
-def read_records(path: str | Path, problems: Optional[list] = None) -> list[Record]:
+def read_records(path: str | Path, problems: list | None = None) -> list[Record]:
     """Read a JSONL / JSON / CSV file into records with their line numbers.
 
     With a `problems` list, unparseable JSONL lines are skipped and described there."""
@@ -210,7 +212,7 @@ def read_records(path: str | Path, problems: Optional[list] = None) -> list[Reco
     return records
 
 
-def _format_of(keys: set) -> Optional[str]:
+def _format_of(keys: set) -> str | None:
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -242,7 +244,7 @@ def detect_format(records: list[Record], path) -> str:
     )
 
 
-def _string(record: Record, key: str, path, required=True, allow_empty=False) -> Optional[str]:
+def _string(record: Record, key: str, path, required=True, allow_empty=False) -> str | None:
     if key not in record.data or record.data[key] is None:
         if required:
             raise DataError(path, record.line, "missing", field=key)
@@ -269,7 +271,10 @@ def _turns(record: Record, key: str, path, role_key: str, content_key: str, role
         role = turn.get(role_key)
         if not isinstance(role, str) or role not in role_map:  # a list/dict role is unhashable: TypeError on `in`
             raise DataError(
-                path, record.line, f"unknown role {role!r}; expected one of {sorted(role_map)}", field=f"{where}.{role_key}"
+                path,
+                record.line,
+                f"unknown role {role!r}; expected one of {sorted(role_map)}",
+                field=f"{where}.{role_key}",
             )
         content = turn.get(content_key)
         if not isinstance(content, str):
@@ -316,12 +321,16 @@ def to_example(record: Record, fmt: str, path) -> Example:
         if "label" not in d or d["label"] is None or (isinstance(d["label"], str) and not d["label"].strip()):
             raise DataError(path, record.line, "missing", field="label")
         if not isinstance(d["label"], (str, int)) or isinstance(d["label"], bool):
-            raise DataError(path, record.line, f"expected a string or integer, got {type(d['label']).__name__}", field="label")
+            raise DataError(
+                path, record.line, f"expected a string or integer, got {type(d['label']).__name__}", field="label"
+            )
         return Example(record.line, text=_string(record, "text", path), label=d["label"], source=d)
     raise DataError(path, None, f"unknown data format '{fmt}'; choose from auto, {', '.join(FORMATS)}")
 
 
-def load_examples(path: str | Path, fmt: str = "auto", skip_invalid: bool = False) -> tuple[list[Example], str, list[str]]:
+def load_examples(
+    path: str | Path, fmt: str = "auto", skip_invalid: bool = False
+) -> tuple[list[Example], str, list[str]]:
     """Read and normalise a data file. Returns (examples, format, problems skipped)."""
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:

@@ -6,7 +6,6 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from ..config import apply_overrides, build_config
 from ..generation import GenerationSettings, generate_batch
@@ -15,7 +14,7 @@ from .dates import write_dataset
 GREEDY = GenerationSettings.greedy(16)
 
 
-def demo_config(data_path: Path, out_dir: str, steps: Optional[int] = None):
+def demo_config(data_path: Path, out_dir: str, steps: int | None = None):
     import yaml
 
     data = yaml.safe_load(resources.files("tunelab.demo").joinpath("dates.yaml").read_text())
@@ -32,8 +31,9 @@ def exact_match(model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
     return hits / len(rows), predictions
 
 
-def run_demo(out_dir: str = "runs", steps: Optional[int] = None) -> dict:
+def run_demo(out_dir: str = "runs", steps: int | None = None) -> dict:
     import tunelab
+
     from ..models import load_causal_lm, load_tokenizer
 
     t_start = time.time()
@@ -76,8 +76,10 @@ def run_demo(out_dir: str = "runs", steps: Optional[int] = None) -> dict:
     from ..io import atomic_write_json
 
     atomic_write_json(Path(result.run_dir) / "demo.json", report)
-    print(f"exact match on {len(test_rows)} held-out dates: before {before:.1%} -> after {after:.1%} "
-          f"({summary['steps']} LoRA steps, {summary['train_wall_s']:.0f}s training, "
-          f"{summary['train_tokens_per_s']:.0f} tokens/s; whole demo {report['demo_wall_s']:.0f}s)")
+    print(
+        f"exact match on {len(test_rows)} held-out dates: before {before:.1%} -> after {after:.1%} "
+        f"({summary['steps']} LoRA steps, {summary['train_wall_s']:.0f}s training, "
+        f"{summary['train_tokens_per_s']:.0f} tokens/s; whole demo {report['demo_wall_s']:.0f}s)"
+    )
     print(f"run directory: {result.run_dir}")
     return report

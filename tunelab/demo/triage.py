@@ -18,29 +18,64 @@ LABELS = ["cardiology", "neurology", "dermatology", "gastroenterology", "respira
 
 SYMPTOMS_EN = {
     "cardiology": [
-        "chest pain when climbing stairs", "a racing heartbeat", "palpitations at night", "tightness in my chest",
-        "an irregular heartbeat", "swollen ankles and chest pressure", "chest pain spreading to my left arm",
-        "my heart skipping beats", "high blood pressure and chest discomfort", "fainting with a pounding heart",
+        "chest pain when climbing stairs",
+        "a racing heartbeat",
+        "palpitations at night",
+        "tightness in my chest",
+        "an irregular heartbeat",
+        "swollen ankles and chest pressure",
+        "chest pain spreading to my left arm",
+        "my heart skipping beats",
+        "high blood pressure and chest discomfort",
+        "fainting with a pounding heart",
     ],
     "neurology": [
-        "severe headaches", "numbness in my left hand", "dizziness and blurred vision", "a migraine with flashing lights",
-        "tingling in my feet", "memory problems", "trembling hands", "seizures", "weakness on one side of my face",
+        "severe headaches",
+        "numbness in my left hand",
+        "dizziness and blurred vision",
+        "a migraine with flashing lights",
+        "tingling in my feet",
+        "memory problems",
+        "trembling hands",
+        "seizures",
+        "weakness on one side of my face",
         "trouble speaking clearly",
     ],
     "dermatology": [
-        "an itchy rash on my arms", "red patches of skin", "a mole that changed colour", "acne that will not heal",
-        "dry, peeling skin", "hives after eating", "a blistering rash", "eczema on my hands",
-        "a skin lesion that bleeds", "hair falling out in patches",
+        "an itchy rash on my arms",
+        "red patches of skin",
+        "a mole that changed colour",
+        "acne that will not heal",
+        "dry, peeling skin",
+        "hives after eating",
+        "a blistering rash",
+        "eczema on my hands",
+        "a skin lesion that bleeds",
+        "hair falling out in patches",
     ],
     "gastroenterology": [
-        "stomach pain after meals", "diarrhea", "heartburn and acid reflux", "nausea and vomiting",
-        "blood in my stool", "bloating and constipation", "pain in my upper abdomen", "difficulty swallowing food",
-        "yellow eyes and dark urine", "cramps in my belly",
+        "stomach pain after meals",
+        "diarrhea",
+        "heartburn and acid reflux",
+        "nausea and vomiting",
+        "blood in my stool",
+        "bloating and constipation",
+        "pain in my upper abdomen",
+        "difficulty swallowing food",
+        "yellow eyes and dark urine",
+        "cramps in my belly",
     ],
     "respiratory": [
-        "a persistent cough", "shortness of breath", "wheezing at night", "coughing up phlegm",
-        "trouble breathing when I walk", "a chest cold that will not clear", "an asthma attack", "a dry cough and fever",
-        "noisy breathing", "coughing up blood",
+        "a persistent cough",
+        "shortness of breath",
+        "wheezing at night",
+        "coughing up phlegm",
+        "trouble breathing when I walk",
+        "a chest cold that will not clear",
+        "an asthma attack",
+        "a dry cough and fever",
+        "noisy breathing",
+        "coughing up blood",
     ],
 }
 
@@ -49,27 +84,78 @@ SYMPTOMS_EN = {
 # without the gloss the Chinese complaints are not learnable by this model (measured: ~40% accuracy on
 # them vs 100% on English). `make_triage(..., zh_gloss=False)` writes pure Chinese for multilingual models.
 SYMPTOMS_ZH = {
-    "cardiology": [("胸口疼", "chest pain"), ("心跳很快", "racing heart"), ("心慌心悸", "palpitations"),
-                   ("胸闷", "chest tightness"), ("心律不齐", "arrhythmia"), ("血压高", "hypertension"),
-                   ("心脏漏跳", "skipped heartbeats"), ("胸痛放射到左臂", "chest pain to left arm")],
-    "neurology": [("头痛得厉害", "severe headache"), ("左手发麻", "hand numbness"), ("头晕眼花", "dizziness"),
-                  ("偏头痛", "migraine"), ("脚底刺痛", "tingling feet"), ("记忆力下降", "memory loss"),
-                  ("手抖", "tremor"), ("抽搐", "seizures")],
-    "dermatology": [("手臂起了痒疹", "itchy rash"), ("皮肤发红起斑", "red skin patches"), ("痣变了颜色", "changing mole"),
-                    ("痘痘一直不好", "acne"), ("皮肤干燥脱皮", "peeling skin"), ("起荨麻疹", "hives"),
-                    ("手上长湿疹", "eczema"), ("皮肤起水泡", "skin blisters")],
-    "gastroenterology": [("吃完饭胃疼", "stomach pain"), ("拉肚子", "diarrhea"), ("烧心反酸", "acid reflux"),
-                         ("恶心呕吐", "nausea and vomiting"), ("便血", "blood in stool"), ("肚子胀还便秘", "constipation"),
-                         ("上腹部疼", "abdominal pain"), ("吞咽困难", "difficulty swallowing")],
-    "respiratory": [("一直咳嗽", "persistent cough"), ("喘不上气", "shortness of breath"), ("晚上喘鸣", "wheezing"),
-                    ("咳痰", "coughing up phlegm"), ("走路就呼吸困难", "breathlessness"), ("感冒一直不好还咳", "lingering cough"),
-                    ("哮喘发作", "asthma attack"), ("干咳发烧", "dry cough and fever")],
+    "cardiology": [
+        ("胸口疼", "chest pain"),
+        ("心跳很快", "racing heart"),
+        ("心慌心悸", "palpitations"),
+        ("胸闷", "chest tightness"),
+        ("心律不齐", "arrhythmia"),
+        ("血压高", "hypertension"),
+        ("心脏漏跳", "skipped heartbeats"),
+        ("胸痛放射到左臂", "chest pain to left arm"),
+    ],
+    "neurology": [
+        ("头痛得厉害", "severe headache"),
+        ("左手发麻", "hand numbness"),
+        ("头晕眼花", "dizziness"),
+        ("偏头痛", "migraine"),
+        ("脚底刺痛", "tingling feet"),
+        ("记忆力下降", "memory loss"),
+        ("手抖", "tremor"),
+        ("抽搐", "seizures"),
+    ],
+    "dermatology": [
+        ("手臂起了痒疹", "itchy rash"),
+        ("皮肤发红起斑", "red skin patches"),
+        ("痣变了颜色", "changing mole"),
+        ("痘痘一直不好", "acne"),
+        ("皮肤干燥脱皮", "peeling skin"),
+        ("起荨麻疹", "hives"),
+        ("手上长湿疹", "eczema"),
+        ("皮肤起水泡", "skin blisters"),
+    ],
+    "gastroenterology": [
+        ("吃完饭胃疼", "stomach pain"),
+        ("拉肚子", "diarrhea"),
+        ("烧心反酸", "acid reflux"),
+        ("恶心呕吐", "nausea and vomiting"),
+        ("便血", "blood in stool"),
+        ("肚子胀还便秘", "constipation"),
+        ("上腹部疼", "abdominal pain"),
+        ("吞咽困难", "difficulty swallowing"),
+    ],
+    "respiratory": [
+        ("一直咳嗽", "persistent cough"),
+        ("喘不上气", "shortness of breath"),
+        ("晚上喘鸣", "wheezing"),
+        ("咳痰", "coughing up phlegm"),
+        ("走路就呼吸困难", "breathlessness"),
+        ("感冒一直不好还咳", "lingering cough"),
+        ("哮喘发作", "asthma attack"),
+        ("干咳发烧", "dry cough and fever"),
+    ],
 }
 
-DURATIONS_EN = ["two days", "three days", "a week", "ten days", "two weeks", "a month", "several months",
-                "about a year"]
-ONSETS_EN = ["yesterday", "this morning", "last night", "two days ago", "a week ago", "two weeks ago", "a month ago",
-             "last year"]
+DURATIONS_EN = [
+    "two days",
+    "three days",
+    "a week",
+    "ten days",
+    "two weeks",
+    "a month",
+    "several months",
+    "about a year",
+]
+ONSETS_EN = [
+    "yesterday",
+    "this morning",
+    "last night",
+    "two days ago",
+    "a week ago",
+    "two weeks ago",
+    "a month ago",
+    "last year",
+]
 DURATIONS_ZH = ["两天", "三天", "一个星期", "十天", "两个星期", "一个月", "几个月", "半年", "一年"]
 
 TEMPLATES_EN = [
@@ -99,15 +185,22 @@ def _complaint(rng: random.Random, label: str, chinese: bool, zh_gloss: bool = T
     age = rng.randint(4, 90)
     if chinese:
         zh, en = rng.choice(SYMPTOMS_ZH[label])
-        return rng.choice(TEMPLATES_ZH).format(s=f"{zh}（{en}）" if zh_gloss else zh, d=rng.choice(DURATIONS_ZH),
-                                               a=age, rel=rng.choice(RELATIVES_ZH))
-    text = rng.choice(TEMPLATES_EN).format(s=rng.choice(SYMPTOMS_EN[label]), d=rng.choice(DURATIONS_EN),
-                                           ago=rng.choice(ONSETS_EN), a=age, rel=rng.choice(RELATIVES_EN))
+        return rng.choice(TEMPLATES_ZH).format(
+            s=f"{zh}（{en}）" if zh_gloss else zh, d=rng.choice(DURATIONS_ZH), a=age, rel=rng.choice(RELATIVES_ZH)
+        )
+    text = rng.choice(TEMPLATES_EN).format(
+        s=rng.choice(SYMPTOMS_EN[label]),
+        d=rng.choice(DURATIONS_EN),
+        ago=rng.choice(ONSETS_EN),
+        a=age,
+        rel=rng.choice(RELATIVES_EN),
+    )
     return text[0].upper() + text[1:]
 
 
-def make_triage(n: int, seed: int, chinese_share: float = 0.3, exclude: set | None = None,
-                zh_gloss: bool = True) -> list[dict]:
+def make_triage(
+    n: int, seed: int, chinese_share: float = 0.3, exclude: set | None = None, zh_gloss: bool = True
+) -> list[dict]:
     """n distinct complaints {text, label}, labels cycled (balanced); texts in `exclude` are never used.
 
     About `chinese_share` of them are Chinese; with `zh_gloss` the Chinese symptom carries its English term.
@@ -181,8 +274,10 @@ def run_triage_benchmark(out_dir, overrides: list[str] | None = None, seed: int 
         "steps": int(result.summary.get("steps", trainer.state["step"])),
         "run_dir": str(result.run_dir),
     }
-    print(f"triage: {cfg.model} + {cfg.method} ({', '.join(cfg.lora.target_modules or [])}), "
-          f"{report['steps']} steps, {len(trainer.data.val)} held-out complaints")
+    print(
+        f"triage: {cfg.model} + {cfg.method} ({', '.join(cfg.lora.target_modules or [])}), "
+        f"{report['steps']} steps, {len(trainer.data.val)} held-out complaints"
+    )
     print(f"{'':10}{'macro-F1':>10}{'accuracy':>10}")
     print(f"{'before':10}{report['macro_f1_before']:>10.3f}{report['accuracy_before']:>10.3f}")
     print(f"{'after':10}{report['macro_f1_after']:>10.3f}{report['accuracy_after']:>10.3f}")

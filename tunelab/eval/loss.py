@@ -19,7 +19,15 @@ def _classification_scores(model, y_true, y_pred, probs) -> dict:
     id2label = getattr(model.config, "id2label", None) or {}
     names = [str(id2label.get(i, i)) for i in range(probs.shape[1])]
     m = classification_metrics(y_true, y_pred, probs, names)
-    keys = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted"]
+    keys = [
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+    ]
     out = {f"eval_{k}": m[k] for k in keys}
     if m.get("roc_auc") is not None:
         out["eval_auc"] = m["roc_auc"]
@@ -54,5 +62,9 @@ def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
     model.train(was_training)
     mean = total / max(tokens, 1)
     if classification:
-        return {"eval_loss": mean, **_classification_scores(model, y_true, y_pred, torch.cat(probs).numpy()), "eval_examples": tokens}
+        return {
+            "eval_loss": mean,
+            **_classification_scores(model, y_true, y_pred, torch.cat(probs).numpy()),
+            "eval_examples": tokens,
+        }
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens}

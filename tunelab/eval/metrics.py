@@ -163,9 +163,7 @@ def generation_metrics(predictions: list[str], references: list[str], lang: str 
     result["warnings"] = []
     if empty:
         # Usually a sign of a generation problem (EOS first, too few new tokens), not of the model's skill.
-        result["warnings"].append(
-            f"{empty} of {len(predictions)} predictions are empty; they score 0 on every metric"
-        )
+        result["warnings"].append(f"{empty} of {len(predictions)} predictions are empty; they score 0 on every metric")
     return result
 
 

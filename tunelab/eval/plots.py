@@ -6,7 +6,6 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 from ..io import atomic_write_bytes, read_metrics
 
@@ -44,7 +43,7 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot_loss_curves(run_dir) -> Optional[Path]:
+def plot_loss_curves(run_dir) -> Path | None:
     """Write RUN/plots/loss.png: train loss per step, eval loss per evaluated step, learning rate below.
 
     Returns the path, or None (writing nothing) when metrics.jsonl is missing or has no finite loss.
@@ -97,7 +96,7 @@ def _label_names(run_dir: Path, n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def _font_family(labels: list[str]) -> Optional[list[str]]:
+def _font_family(labels: list[str]) -> list[str] | None:
     """A fallback family list when a label is non-ASCII and a CJK font is installed; None otherwise."""
     if all(label.isascii() for label in labels):
         return None
@@ -107,7 +106,7 @@ def _font_family(labels: list[str]) -> Optional[list[str]]:
     return [*rcParams["font.sans-serif"][:1], *cjk] if cjk else None
 
 
-def plot_confusion_matrix(run_dir) -> Optional[Path]:
+def plot_confusion_matrix(run_dir) -> Path | None:
     """Write RUN/plots/confusion_matrix.png from eval.json (rows = true label, columns = predicted).
 
     Returns the path, or None (writing nothing) when eval.json has no eval_confusion_matrix.
@@ -117,7 +116,11 @@ def plot_confusion_matrix(run_dir) -> Optional[Path]:
         matrix = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("eval_confusion_matrix")
     except (OSError, ValueError, AttributeError):
         return None
-    if not matrix or not isinstance(matrix, list) or not all(isinstance(row, list) and len(row) == len(matrix) for row in matrix):
+    if (
+        not matrix
+        or not isinstance(matrix, list)
+        or not all(isinstance(row, list) and len(row) == len(matrix) for row in matrix)
+    ):
         return None
 
     import numpy as np

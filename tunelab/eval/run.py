@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -40,7 +39,7 @@ class Ensemble(torch.nn.Module):
         return type("Output", (), {"logits": logits})()
 
 
-def _scorer(spec: Optional[str]):
+def _scorer(spec: str | None):
     if not spec:
         return None
     module, _, name = spec.partition(":")
@@ -50,7 +49,7 @@ def _scorer(spec: Optional[str]):
         raise UserError(f"eval.scorer '{spec}': cannot import it ({exc}); use module:function") from None
 
 
-def generation_eval(model, tokenizer, examples, cfg, run_dir: Optional[Path]) -> dict:
+def generation_eval(model, tokenizer, examples, cfg, run_dir: Path | None) -> dict:
     """Greedy answers for each held-out conversation, scored against its last assistant turn."""
     from ..generation import GenerationSettings, generate_batch
     from .metrics import generation_metrics, latency_stats, rouge
@@ -70,9 +69,14 @@ def generation_eval(model, tokenizer, examples, cfg, run_dir: Optional[Path]) ->
     scorer = _scorer(cfg.eval.scorer)
     rows = []
     for e, pred, ref in zip(items, predictions, references):
-        row = {"line": e.line, "prompt": e.messages[-2]["content"] if len(e.messages) > 1 else "", "reference": ref,
-               "prediction": pred, "exact_match": float(pred.strip() == ref.strip()),
-               "rougeL": rouge([pred], [ref], cfg.eval.lang)["rougeL"]}
+        row = {
+            "line": e.line,
+            "prompt": e.messages[-2]["content"] if len(e.messages) > 1 else "",
+            "reference": ref,
+            "prediction": pred,
+            "exact_match": float(pred.strip() == ref.strip()),
+            "rougeL": rouge([pred], [ref], cfg.eval.lang)["rougeL"],
+        }
         if scorer is not None:
             row["score"] = float(scorer(pred, ref, e.source))
         rows.append(row)
@@ -102,7 +106,7 @@ def _classification_latency(model, examples, pad_id) -> dict:
     return {f"eval_latency_{k}": v for k, v in latency_stats(seconds).items()}
 
 
-def evaluate_run(run_or_model: str, data: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
+def evaluate_run(run_or_model: str, data: str | None = None, overrides: list[str] | None = None) -> dict:
     """Evaluate and return the metrics; a single run also gets RUN/eval.json (and predictions.jsonl)."""
     from ..loading import is_run_dir, load
 
@@ -116,7 +120,9 @@ def evaluate_run(run_or_model: str, data: Optional[str] = None, overrides: Optio
     else:
         cfg = build_config(apply_overrides({"model": targets[0]}, overrides or []))
     if data:
-        cfg = build_config(apply_overrides(cfg.to_dict(), [f"data.train={data}", "data.eval=null", "data.val_fraction=0"]))
+        cfg = build_config(
+            apply_overrides(cfg.to_dict(), [f"data.train={data}", "data.eval=null", "data.val_fraction=0"])
+        )
     elif not is_run:
         raise UserError("evaluating a bare model needs --data FILE")
     # a bare model takes its opt-ins from the overrides (trust_remote_code=true, allow_pickle=true)
@@ -137,8 +143,15 @@ def evaluate_run(run_or_model: str, data: Optional[str] = None, overrides: Optio
     elif cfg.eval.generate and len(loaded) == 1:
         metrics.update(generation_eval(model, tokenizer, raw, cfg, runs[0] if len(runs) == 1 else None))
     peak, kind = peak_memory(next(model.parameters()).device)
-    metrics.update({"peak_mem_bytes": peak, "peak_mem_kind": kind, "examples": len(examples),
-                    "data": data or "validation split", "models": targets})
+    metrics.update(
+        {
+            "peak_mem_bytes": peak,
+            "peak_mem_kind": kind,
+            "examples": len(examples),
+            "data": data or "validation split",
+            "models": targets,
+        }
+    )
     if len(runs) == 1:
         from ..training.loop import write_plots
 

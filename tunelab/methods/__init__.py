@@ -8,9 +8,22 @@ from .ia3 import IA3Method
 from .lora import DoraMethod, LoraMethod, LoraPlusMethod, PissaMethod, QLoraMethod, RsLoraMethod
 from .prompt import PrefixMethod, PromptMethod, PTuningMethod
 
-_ALL = (FullMethod(), FreezeMethod(), LoraMethod(), QLoraMethod(), DoraMethod(), RsLoraMethod(), PissaMethod(),
-        LoraPlusMethod(), BottleneckAdapterMethod(), PrefixMethod(), PromptMethod(), PTuningMethod(), IA3Method(),
-        AdaLoraMethod())
+_ALL = (
+    FullMethod(),
+    FreezeMethod(),
+    LoraMethod(),
+    QLoraMethod(),
+    DoraMethod(),
+    RsLoraMethod(),
+    PissaMethod(),
+    LoraPlusMethod(),
+    BottleneckAdapterMethod(),
+    PrefixMethod(),
+    PromptMethod(),
+    PTuningMethod(),
+    IA3Method(),
+    AdaLoraMethod(),
+)
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 

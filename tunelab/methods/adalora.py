@@ -25,11 +25,22 @@ class AdaLoraMethod(PeftMethod):
         a = cfg.adalora
         tinit, tfinal = int(a.tinit_ratio * total_steps), int(a.tfinal_ratio * total_steps)
         if tinit + tfinal >= total_steps:
-            raise ConfigError(f"adalora: tinit_ratio + tfinal_ratio must leave steps for budgeting (total {total_steps})")
-        return AdaLoraConfig(task_type=peft_task_type(cfg), init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal,
-                             deltaT=a.delta_t, total_step=total_steps, orth_reg_weight=a.orth_reg_weight,
-                             lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                             target_modules=cfg.lora.target_modules)
+            raise ConfigError(
+                f"adalora: tinit_ratio + tfinal_ratio must leave steps for budgeting (total {total_steps})"
+            )
+        return AdaLoraConfig(
+            task_type=peft_task_type(cfg),
+            init_r=a.init_r,
+            target_r=a.target_r,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=a.delta_t,
+            total_step=total_steps,
+            orth_reg_weight=a.orth_reg_weight,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
 
     def module_options(self, cfg) -> dict:
         return {"lora.target_modules": cfg.lora.target_modules}

@@ -48,7 +48,7 @@ class AdapterSettings:
     dropout: float = 0.0
 
     @classmethod
-    def from_section(cls, section) -> "AdapterSettings":
+    def from_section(cls, section) -> AdapterSettings:
         """From a pydantic AdapterConfig, a namespace or a dict; missing fields take the defaults."""
         if section is None:
             return cls()
@@ -141,8 +141,11 @@ def adapter_targets(model: nn.Module, kind: str) -> list[str]:
         prefix = f"{name}." if name else ""
         if _has_linear(module, "self_attn.o_proj") and _has_linear(module, "mlp.down_proj"):
             attn, ffn = "self_attn.o_proj", "mlp.down_proj"
-        elif (_has_linear(module, "attention.output.dense") and _has_linear(module, "output.dense")
-              and hasattr(module, "intermediate")):
+        elif (
+            _has_linear(module, "attention.output.dense")
+            and _has_linear(module, "output.dense")
+            and hasattr(module, "intermediate")
+        ):
             attn, ffn = "attention.output.dense", "output.dense"
         else:
             continue
@@ -205,7 +208,9 @@ class BottleneckAdapterMethod(Method):
     block = "adapter"
     # only a few, zero-started parameters train, so a higher LR than LoRA's (Houlsby et al. swept 3e-5..3e-3)
     default_lr = 1e-3
-    summary = "bottleneck adapters x + up(act(down(x))) after attention/FFN outputs (Houlsby/Pfeiffer); reduction 16; LR 1e-3"
+    summary = (
+        "bottleneck adapters x + up(act(down(x))) after attention/FFN outputs (Houlsby/Pfeiffer); reduction 16; LR 1e-3"
+    )
 
     def apply(self, model, cfg, total_steps: int = 1000):
         """Freeze `model`, wrap its target projections with adapters; returns the same model object."""
@@ -226,8 +231,11 @@ class BottleneckAdapterMethod(Method):
             raise UserError("the model has no bottleneck adapters to save (apply the adapter method first)")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
-                  str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
+            str(out_dir / WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
         config = {
             "tunelab_method": self.name,
             "kind": meta["kind"],
@@ -241,7 +249,9 @@ class BottleneckAdapterMethod(Method):
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         head = classification_head(model)
         if head is not None:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}, str(out_dir / HEAD_FILE))
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}, str(out_dir / HEAD_FILE)
+            )
 
     def load(self, base_model, artifact_dir: Path, cfg):
         """Adapters from the artifact (its own config, not `cfg`) on `base_model`; eval mode, frozen."""
@@ -293,5 +303,7 @@ def _load_adapter_weights(model: nn.Module, path: Path) -> None:
         for name, param in params.items():
             tensor = saved[name]
             if tensor.shape != param.shape:
-                raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+                raise UserError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                )
             param.copy_(tensor)

@@ -53,8 +53,16 @@ def load_classification_base(cfg, device, **kwargs):
     if not cfg.data.labels:
         raise ValueError("classification needs cfg.data.labels (filled from the training data)")
     pad = load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id
-    return load_classifier(cfg.model, cfg.data.labels, device, torch.float32, cfg.trust_remote_code, pad,
-                           allow_pickle=cfg.allow_pickle, **kwargs)
+    return load_classifier(
+        cfg.model,
+        cfg.data.labels,
+        device,
+        torch.float32,
+        cfg.trust_remote_code,
+        pad,
+        allow_pickle=cfg.allow_pickle,
+        **kwargs,
+    )
 
 
 def classification_head(model):
@@ -97,15 +105,18 @@ def check_module_names(model, options: dict) -> None:
             except re.error as exc:
                 raise ConfigError(f"{key}: {value!r} is not a valid regular expression ({exc})") from None
             if not hit:
-                raise ConfigError(f"{key}: the pattern {value!r} matches no module name of the model (a string is a "
-                                  f"regex over full names; give a list of names instead, e.g. {linear[:4]})")
+                raise ConfigError(
+                    f"{key}: the pattern {value!r} matches no module name of the model (a string is a "
+                    f"regex over full names; give a list of names instead, e.g. {linear[:4]})"
+                )
             continue
         for target in value:
             if not any(n == target or n.endswith(f".{target}") for n in names):
                 close = difflib.get_close_matches(str(target), linear, n=1, cutoff=0.5)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"{key}: '{target}' matches no module of the model{hint}; its linear layers: "
-                                  f"{', '.join(linear)}")
+                raise ConfigError(
+                    f"{key}: '{target}' matches no module of the model{hint}; its linear layers: {', '.join(linear)}"
+                )
 
 
 class PeftMethod(Method):

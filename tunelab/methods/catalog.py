@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ..config import Config, build_config
 from . import METHODS
 
@@ -27,15 +25,25 @@ def count_for_model(name: str, model: str, task: str = "causal_lm") -> dict:
     trained = method.apply(method.load_base(cfg, pick_device()), cfg, total_steps=100)
     trainable, total = count_params(trained)
     stored = total if method.artifact == "model" else trainable
-    return {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
-            "artifact_bytes_est": 4 * stored}
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "artifact_bytes_est": 4 * stored,
+    }
 
 
-def method_table(model: Optional[str] = None, task: str = "causal_lm") -> list[dict]:
+def method_table(model: str | None = None, task: str = "causal_lm") -> list[dict]:
     rows = []
     for name, method in METHODS.items():
-        row = {"method": name, "artifact": f"{method.artifact}/", "default_lr": method.default_lr,
-               "config_block": method.block or None, "defaults": block_defaults(method), "summary": method.summary}
+        row = {
+            "method": name,
+            "artifact": f"{method.artifact}/",
+            "default_lr": method.default_lr,
+            "config_block": method.block or None,
+            "defaults": block_defaults(method),
+            "summary": method.summary,
+        }
         if model:
             row.update(count_for_model(name, model, task))
         rows.append(row)

@@ -43,10 +43,18 @@ class FullMethod(Method):
         from ..models import load_causal_lm, load_classifier
 
         if cfg.task == "classification":
-            return load_classifier(str(artifact_dir), cfg.data.labels, trust_remote_code=cfg.trust_remote_code,
-                                   allow_pickle=cfg.allow_pickle)
-        return load_causal_lm(str(artifact_dir), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-                              allow_pickle=cfg.allow_pickle)
+            return load_classifier(
+                str(artifact_dir),
+                cfg.data.labels,
+                trust_remote_code=cfg.trust_remote_code,
+                allow_pickle=cfg.allow_pickle,
+            )
+        return load_causal_lm(
+            str(artifact_dir),
+            dtype=torch.float32,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.allow_pickle,
+        )
 
 
 class FreezeMethod(FullMethod):
@@ -72,7 +80,9 @@ class FreezeMethod(FullMethod):
             patterns = [x for x in f.trainable_layers if isinstance(x, str)]
         names = set()
         for name, _ in model.named_parameters():
-            if any(name.startswith(f"{prefix}.{i}.") for i in indices) or any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            if any(name.startswith(f"{prefix}.{i}.") for i in indices) or any(
+                fnmatch.fnmatchcase(name, p) for p in patterns
+            ):
                 names.add(name)
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         for module, wanted in ((emb, f.train_embeddings), (head, f.train_lm_head)):

@@ -17,5 +17,8 @@ class IA3Method(PeftMethod):
     def peft_config(self, cfg, model, total_steps: int = 1000):
         from peft import IA3Config
 
-        return IA3Config(task_type=peft_task_type(cfg), target_modules=cfg.ia3.target_modules,
-                         feedforward_modules=cfg.ia3.feedforward_modules)
+        return IA3Config(
+            task_type=peft_task_type(cfg),
+            target_modules=cfg.ia3.target_modules,
+            feedforward_modules=cfg.ia3.feedforward_modules,
+        )

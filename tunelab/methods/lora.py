@@ -39,7 +39,11 @@ def peft_lora_config(cfg, task_type: str = "CAUSAL_LM"):
 def compute_dtype(setting: str):
     if setting == "auto":
         on_gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if on_gpu_bf16 or (not torch.cuda.is_available() and cpu_has_native_bf16()) else torch.float32
+        return (
+            torch.bfloat16
+            if on_gpu_bf16 or (not torch.cuda.is_available() and cpu_has_native_bf16())
+            else torch.float32
+        )
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
 
 
@@ -84,7 +88,9 @@ class LoraMethod(PeftMethod):
         except ImportError:
             from ..errors import UserError
 
-            raise UserError(f"method '{cfg.method}' with quant.bits={bits} needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'") from None
+            raise UserError(
+                f"method '{cfg.method}' with quant.bits={bits} needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'"
+            ) from None
         from peft import prepare_model_for_kbit_training
 
         from ..models import load_causal_lm
@@ -93,15 +99,27 @@ class LoraMethod(PeftMethod):
         if cfg.task == "classification":
             # a new head has no weights to quantize: keep it (and BERT's pooler) in full precision
             skip = ["classifier", "score", "pooler"]
-            model = load_classification_base(cfg, None, quantization_config=bnb_config(quant, skip), device_map={"": device})
+            model = load_classification_base(
+                cfg, None, quantization_config=bnb_config(quant, skip), device_map={"": device}
+            )
         else:
-            model = load_causal_lm(cfg.model, None, torch.float32, cfg.trust_remote_code, cfg.allow_pickle,
-                                   quantization_config=bnb_config(quant), device_map={"": device})
+            model = load_causal_lm(
+                cfg.model,
+                None,
+                torch.float32,
+                cfg.trust_remote_code,
+                cfg.allow_pickle,
+                quantization_config=bnb_config(quant),
+                device_map={"": device},
+            )
         would_pack, misfits = use_generic_4bit_kernel(model)
         if would_pack:
-            log(f"note: {would_pack} 4-bit layers use bitsandbytes' generic CPU kernel, not its packed AVX512-BF16 one "
+            log(
+                f"note: {would_pack} 4-bit layers use bitsandbytes' generic CPU kernel, not its packed AVX512-BF16 one "
                 f"(that one has no backward once a layer is packed by an evaluation"
-                + (f", and cannot take the shape of {len(misfits)} of them, e.g. {misfits[0]}" if misfits else "") + ")")
+                + (f", and cannot take the shape of {len(misfits)} of them, e.g. {misfits[0]}" if misfits else "")
+                + ")"
+            )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
     def lr_multiplier(self, param_name: str, cfg) -> float:

@@ -17,8 +17,11 @@ class PrefixMethod(PeftMethod):
     def peft_config(self, cfg, model, total_steps: int = 1000):
         from peft import PrefixTuningConfig
 
-        return PrefixTuningConfig(task_type=peft_task_type(cfg), num_virtual_tokens=cfg.prefix.num_virtual_tokens,
-                                  prefix_projection=cfg.prefix.projection)
+        return PrefixTuningConfig(
+            task_type=peft_task_type(cfg),
+            num_virtual_tokens=cfg.prefix.num_virtual_tokens,
+            prefix_projection=cfg.prefix.projection,
+        )
 
 
 class PromptMethod(PeftMethod):
@@ -34,9 +37,14 @@ class PromptMethod(PeftMethod):
         if cfg.prompt.init_text:
             from ..models import resolve_model_path
 
-            kwargs = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": cfg.prompt.init_text,
-                      "tokenizer_name_or_path": resolve_model_path(cfg.model)}
-        return PromptTuningConfig(task_type=peft_task_type(cfg), num_virtual_tokens=cfg.prompt.num_virtual_tokens, **kwargs)
+            kwargs = {
+                "prompt_tuning_init": "TEXT",
+                "prompt_tuning_init_text": cfg.prompt.init_text,
+                "tokenizer_name_or_path": resolve_model_path(cfg.model),
+            }
+        return PromptTuningConfig(
+            task_type=peft_task_type(cfg), num_virtual_tokens=cfg.prompt.num_virtual_tokens, **kwargs
+        )
 
 
 class PTuningMethod(PeftMethod):
@@ -49,5 +57,6 @@ class PTuningMethod(PeftMethod):
         from peft import PromptEncoderConfig
 
         hidden = cfg.ptuning.encoder_hidden_size or model.config.hidden_size
-        return PromptEncoderConfig(task_type=peft_task_type(cfg), num_virtual_tokens=cfg.ptuning.num_virtual_tokens,
-                                   encoder_hidden_size=hidden)
+        return PromptEncoderConfig(
+            task_type=peft_task_type(cfg), num_virtual_tokens=cfg.ptuning.num_virtual_tokens, encoder_hidden_size=hidden
+        )

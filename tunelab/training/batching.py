@@ -58,11 +58,15 @@ def packing_layout(model):
         return model.dtype if model.dtype.is_floating_point else torch.float32
     if impl.startswith("flash_attention"):
         return "flash"
-    raise ConfigError(f"train.packing: attention implementation '{impl}' is not supported (sdpa, eager, flash_attention_*); "
-                      "set train.packing: false")
+    raise ConfigError(
+        f"train.packing: attention implementation '{impl}' is not supported (sdpa, eager, flash_attention_*); "
+        "set train.packing: false"
+    )
 
 
-def step_batches(examples: list[dict], batch_size: int, pad_id: int, packing: bool, capacity: int, layout=None) -> list[dict]:
+def step_batches(
+    examples: list[dict], batch_size: int, pad_id: int, packing: bool, capacity: int, layout=None
+) -> list[dict]:
     """Micro-batches for one step's examples, each at most batch_size x capacity tokens.
 
     Packed: examples go first-fit decreasing into rows of at most `capacity` tokens; batch_size rows

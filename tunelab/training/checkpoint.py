@@ -18,7 +18,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +38,9 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
-        raise UserError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
+        raise UserError(
+            f"checkpoint does not match the model: {len(missing)} trainable tensors missing, e.g. {missing[0]}"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
@@ -98,8 +99,16 @@ def _json_safe(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    save_total_limit: Optional[int] = None, best_weights: Optional[dict] = None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    save_total_limit: int | None = None,
+    best_weights: dict | None = None,
+) -> Path:
     """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
@@ -156,7 +165,7 @@ def latest_unfinished_run(out_dir) -> Path:
     return max(candidates)[1]
 
 
-def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
     found = complete_checkpoints(ckpt_root)
     return found[-1] if found else None
 
@@ -173,7 +182,7 @@ def read_trainer_state(ckpt: Path) -> dict:
     return _load_json(ckpt / "trainer_state.json")
 
 
-def load_best_weights(ckpt: Path) -> Optional[dict]:
+def load_best_weights(ckpt: Path) -> dict | None:
     path = ckpt / "best.safetensors"
     return _load_safetensors(path) if path.exists() else None
 

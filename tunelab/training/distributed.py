@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ class Distributed:
         return self.world > 1
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls) -> Distributed:
         """Join the process group a launcher described in the environment (WORLD_SIZE > 1), else single."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -116,7 +116,9 @@ def keep_global_batch(cfg, ckpt: Path, world: int, log) -> None:
     if before is None or before == t.batch_size * t.grad_accum * world:
         return
     if before % (t.batch_size * world):
-        raise UserError(f"{ckpt}: its steps took {before} examples; batch_size {t.batch_size} x {world} processes does not "
-                        f"divide that; choose train.batch_size so that batch_size x processes divides {before}")
+        raise UserError(
+            f"{ckpt}: its steps took {before} examples; batch_size {t.batch_size} x {world} processes does not "
+            f"divide that; choose train.batch_size so that batch_size x processes divides {before}"
+        )
     t.grad_accum = before // (t.batch_size * world)
     log(f"note: {world} process(es): train.grad_accum set to {t.grad_accum} to keep {before} examples per step")

@@ -20,17 +20,20 @@ def curve_hints(records: list[dict]) -> list[str]:
             hints.append(
                 f"overfitting: eval loss rose from {evals[best]:.4f} to {evals[-1]:.4f} while the train loss kept "
                 "falling; use early stopping (train.early_stopping_patience), fewer epochs, more data, or more "
-                "dropout/weight decay")
+                "dropout/weight decay"
+            )
     if len(train) >= 10:
         n = max(3, len(train) // 5)
         first, last = _mean(train[:n]), _mean(train[-n:])
         if last > 0.95 * first:
             hints.append(
                 f"underfitting: the train loss barely moved ({first:.4f} -> {last:.4f}); raise train.lr, train "
-                "longer, or give the method more capacity (lora.r, target_modules: all-linear)")
+                "longer, or give the method more capacity (lora.r, target_modules: all-linear)"
+            )
         jumps = sum(1 for a, b in zip(train, train[1:]) if b > 2.0 * a and b - a > 0.5)
         if jumps >= max(2, len(train) // 20):
             hints.append(
                 f"instability: the train loss jumped more than 2x {jumps} times; lower train.lr, add warmup "
-                "(train.warmup_ratio), or clip gradients harder (train.max_grad_norm)")
+                "(train.warmup_ratio), or clip gradients harder (train.max_grad_norm)"
+            )
     return hints

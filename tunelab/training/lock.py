@@ -21,7 +21,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.file = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         try:
             file = open(self.path, "a+", encoding="utf-8")
         except OSError as exc:
@@ -32,8 +32,10 @@ class RunLock:
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-            raise UserError(f"{self.path.parent}: another tunelab process (pid {holder}) is training this run; "
-                            "wait for it to finish or stop it (SIGTERM checkpoints it) before resuming") from None
+            raise UserError(
+                f"{self.path.parent}: another tunelab process (pid {holder}) is training this run; "
+                "wait for it to finish or stop it (SIGTERM checkpoints it) before resuming"
+            ) from None
         file.seek(0)
         file.truncate()
         file.write(f"{os.getpid()}\n")

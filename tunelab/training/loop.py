@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,21 +29,28 @@ from ..errors import UserError
 from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json, atomic_write_text, dir_bytes, read_jsonl_objects, read_metrics
 from ..log import log
+from ..losses import loss_sum
 from ..methods import get_method
 from ..models import load_tokenizer
 from .accounting import count_params
 from .batching import epoch_windows, packing_layout, resolve_packing, step_batches
+from .checkpoint import (
+    latest_checkpoint,
+    load_best_weights,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
 from .distributed import Distributed, keep_global_batch
-from .oom import is_out_of_memory, oom_advice
-from .checkpoint import latest_checkpoint, load_best_weights, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
-from ..losses import loss_sum
-from .optim import build_optimizer, build_scheduler, param_groups
+from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
+from .oom import is_out_of_memory, oom_advice
+from .optim import build_optimizer, build_scheduler, param_groups
 from .resume import rebase_schedule, record_resume, resume_changes
 from .run_dir import FAILURE_FILE, MetricsLog, check_out_dir, create_run_dir, save_artifact, versions
-from .watchdog import Watchdog
-from .hints import curve_hints
 from .signals import Interrupted, stop_on_signals
+from .watchdog import Watchdog
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 
@@ -72,8 +78,9 @@ def total_steps(n_examples: int, cfg, world: int = 1) -> tuple[int, int]:
 class Trainer:
     """Holds what the loop needs; `run()` is the loop."""
 
-    def __init__(self, cfg: Config, resume_dir: Optional[Path] = None, progress: bool = True,
-                 resume_changes: Optional[dict] = None):
+    def __init__(
+        self, cfg: Config, resume_dir: Path | None = None, progress: bool = True, resume_changes: dict | None = None
+    ):
         self.cfg = cfg
         self.progress = progress
         self.dist = Distributed.from_env()
@@ -92,7 +99,9 @@ class Trainer:
                 (Path(resume_dir) / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failure is being resumed from
                 leftovers = remove_stale_temporaries(resume_dir)
                 if leftovers:
-                    log(f"note: removed {len(leftovers)} temporary file(s) left by an interrupted write, e.g. {leftovers[0].name}")
+                    log(
+                        f"note: removed {len(leftovers)} temporary file(s) left by an interrupted write, e.g. {leftovers[0].name}"
+                    )
             ckpt = latest_checkpoint(Path(resume_dir) / "checkpoints")
             if ckpt is None:
                 raise UserError(f"{resume_dir}: no complete checkpoint to resume from")
@@ -111,8 +120,10 @@ class Trainer:
         self.method = get_method(cfg.method)
         model = self.method.load_base(cfg, self.device)
         # the frozen base as stored in memory (QLoRA: packed 4-bit) vs the same weights in fp32
-        self.base_footprint = {"base_footprint_bytes": int(model.get_memory_footprint()),
-                               "base_footprint_fp32_bytes": 4 * count_params(model)[1]}
+        self.base_footprint = {
+            "base_footprint_bytes": int(model.get_memory_footprint()),
+            "base_footprint_fp32_bytes": 4 * count_params(model)[1],
+        }
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -133,10 +144,20 @@ class Trainer:
 
         # 4. state, possibly restored from a checkpoint
         self.best_weights = None
-        self.state = {"step": 0, "epoch": 0, "window": 0, "tokens": 0, "train_time": 0.0, "bad_steps": 0,
-                      "skipped_steps": 0, "best_metric": None, "best_step": None, "evals_since_best": 0,
-                      "examples_per_step": cfg.train.batch_size * cfg.train.grad_accum * self.dist.world,
-                      "last_loss": None}
+        self.state = {
+            "step": 0,
+            "epoch": 0,
+            "window": 0,
+            "tokens": 0,
+            "train_time": 0.0,
+            "bad_steps": 0,
+            "skipped_steps": 0,
+            "best_metric": None,
+            "best_step": None,
+            "evals_since_best": 0,
+            "examples_per_step": cfg.train.batch_size * cfg.train.grad_accum * self.dist.world,
+            "last_loss": None,
+        }
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
             self.state.update(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler))
@@ -193,7 +214,9 @@ class Trainer:
             if not (self.cfg.train.auto_batch_size and self.micro_batch > 1):
                 raise UserError(oom_advice(self.cfg, self.micro_batch))
             self.micro_batch //= 2
-            log(f"note: out of memory; micro-batch halved to {self.micro_batch} (grad_accum follows: same examples per step)")
+            log(
+                f"note: out of memory; micro-batch halved to {self.micro_batch} (grad_accum follows: same examples per step)"
+            )
         tokens = sum(self.lengths[i] for i in window)
         self.dist.sum_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         total = self.dist.sum(total)[0]
@@ -207,7 +230,9 @@ class Trainer:
         t = self.cfg.train
         n_loss_tokens = sum(example_loss_tokens(self.data.train[i]) for i in window)
         examples = [self.data.train[i] for i in self.dist.shard(window)]
-        batches = step_batches(examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout)
+        batches = step_batches(
+            examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout
+        )
         total = 0.0
         for batch in batches:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -244,7 +269,9 @@ class Trainer:
         return loss, self.optimizer_step(), tokens
 
     def evaluate(self) -> dict:
-        return evaluate_loss(self.model, self.data.val, self.pad_id, self.cfg.train.batch_size, self.device, self.autocast())
+        return evaluate_loss(
+            self.model, self.data.val, self.pad_id, self.cfg.train.batch_size, self.device, self.autocast()
+        )
 
     def _track_best(self, metrics: dict) -> bool:
         """Update best-metric state; returns True when early stopping should stop the run."""
@@ -266,15 +293,26 @@ class Trainer:
         self.state["train_time"] = self.train_time
         self.saved_step = self.state["step"]
         if self.dist.is_main:  # every rank holds the same weights and optimizer state
-            save_checkpoint(self.run_dir / "checkpoints", self.state["step"], self.model, self.optimizer, self.scheduler,
-                            self.state, self.cfg.train.save_total_limit, self.best_weights)
+            save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.state["step"],
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                self.cfg.train.save_total_limit,
+                self.best_weights,
+            )
         self.dist.barrier()
 
     def failed(self, reason: str) -> UserError:
         """Record why the run stopped (RUN/failure.json, for `tunelab runs`) and say where it can go on from."""
         ckpt = latest_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
-        where = (f"; the last complete checkpoint is {ckpt} (tunelab train --resume {self.run_dir})" if ckpt
-                 else "; no checkpoint was written")
+        where = (
+            f"; the last complete checkpoint is {ckpt} (tunelab train --resume {self.run_dir})"
+            if ckpt
+            else "; no checkpoint was written"
+        )
         if self.dist.is_main and self.run_dir is not None:
             try:
                 atomic_write_json(self.run_dir / FAILURE_FILE, {"error": reason, "step": self.state["step"]})
@@ -294,21 +332,35 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         trainable, total = count_params(self.model)
         log(f"run {self.run_dir}")
-        log(f"model {cfg.model} | method {cfg.method} | device {self.device.type} ({cpu_capability() if self.device.type == 'cpu' else torch.cuda.get_device_name()}) | precision {self.precision}")
+        log(
+            f"model {cfg.model} | method {cfg.method} | device {self.device.type} ({cpu_capability() if self.device.type == 'cpu' else torch.cuda.get_device_name()}) | precision {self.precision}"
+        )
         log(f"trainable params {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
         for g in self.groups:
-            log(f"  lr group '{g['name']}': {g['numel']:,} params, lr {g['lr']:.3g}, weight_decay {g['weight_decay']:g}")
-        log(f"data: {len(self.data.train)} train / {len(self.data.val)} eval examples ({self.data.format}); "
+            log(
+                f"  lr group '{g['name']}': {g['numel']:,} params, lr {g['lr']:.3g}, weight_decay {g['weight_decay']:g}"
+            )
+        log(
+            f"data: {len(self.data.train)} train / {len(self.data.val)} eval examples ({self.data.format}); "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), effective batch {t.batch_size * t.grad_accum * self.dist.world}"
-            + (f" over {self.dist.world} processes" if self.dist.enabled else "") + (", packed" if t.packing else ""))
+            + (f" over {self.dist.world} processes" if self.dist.enabled else "")
+            + (", packed" if t.packing else "")
+        )
 
         self.train_time = self.state["train_time"]
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
-                       file=sys.stderr, mininterval=0.5)
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.state["step"],
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
         stop_reason = None
         last_eval: dict = {}
         with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
@@ -339,9 +391,14 @@ class Trainer:
                     step = self.state["step"]
                     record = None
                     if step % t.log_every == 0 or step == self.total_steps:
-                        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": loss,
-                                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+                        record = {
+                            "step": step,
+                            "epoch": round(step / self.steps_per_epoch, 4),
+                            "loss": loss,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                        }
                     if t.eval_every and step % t.eval_every == 0 and self.data.val:
                         last_eval = self.evaluate()
                         record = (record or {"step": step}) | last_eval
@@ -351,8 +408,10 @@ class Trainer:
                         self.metrics.write(record)
                     stopped = self.watchdog.check(step, loss, grad_norm)
                     if stopped:
-                        raise UserError(f"{stopped}; train.lr {t.lr:g} is likely too high (the method's default is "
-                                        f"{self.method.default_lr:g}): lower it, or add warmup (train.warmup_ratio)")
+                        raise UserError(
+                            f"{stopped}; train.lr {t.lr:g} is likely too high (the method's default is "
+                            f"{self.method.default_lr:g}): lower it, or add warmup (train.warmup_ratio)"
+                        )
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-")
@@ -384,7 +443,9 @@ class Trainer:
         # the final artifact is the best evaluated state when periodic eval ran
         if self.best_weights is not None and self.state["best_step"] != step:
             load_trainable_state(self.model, self.best_weights)
-            log(f"restored the best step {self.state['best_step']} ({t.metric_for_best}={self.state['best_metric']:.4f})")
+            log(
+                f"restored the best step {self.state['best_step']} ({t.metric_for_best}={self.state['best_metric']:.4f})"
+            )
         final_eval = self.evaluate() if self.data.val else {}
         if final_eval:
             final_eval["step"] = self.state["best_step"] if self.best_weights is not None else step
@@ -423,9 +484,11 @@ class Trainer:
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         write_plots(self.run_dir)
-        log(f"done: {step} steps, final train loss {summary['final_train_loss']:.4f}"
+        log(
+            f"done: {step} steps, final train loss {summary['final_train_loss']:.4f}"
             + (f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
-            + f", {summary['train_tokens_per_s']:.0f} tokens/s, peak {kind} {peak / 2**20:.0f} MiB")
+            + f", {summary['train_tokens_per_s']:.0f} tokens/s, peak {kind} {peak / 2**20:.0f} MiB"
+        )
         for hint in hints:
             log(f"hint: {hint}")
         return TrainResult(self.run_dir, summary)
@@ -441,7 +504,9 @@ def write_plots(run_dir: Path) -> None:
         log(f"note: plots were not written: {exc}")
 
 
-def train(config, overrides: Optional[list[str]] = None, resume: Optional[str | Path] = None, progress: bool = True) -> TrainResult:
+def train(
+    config, overrides: list[str] | None = None, resume: str | Path | None = None, progress: bool = True
+) -> TrainResult:
     """Train from a Config, a dict, or a YAML path (plus dotted overrides). Returns the run dir and summary.
 
     With `resume`, the run's saved config.yaml is used (overrides still apply) and training continues from
@@ -463,8 +528,10 @@ def train(config, overrides: Optional[list[str]] = None, resume: Optional[str | 
     try:
         return trainer.run()
     except OSError as exc:  # a write into the run folder failed: read-only, disk full, permissions
-        raise trainer.failed(f"{exc.filename or trainer.run_dir}: {exc.strerror or exc} (writing the run); "
-                             f"training stopped at step {trainer.state['step']}") from None
+        raise trainer.failed(
+            f"{exc.filename or trainer.run_dir}: {exc.strerror or exc} (writing the run); "
+            f"training stopped at step {trainer.state['step']}"
+        ) from None
     except UserError as exc:
         raise trainer.failed(str(exc)) from None
     finally:

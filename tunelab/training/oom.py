@@ -8,14 +8,17 @@ import torch
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError) / MemoryError."""
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def oom_advice(cfg, micro_batch: int) -> str:
     t = cfg.train
     if micro_batch > 1:
         half = micro_batch // 2
-        fixes = [f"train.batch_size={half} train.grad_accum={-(-t.batch_size * t.grad_accum // half)} (same effective batch)"]
+        fixes = [
+            f"train.batch_size={half} train.grad_accum={-(-t.batch_size * t.grad_accum // half)} (same effective batch)"
+        ]
     else:
         fixes = [f"a lower data.max_length (now {cfg.data.max_length})"]
     if not t.gradient_checkpointing:
@@ -24,4 +27,7 @@ def oom_advice(cfg, micro_batch: int) -> str:
         fixes.append("method=qlora (4-bit base)")
     if micro_batch > 1 and not t.auto_batch_size:
         fixes.append("train.auto_batch_size=true (halves the micro-batch on out-of-memory)")
-    return f"out of memory with a micro-batch of {micro_batch} (rows of up to {cfg.data.max_length} tokens); try " + ", or ".join(fixes)
+    return (
+        f"out of memory with a micro-batch of {micro_batch} (rows of up to {cfg.data.max_length} tokens); try "
+        + ", or ".join(fixes)
+    )

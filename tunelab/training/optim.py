@@ -38,7 +38,9 @@ def param_groups(model, cfg, method) -> list[dict]:
                 break
         decay = 0.0 if _no_decay(name, param) else t.weight_decay
         key = (label, mult, decay)
-        group = groups.setdefault(key, {"params": [], "lr": t.lr * mult, "weight_decay": decay, "name": label, "numel": 0})
+        group = groups.setdefault(
+            key, {"params": [], "lr": t.lr * mult, "weight_decay": decay, "name": label, "numel": 0}
+        )
         group["params"].append(param)
         group["numel"] += param.numel()
     unused = set(t.lr_groups) - used_patterns

@@ -26,10 +26,14 @@ RESUMABLE = {
     "train.packing": "exact either way: the same examples, the same numbers",
     "train.gradient_checkpointing": "the same numbers, less memory",
     "train.auto_batch_size": "",
-    "train.log_every": "", "train.eval_every": "", "train.save_every": "", "train.save_total_limit": "",
+    "train.log_every": "",
+    "train.eval_every": "",
+    "train.save_every": "",
+    "train.save_total_limit": "",
     "train.early_stopping_patience": "",
     "eval.": "",
-    "trust_remote_code": "", "allow_pickle": "",
+    "trust_remote_code": "",
+    "allow_pickle": "",
 }
 SCHEDULE_KEYS = ("train.lr", "train.max_steps", "train.epochs")
 
@@ -52,13 +56,17 @@ def resume_changes(saved, requested) -> dict:
     """{dotted key: [old, new]} between the run's saved config and the one asked for on resume;
     a change to a key that may not change is a ConfigError naming it."""
     before, after = _flat(saved.to_dict()), _flat(requested.to_dict())
-    changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    changes = {
+        k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+    }
     refused = {k: v for k, v in changes.items() if not _resumable(k)}
     if refused:
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in refused.items())
         allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in RESUMABLE)
-        raise ConfigError(f"cannot change on resume: {shown}; a resumed run continues the same training, so start a new "
-                          f"run for that. These may change on resume: {allowed}")
+        raise ConfigError(
+            f"cannot change on resume: {shown}; a resumed run continues the same training, so start a new "
+            f"run for that. These may change on resume: {allowed}"
+        )
     return changes
 
 

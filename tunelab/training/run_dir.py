@@ -17,7 +17,6 @@ from ..errors import UserError
 from ..io import atomic_write_text, read_metrics
 from ..log import log
 
-
 FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
 
 
@@ -131,7 +130,9 @@ class MetricsLog:
             try:
                 tb.close()
             except Exception as exc:  # noqa: BLE001 - its writer thread's failure, surfaced at close
-                log(f"note: TensorBoard logging stopped ({' '.join(str(exc).split())[:200]}); metrics.jsonl is complete")
+                log(
+                    f"note: TensorBoard logging stopped ({' '.join(str(exc).split())[:200]}); metrics.jsonl is complete"
+                )
 
 
 def quiet_tensorboard_thread() -> None:

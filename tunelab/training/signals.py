@@ -16,8 +16,10 @@ class Interrupted(Exception):
     """Training stopped on a signal after writing a checkpoint."""
 
     def __init__(self, signal_name: str, run_dir, step: int):
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint written. "
-                         f"Resume with: tunelab train --resume {run_dir}")
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint written. "
+            f"Resume with: tunelab train --resume {run_dir}"
+        )
         self.signal_name, self.run_dir, self.step = signal_name, run_dir, step
         self.exit_code = EXIT_CODES.get(signal_name, 1)
 
