@@ -69,3 +69,12 @@ def train_tiny_run(tmp, val_fraction=0.2, **train):
         "train": {"max_steps": 5, "batch_size": 4, "precision": "fp32"} | train,
     }
     return tunelab.train(cfg, progress=False)
+
+
+def only_method_sections(cfg: dict) -> dict:
+    """`cfg` without the method sections its method does not read (a test config may offer every method's)."""
+    from tunelab.config import DEFAULT_METHOD, SECTIONS
+    from tunelab.methods import METHODS
+
+    reads = METHODS[cfg.get("method", DEFAULT_METHOD)].sections
+    return {k: v for k, v in cfg.items() if k not in SECTIONS or k in reads}

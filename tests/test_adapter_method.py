@@ -163,10 +163,10 @@ def test_missing_adapter_section_uses_defaults_and_bad_values_are_user_errors():
 
 
 def test_pydantic_config_section_is_accepted():
-    from tunelab.config import AdapterConfig
+    from tunelab.methods.adapter import AdapterSection
 
     model = tiny_llama()
-    cfg = types.SimpleNamespace(adapter=AdapterConfig(kind="pfeiffer", reduction=8, non_linearity="gelu"))
+    cfg = types.SimpleNamespace(adapter=AdapterSection(kind="pfeiffer", reduction=8, non_linearity="gelu"))
     METHOD.apply(model, cfg)
     assert len(wrapped(model)) == model.config.num_hidden_layers
     assert model.tunelab_adapter_config["non_linearity"] == "gelu"

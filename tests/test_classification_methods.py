@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tunelab
-from helpers import TINY_LR
+from helpers import TINY_LR, only_method_sections
 from tunelab.config import build_config, load_config
 from tunelab.errors import DataError
 from tunelab.training.loop import Trainer
@@ -35,20 +35,29 @@ def triage(tmp_path_factory):
 
 def config(tmp_path, data, method):
     return build_config(
-        {
-            "model": "tiny-bert",
-            "task": "classification",
-            "method": method,
-            "out_dir": str(tmp_path / "runs"),
-            "run_name": method,
-            "data": {"train": str(data), "val_fraction": 0.25, "max_length": 32},
-            "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]},
-            "lora": {"target_modules": ["query", "value"], "r": 8},
-            "adapter": {"reduction": 4},
-            "prefix": {"num_virtual_tokens": 4},
-            "prompt": {"num_virtual_tokens": 4},
-            "ptuning": {"num_virtual_tokens": 4},
-        }
+        only_method_sections(
+            {
+                "model": "tiny-bert",
+                "task": "classification",
+                "method": method,
+                "out_dir": str(tmp_path / "runs"),
+                "run_name": method,
+                "data": {"train": str(data), "val_fraction": 0.25, "max_length": 32},
+                "train": {
+                    "max_steps": 30,
+                    "batch_size": 8,
+                    "precision": "fp32",
+                    "warmup_ratio": 0,
+                    "lr": TINY_LR[method],
+                },
+                "lora": {"target_modules": ["query", "value"], "r": 8},
+                "adapter": {"reduction": 4},
+                "prefix": {"num_virtual_tokens": 4},
+                "prompt": {"num_virtual_tokens": 4},
+                "ptuning": {"num_virtual_tokens": 4},
+                "adalora": {"target_modules": ["query", "value"]},
+            }
+        )
     )
 
 

@@ -1,8 +1,11 @@
 """Config: defaults, YAML, dotted overrides, and errors that name the key and suggest a fix."""
 
-import pytest
+from pathlib import Path
 
-from tunelab.config import Config, apply_overrides, build_config, load_config, parse_override
+import pytest
+import yaml
+
+from tunelab.config import SECTION_USERS, Config, apply_overrides, build_config, load_config, parse_override
 from tunelab.errors import ConfigError
 
 
@@ -232,11 +235,17 @@ BAD_VALUES = [
 ]
 
 
+def _method_reading(dotted: str) -> str:
+    """A method whose config may hold the key's section (lora for the common sections)."""
+    return SECTION_USERS.get(dotted.split(".")[0], ["lora"])[0]
+
+
 def _nested_yaml(dotted: str, value: str) -> str:
     """`a.b: v` as nested YAML; the bad key always lands on the last line."""
     parts = dotted.split(".")
     return (
         "model: tiny-llama\n"
+        + (f"method: {_method_reading(dotted)}\n" if "." in dotted else "")
         + "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(parts[:-1]))
         + f"{'  ' * (len(parts) - 1)}{parts[-1]}: {value}\n"
     )
@@ -244,7 +253,7 @@ def _nested_yaml(dotted: str, value: str) -> str:
 
 @pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
 def test_bad_values_name_the_key(key, value):
-    message = config_error(None, [f"{key}={value}"])
+    message = config_error(None, [f"method={_method_reading(key)}", f"{key}={value}"])
     assert f"<overrides>: {key}: " in message
 
 
@@ -258,8 +267,8 @@ def test_bad_values_in_yaml_name_the_key_and_line(tmp_path, key, value):
 
 def test_cross_field_defaults_are_checked_too():
     # the default target_r (8) is above an init_r of 4: caught though target_r was never written
-    assert "adalora.target_r" in config_error(None, ["adalora.init_r=4"])
-    assert "adalora.tfinal_ratio" in config_error(None, ["adalora.tinit_ratio=0.9"])
+    assert "adalora.target_r" in config_error(None, ["method=adalora", "adalora.init_r=4"])
+    assert "adalora.tfinal_ratio" in config_error(None, ["method=adalora", "adalora.tinit_ratio=0.9"])
 
 
 def test_valid_edge_values_pass():
@@ -268,18 +277,50 @@ def test_valid_edge_values_pass():
         [
             "train.warmup_ratio=0",
             "data.val_fraction=0",
-            "lora.dropout=0",
+            "method=freeze",
             "data.max_length=8",
             "freeze.trainable_layers=0",
             "freeze.trainable_layers=[-1, '*norm*']",
             "run_name=日期-v1.2",
             "adapter_name=dates_v2",
             "eval.scorer=my_pkg.scores:exact",
-            "adalora.init_r=8",
             "allow_pickle=true",
         ],
     )
     assert cfg.run_name == "日期-v1.2" and cfg.allow_pickle and cfg.freeze.trainable_layers == [-1, "*norm*"]
+    assert load_config(None, ["lora.dropout=0"]).lora.dropout == 0
+    assert load_config(None, ["method=adalora", "adalora.init_r=8"]).adalora.target_r == 8
+
+
+def test_each_method_owns_its_sections(tmp_path):
+    """A method's sections exist with their defaults; another method's section is an error naming the line
+    and the methods it is for; the saved config holds only the sections the run reads."""
+    cfg = load_config(None, ["method=ia3"])
+    assert cfg.ia3 is not None and cfg.lora is None and cfg.adapter is None
+    assert set(cfg.to_dict()) & set(SECTION_USERS) == {"ia3"}
+    assert {"lora", "quant"} <= set(load_config(None, ["method=qlora"]).to_dict())
+    path = write(tmp_path, "model: tiny-llama\nmethod: ia3\nlora:\n  r: 8\n")
+    message = config_error(path)
+    assert (
+        f"{path}:3: method 'ia3' does not read the 'lora' section" in message and "'lora' is for lora, qlora" in message
+    )
+    # the issue's two silent ones: prefix has no init_text (prompt's option), adalora reads its own keys
+    assert "unknown key 'prefix.init_text'" in config_error(None, ["method=prefix", "prefix.init_text=hi"])
+    assert "does not read the 'lora' section" in config_error(None, ["method=adalora", "lora.alpha=8"])
+    assert load_config(None, ["method=adalora", "adalora.alpha=8"]).adalora.alpha == 8
+    # a section left empty (`lora:` with no keys) is no section at all
+    assert load_config(write(tmp_path, "method: ia3\nlora:\n")).lora is None
+
+
+def test_a_saved_run_of_an_older_version_with_every_section_still_loads(tmp_path):
+    """Older runs saved every method's section; those the run's method does not read are dropped."""
+    sections = {name: {} for name in SECTION_USERS}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"model": "tiny-llama", "method": "prefix", **sections}))
+    with pytest.raises(ConfigError):
+        load_config(path)
+    cfg = load_config(path, saved_run=True)
+    assert cfg.prefix.num_virtual_tokens == 20 and cfg.lora is None
 
 
 def test_bad_value_in_yaml_names_key_and_line(tmp_path):
@@ -359,3 +400,20 @@ def test_shipped_example_and_demo_configs_validate():
     cfg = load_config(root / "examples" / "alpaca-lora.yaml")
     assert Path(cfg.data.train).is_file()
     assert demo_config(root / "examples" / "data" / "tiny-alpaca.jsonl", "runs").train.max_steps == 40
+
+
+def test_readme_config_reference_is_generated_from_the_fields():
+    """The README's reference is the generator's output (regenerate: python -m tunelab.config_reference
+    --write README.md); every option of every section is documented."""
+    from tunelab.config import SECTIONS, CommonConfig
+    from tunelab.config_reference import BEGIN, END, markdown, section_rows
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert block.strip() == markdown().strip(), (
+        "README.md is stale: python -m tunelab.config_reference --write README.md"
+    )
+    for model in [CommonConfig, *SECTIONS.values()]:
+        for key, _, _, text in section_rows(model):
+            assert text, f"{model.__name__}.{key} has no description"
+    assert "`lora.r`" in block and "`adalora.alpha`" in block and "read by `lora`, `qlora`" in block

@@ -197,8 +197,11 @@ def fuzz_case(surface: str | None, name: str):
 
 
 def _section_model(field) -> type | None:
-    ann = field.annotation
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    """The section class of a field (`X`, or a method section's `X | None`)."""
+    for ann in typing.get_args(field.annotation) or (field.annotation,):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
 
 
 SECTIONS = {k: m.model_fields for k, f in Config.model_fields.items() if (m := _section_model(f)) is not None}

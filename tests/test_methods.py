@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tunelab
-from helpers import TINY_LR
+from helpers import TINY_LR, only_method_sections
 from tunelab.config import build_config
 from tunelab.methods import METHODS
 from tunelab.training.accounting import count_params
@@ -18,20 +18,29 @@ ZERO_INIT = ["lora", "dora", "rslora", "loraplus", "ia3", "adapter", "adalora", 
 
 def config(tmp_path, toy_data, method, **train):
     return build_config(
-        {
-            "model": "tiny-llama",
-            "method": method,
-            "out_dir": str(tmp_path / "runs"),
-            "run_name": method,
-            "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
-            "train": {"max_steps": 30, "batch_size": 8, "precision": "fp32", "warmup_ratio": 0, "lr": TINY_LR[method]}
-            | train,
-            "lora": {"target_modules": "all-linear", "r": 8},
-            "adapter": {"reduction": 4},
-            "prefix": {"num_virtual_tokens": 4},
-            "prompt": {"num_virtual_tokens": 4, "init_text": "repeat the colour"},
-            "ptuning": {"num_virtual_tokens": 4},
-        }
+        only_method_sections(
+            {
+                "model": "tiny-llama",
+                "method": method,
+                "out_dir": str(tmp_path / "runs"),
+                "run_name": method,
+                "data": {"train": str(toy_data), "val_fraction": 0, "max_length": 64},
+                "train": {
+                    "max_steps": 30,
+                    "batch_size": 8,
+                    "precision": "fp32",
+                    "warmup_ratio": 0,
+                    "lr": TINY_LR[method],
+                }
+                | train,
+                "lora": {"target_modules": "all-linear", "r": 8},
+                "adapter": {"reduction": 4},
+                "prefix": {"num_virtual_tokens": 4},
+                "prompt": {"num_virtual_tokens": 4, "init_text": "repeat the colour"},
+                "ptuning": {"num_virtual_tokens": 4},
+                "adalora": {"target_modules": "all-linear"},
+            }
+        )
     )
 
 
@@ -123,10 +132,14 @@ def test_qlora_counts_the_packed_base_and_shrinks_it(tmp_path, toy_data):
     assert qlora.base_footprint["base_footprint_fp32_bytes"] == lora.base_footprint["base_footprint_fp32_bytes"]
 
 
-def test_method_default_lr_fills_the_config():
-    cfg = build_config({"method": "prompt"})
-    assert cfg.train.lr == METHODS["prompt"].default_lr > METHODS["lora"].default_lr
-    assert build_config({"method": "lora", "train": {"lr": 1e-5}}).train.lr == 1e-5
+def test_method_default_lr_fills_the_resolved_config():
+    from tunelab.training.resolve import resolve_run_config
+
+    def resolved_lr(cfg):
+        return resolve_run_config(build_config(cfg), METHODS[cfg["method"]]).train.lr
+
+    assert resolved_lr({"method": "prompt"}) == METHODS["prompt"].default_lr > METHODS["lora"].default_lr
+    assert resolved_lr({"method": "lora", "train": {"lr": 1e-5}}) == 1e-5
 
 
 def test_adapters_on_a_shared_base_switch_and_disable(tmp_path, write_jsonl, smol_tokenizer):
@@ -162,8 +175,9 @@ def test_methods_command_lists_every_method_with_defaults_and_counts():
 
     rows = {r["method"]: r for r in method_table("tiny-llama")}
     assert set(rows) == set(METHODS)
-    assert rows["lora"]["defaults"]["r"] == 16 and rows["lora"]["defaults"]["alpha"] == 32
-    assert rows["prefix"]["defaults"]["num_virtual_tokens"] == 20
+    assert rows["lora"]["defaults"]["lora"]["r"] == 16 and rows["lora"]["defaults"]["lora"]["alpha"] == 32
+    assert rows["lora"]["config_sections"] == ["lora", "quant"] and rows["full"]["config_sections"] == []
+    assert rows["prefix"]["defaults"] == {"prefix": {"num_virtual_tokens": 20, "projection": False}}
     assert rows["prefix"]["default_lr"] > rows["lora"]["default_lr"] and "LR" in rows["prefix"]["summary"]
     assert rows["full"]["trainable_pct"] == 100.0
     assert rows["prefix"]["trainable_params"] == 20 * 2 * 2 * 32  # tokens x layers x (k, v) x kv width

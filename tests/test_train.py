@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +281,28 @@ def test_auto_batch_size_halves_the_micro_batch_and_keeps_the_numbers(tiny_confi
     a = [json.loads(x)["loss"] for x in (plain.run_dir / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (auto.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_the_config_is_resolved_once_and_saved_as_used(tiny_config, tmp_path):
+    """One resolve step fills what the run derives (method LR, packing, absolute data paths); the result is
+    read-only, config.yaml is exactly it, and the caller's config is left as it was."""
+    from tunelab.config import load_config
+
+    del tiny_config["train"]["lr"]
+    tiny_config["data"]["train"] = os.path.relpath(tiny_config["data"]["train"])
+    cfg = build_config(tiny_config)
+    before = cfg.to_dict()
+    trainer = Trainer(cfg, progress=False)
+    try:
+        assert cfg.to_dict() == before and cfg.train.lr is None and cfg.train.packing is None
+        resolved = trainer.cfg
+        assert resolved.read_only and resolved.train.read_only
+        assert resolved.train.lr == trainer.method.default_lr and resolved.train.packing is True
+        assert Path(resolved.data.train).is_absolute()
+        with pytest.raises(TypeError, match="read-only"):
+            resolved.train.lr = 1.0
+        saved = load_config(trainer.run_dir / "config.yaml", saved_run=True)
+        assert saved.to_dict() == resolved.to_dict()
+        assert set(saved.to_dict()) >= {"lora", "quant"} and "adapter" not in saved.to_dict()
+    finally:
+        trainer.close()

@@ -162,6 +162,8 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    from .config_reference import method_option_lines
+    from .methods import METHODS
     from .methods.catalog import method_table
 
     rows = method_table(args.model, args.task)
@@ -176,9 +178,8 @@ def cmd_methods(args) -> int:
                 f" artifact ~{r['artifact_bytes_est'] / 2**20:.2f} MiB"
             )
         print(line)
-        if r["config_block"]:
-            opts = ", ".join(f"{k}={v}" for k, v in r["defaults"].items())
-            print(f"{'':9s} {r['config_block']}: {opts}")
+        for option in method_option_lines(METHODS[r["method"]]):
+            print(f"{'':9s} {option}")
     return 0
 
 

@@ -6,38 +6,46 @@ suggest the closest valid key.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
-
-
-class Section(BaseModel):
-    # coerce numbers: YAML reads `run_name: 2024` as an int, which is still a fine name
-    # no inf/nan: `lr: .inf` is never meant
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
+from .errors import ConfigError, did_you_mean
+from .methods import METHODS
+from .sections import Section, positive_values
 
 
 class DataConfig(Section):
-    train: str | None = None
-    eval: str | None = None
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    format: Literal["auto", "alpaca", "input_target", "messages", "sharegpt", "text", "classification"] = "auto"
-    max_length: int = Field(512, ge=8)
-    # "auto": the tokenizer's own template (ChatML if it has none); "chatml"; or a Jinja template string.
-    chat_template: str = "auto"
-    system_prompt: str | None = None
-    loss_on: Literal["completion", "all"] = "completion"
-    skip_invalid: bool = False
-    # classification: the label names in class-id order; filled from the training data when unset
-    labels: list[str] | None = None
+    train: str | None = Field(
+        None,
+        description="training data: a JSONL, JSON or CSV file (relative: to the config file's folder, else the working dir)",
+    )
+    eval: str | None = Field(None, description="evaluation data; unset: data.val_fraction of the training data")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of the training data held out for evaluation when data.eval is unset"
+    )
+    format: Literal["auto", "alpaca", "input_target", "messages", "sharegpt", "text", "classification"] = Field(
+        "auto", description="record layout; auto detects it from the first records"
+    )
+    max_length: int = Field(512, ge=8, description="tokens per example; longer prompts lose their middle")
+    chat_template: str = Field(
+        "auto", description="auto: the tokenizer's own template (ChatML if it has none); chatml; or a Jinja template"
+    )
+    system_prompt: str | None = Field(None, description="system message for every example (replaces the template's)")
+    loss_on: Literal["completion", "all"] = Field(
+        "completion", description="completion: loss on the answers only; all: on every token"
+    )
+    skip_invalid: bool = Field(False, description="skip invalid records (reported) instead of stopping")
+    labels: list[str] | None = Field(
+        None, description="classification: label names in class-id order; unset: sorted labels of the training data"
+    )
 
     @field_validator("labels")
     @classmethod
@@ -48,38 +56,47 @@ class DataConfig(Section):
         return v
 
 
-def positive_values(patterns: dict, what: str) -> dict:
-    """Validate a pattern -> number mapping whose numbers must all be > 0."""
-    for pattern, value in patterns.items():
-        if value <= 0:
-            raise ValueError(f"{what} for '{pattern}' must be > 0, got {value}")
-    return patterns
-
-
 class TrainConfig(Section):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)  # None: the method's default (tunelab methods)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # None: pack wherever it is exact (causal LM, methods that do not prepend virtual tokens)
-    packing: bool | None = None
-    group_by_length: bool = False  # without packing: batch examples of similar length (less padding)
-    gradient_checkpointing: bool = False
-    auto_batch_size: bool = False  # on out-of-memory, halve the micro-batch (more accumulation, same step)
-    log_every: int = Field(1, ge=1)
-    eval_every: int | None = Field(None, ge=1)
-    save_every: int | None = Field(None, ge=1)
-    save_total_limit: int | None = Field(None, ge=1)
-    early_stopping_patience: int | None = Field(None, ge=1)
-    metric_for_best: str = "eval_loss"
-    # module-name glob pattern -> LR multiplier, applied as optimizer parameter groups
-    lr_groups: dict[str, float] = Field(default_factory=dict)
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; unset: from epochs")
+    lr: float | None = Field(
+        None, gt=0, description="peak learning rate; unset: the method's default (tunelab methods)"
+    )
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch and process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of steps with a linear LR warmup")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not on biases and norms)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; unset: no clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="compute precision; auto: bf16 where the device has it natively (CUDA, AVX512-BF16/AMX CPUs), "
+        "else fp32; fp16: CUDA with loss scaling",
+    )
+    packing: bool | None = Field(
+        None,
+        description="several examples per row, attention kept per example: no padding, the same numbers; unset: on "
+        "for causal LMs except prefix/prompt/ptuning (virtual tokens per row); true where it cannot work is an error",
+    )
+    group_by_length: bool = Field(False, description="without packing: batch examples of similar length")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
+    auto_batch_size: bool = Field(
+        False, description="on out-of-memory, halve the micro-batch (more accumulation, the same step)"
+    )
+    log_every: int = Field(1, ge=1, description="steps between metrics.jsonl records")
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations; unset: only at the end")
+    save_every: int | None = Field(None, ge=1, description="steps between checkpoints (a final one is always written)")
+    save_total_limit: int | None = Field(None, ge=1, description="checkpoints kept (the newest); unset: all")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without a better metric_for_best"
+    )
+    metric_for_best: str = Field(
+        "eval_loss", description="metric for the best step; with eval_every, the best step becomes the final artifact"
+    )
+    lr_groups: dict[str, float] = Field(
+        default_factory=dict,
+        description="parameter-name pattern (glob, or substring) -> LR multiplier, as optimizer groups (logged at start)",
+    )
 
     @field_validator("lr_groups")
     @classmethod
@@ -87,101 +104,16 @@ class TrainConfig(Section):
         return positive_values(v, "multiplier")
 
 
-class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # None: peft's default for the architecture (q/v projections); "all-linear"; or a list of names.
-    target_modules: str | list[str] | None = None
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
-    dora: bool = False
-    rslora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B matrices at lr_ratio x the base LR
-    modules_to_save: list[str] | None = None
-
-    @field_validator("rank_pattern", "alpha_pattern")
-    @classmethod
-    def _positive_per_module(cls, v):
-        return positive_values(v, "value")
-
-
-class QuantConfig(Section):
-    bits: Literal[4, 8] | None = None  # 4: QLoRA (NF4 base weights); 8: LLM.int8 base weights
-    type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 where native, else fp32
-
-
-class AdapterConfig(Section):
-    kind: Literal["houlsby", "pfeiffer"] = "houlsby"
-    reduction: int = Field(16, ge=1)  # hidden size / bottleneck size
-    non_linearity: Literal["relu", "gelu", "silu"] = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-
-
-class VirtualTokensConfig(Section):
-    num_virtual_tokens: int = Field(20, ge=1)
-    init_text: str | None = None  # prompt tuning: initialise the soft prompt from this text
-    encoder_hidden_size: int | None = Field(None, ge=1)  # ptuning: the prompt encoder's MLP width
-    projection: bool = False  # prefix: reparameterise the prefix through an MLP
-
-
-class FreezeConfig(Section):
-    # the last N blocks, or explicit block indices (negative counts from the end) / parameter-name patterns
-    trainable_layers: int | list[int | str] = 2
-    train_embeddings: bool = False
-    train_lm_head: bool = False
-    train_norm: bool = True  # the final norm
-
-    @field_validator("trainable_layers")
-    @classmethod
-    def _layer_count(cls, v):
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"a number of blocks must be >= 0, got {v} (a list like [-1] picks blocks from the end)")
-        if isinstance(v, list) and not v:
-            raise ValueError("an empty list trains no block; give a number or block indices / name patterns")
-        return v
-
-
-class AdaLoraSection(Section):
-    init_r: int = Field(12, ge=1)
-    target_r: int = Field(8, ge=1, validate_default=True)
-    tinit_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of steps before rank pruning starts
-    tfinal_ratio: float = Field(0.2, ge=0.0, lt=1.0, validate_default=True)  # share of final steps at the target budget
-    delta_t: int = Field(1, ge=1)  # steps between budget reallocations
-    orth_reg_weight: float = Field(0.5, ge=0.0)
-
-    # field validators run in field order, so the fields they compare with are already in info.data
-    @field_validator("target_r")
-    @classmethod
-    def _budget_shrinks(cls, v, info):
-        init_r = info.data.get("init_r")
-        if init_r is not None and v > init_r:
-            raise ValueError(f"must be <= init_r ({init_r}): the rank budget only shrinks")
-        return v
-
-    @field_validator("tfinal_ratio")
-    @classmethod
-    def _leaves_budgeting_steps(cls, v, info):
-        tinit = info.data.get("tinit_ratio")
-        if tinit is not None and tinit + v >= 1:
-            raise ValueError(f"tinit_ratio + tfinal_ratio ({tinit} + {v}) must be < 1 (steps left for rank budgeting)")
-        return v
-
-
-class IA3Section(Section):
-    target_modules: list[str] | None = None  # None: peft's default for the architecture
-    feedforward_modules: list[str] | None = None
-
-
 class EvalConfig(Section):
-    generate: bool = True  # causal LMs: also generate answers and score them (exact match, BLEU, ROUGE)
-    max_new_tokens: int = Field(128, ge=1)
-    max_examples: int | None = Field(None, ge=1)  # cap the generation eval (it is the slow part)
-    lang: str = "auto"  # "zh" tokenizes BLEU/ROUGE for Chinese; auto detects CJK references
-    scorer: str | None = None  # "module:function(prediction, reference, record) -> float"
+    generate: bool = Field(
+        True, description="causal LMs: also generate answers and score them (exact match, BLEU, ROUGE)"
+    )
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per evaluation example")
+    max_examples: int | None = Field(None, ge=1, description="cap the generation eval (the slow part); unset: all")
+    lang: str = Field("auto", description="zh tokenizes BLEU/ROUGE for Chinese; auto detects CJK references")
+    scorer: str | None = Field(
+        None, description="your own metric: 'module:function(prediction, reference, record) -> float'"
+    )
 
     @field_validator("scorer")
     @classmethod
@@ -191,34 +123,56 @@ class EvalConfig(Section):
         return v
 
 
-class Config(Section):
-    model: str = "smollm2-135m-instruct"
-    method: str = "lora"
-    task: Literal["causal_lm", "classification"] = "causal_lm"
-    run_name: str | None = None
-    out_dir: str = "runs"
-    seed: int = 0
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # read pickle weights (pytorch_model.bin, *.pt, ...): unpickling can run code
+def section_users(methods: dict) -> dict[str, list[str]]:
+    """Method section name -> the methods reading it; one class per name across methods."""
+    classes: dict[str, type] = {}
+    users: dict[str, list[str]] = {}
+    for name, method in methods.items():
+        for section, cls in method.sections.items():
+            if classes.setdefault(section, cls) is not cls:
+                raise TypeError(f"section '{section}' has two classes ({classes[section]}, {cls})")
+            users.setdefault(section, []).append(name)
+    return users
+
+
+SECTION_USERS = section_users(METHODS)
+SECTIONS: dict[str, type] = {name: cls for m in METHODS.values() for name, cls in m.sections.items()}
+DEFAULT_METHOD = "lora"
+
+
+class CommonConfig(Section):
+    """What every run has; the method sections are added to Config below, from the method registry."""
+
+    model: str = Field("smollm2-135m-instruct", description="a registry name (tunelab models), a folder or a hub id")
+    method: str = Field(DEFAULT_METHOD, description="the tuning method (tunelab methods)")
+    task: Literal["causal_lm", "classification"] = Field("causal_lm", description="what the model learns")
+    run_name: str | None = Field(
+        None,
+        description="the run's folder inside out_dir (a suffix is added if taken); a plain name: no `/`, `\\`, `..` or "
+        "control characters, so nothing is written outside it; unset: method-model-time",
+    )
+    out_dir: str = Field("runs", description="folder holding the runs")
+    seed: int = Field(0, description="seeds initial weights, data order, dropout and the validation split")
+    trust_remote_code: bool = Field(
+        False,
+        description="run a local model's own Python code (`auto_map` in its config.json); without it such a model is "
+        "refused with a message, with it a `warning:` line is printed",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="read pickle weights (`pytorch_model.bin`, `adapter_model.bin`) where a folder has no "
+        "safetensors: unpickling can run code, so only for files you trust; without it such a folder is refused",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
-    prefix: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
-    prompt: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
-    ptuning: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection)
-    ia3: IA3Section = Field(default_factory=IA3Section)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    adapter_name: str = "default"  # the task name when several adapters share a base (tunelab.load adapters=)
+    adapter_name: str = Field(
+        "default", description="the task name when several adapters share a base (tunelab.load adapters=)"
+    )
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v):
-        from .methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}'{_suggest(v, METHODS)}; choose from {', '.join(METHODS)}")
         return v
@@ -248,17 +202,38 @@ class Config(Section):
             raise ValueError("must be a folder path (not empty, no NUL)")
         return v
 
-    @model_validator(mode="after")
-    def _method_defaults(self):
-        """Fill what depends on the method (the default LR), so the saved config is fully resolved."""
-        if self.train.lr is None:
-            from .methods import METHODS
-
-            self.train.lr = METHODS[self.method].default_lr
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sections(cls, data):
+        """The method's own sections exist (with their defaults); another method's section is an error."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", DEFAULT_METHOD)
+        if not isinstance(method, str) or method not in METHODS:
+            return data  # the method field's own error says why
+        used = METHODS[method].sections
+        data = dict(data)
+        for name in SECTIONS:
+            if name in used:
+                if data.get(name) is None:
+                    data[name] = {}
+            elif data.get(name) is not None:
+                reads = ", ".join(used) if used else "no method section"
+                raise PydanticCustomError(
+                    "unused_section",
+                    "method '{method}' does not read the '{section}' section (it reads: {reads}); '{section}' is "
+                    "for {users}: remove it or choose one of those methods",
+                    {"section": name, "method": method, "reads": reads, "users": ", ".join(SECTION_USERS[name])},
+                )
+        return data
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """The config as plain data; only the sections the method reads."""
+        d = self.model_dump(mode="json")
+        for name in SECTIONS:
+            if d.get(name) is None:
+                d.pop(name, None)
+        return d
 
     def to_yaml(self) -> str:
         d = self.to_dict()
@@ -273,6 +248,17 @@ class Config(Section):
         d.pop("run_name", None)
         d.pop("out_dir", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+Config = create_model(
+    "Config",
+    __base__=CommonConfig,
+    __doc__="A run's configuration: the common fields and, per method section, its options (None when unused).",
+    **{
+        name: (cls | None, Field(None, description=f"options of {', '.join(SECTION_USERS[name])}"))
+        for name, cls in SECTIONS.items()
+    },
+)
 
 
 # names other tools use for our keys; spelling distance alone would not find these
@@ -309,12 +295,15 @@ def plain_name_problem(name: str) -> str | None:
 
 
 def _suggest(word: str, choices) -> str:
-    choices = list(choices)
-    alias = _ALIASES.get(str(word).lower())
-    if alias in choices:
-        return f" (did you mean '{alias}'?)"
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return did_you_mean(word, choices, _ALIASES)
+
+
+def _section_model(annotation):
+    """The Section class of a field's annotation (`X` or `X | None`), else None."""
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _section_fields(path: tuple) -> dict:
@@ -322,9 +311,9 @@ def _section_fields(path: tuple) -> dict:
     model: Any = Config
     for part in path:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        model = _section_model(field.annotation) if field is not None else None
+        if model is None:
             return {}
-        model = field.annotation
     return model.model_fields
 
 
@@ -425,7 +414,11 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
             loc = tuple(str(p) for p in err["loc"])
             dotted = ".".join(loc)
             where = f"{source}:{lines[dotted]}" if dotted in lines else source
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "unused_section":
+                section = err["ctx"]["section"]
+                where = f"{source}:{lines[section]}" if section in lines else source
+                messages.append(f"{where}: {err['msg']}")
+            elif err["type"] == "extra_forbidden":
                 valid = _section_fields(loc[:-1])
                 hint = _suggest(loc[-1], valid)
                 messages.append(f"{where}: unknown key '{dotted}'{hint}")
@@ -438,8 +431,25 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
+def _drop_unused_sections(data: dict) -> None:
+    """Drop the valid sections of other methods (an older tunelab saved them all); an invalid one stays, so
+    its error is reported."""
+    method = data.get("method", DEFAULT_METHOD)
+    if not isinstance(method, str) or method not in METHODS:
+        return
+    for name, cls in SECTIONS.items():
+        if name not in METHODS[method].sections and isinstance(data.get(name), dict):
+            try:
+                cls.model_validate(data[name])
+            except ValidationError:
+                continue
+            del data[name]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> Config:
+    """Read a YAML config (or start from defaults when path is None) and apply overrides. `saved_run`: the
+    config.yaml of a run, where an older tunelab saved every method's section: those its method does not
+    read are dropped (they never applied)."""
     data: dict = {}
     lines: dict = {}
     source = "<overrides>"
@@ -463,6 +473,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values")
         lines = _yaml_lines(text)
+        if saved_run:
+            _drop_unused_sections(data)
         # relative data paths are relative to the config file's folder
         for key in ("train", "eval"):
             value = (data.get("data") or {}).get(key) if isinstance(data.get("data"), dict) else None

@@ -69,8 +69,17 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+# the one precision name -> torch dtype map
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return DTYPES[precision]
+
+
 def autocast_dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    """The autocast dtype of a resolved precision; None for fp32 (no autocast)."""
+    return None if precision == "fp32" else DTYPES[precision]
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

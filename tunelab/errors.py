@@ -1,5 +1,7 @@
 """Errors the user can fix (exit code 2) as opposed to bugs (exit code 1)."""
 
+import difflib
+
 
 class UserError(Exception):
     """Bad config, data or arguments. The CLI prints the message alone and exits with code 2."""
@@ -17,3 +19,13 @@ class DataError(UserError):
         field_part = f": field '{field}'" if field else ""
         super().__init__(f"{where}{field_part}: {message}")
         self.path, self.line, self.field = path, line, field
+
+
+def did_you_mean(word, choices, aliases: dict | None = None) -> str:
+    """' (did you mean 'x'?)' for the closest choice (or a known alias of `word`), else ''."""
+    choices = [str(c) for c in choices]
+    alias = (aliases or {}).get(str(word).lower())
+    if alias in choices:
+        return f" (did you mean '{alias}'?)"
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -19,7 +19,7 @@ def is_run_dir(path) -> bool:
 
 
 def _load_run(path: Path, device):
-    cfg = load_config(path / "config.yaml")
+    cfg = load_config(path / "config.yaml", saved_run=True)
     method = get_method(cfg.method)
     artifact = path / method.artifact
     if not artifact.is_dir():
@@ -85,7 +85,7 @@ def load(
 def _add_adapter(model, cfg, name: str, run: Path) -> None:
     if not hasattr(model, "load_adapter") or not hasattr(model, "peft_config"):
         raise UserError(f"method '{cfg.method}' does not produce PEFT adapters; several adapters need a PEFT method")
-    other = load_config(run / "config.yaml")
+    other = load_config(run / "config.yaml", saved_run=True)
     if other.model != cfg.model:
         raise UserError(f"{run}: trained on '{other.model}', not on the shared base '{cfg.model}'")
     if name in model.peft_config:

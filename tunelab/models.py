@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .trust import check_remote_code, model_weights_are_safetensors, needs_custom_code_message
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -168,10 +168,7 @@ def resolve_model_path(name: str) -> str:
             raise UserError(f"model directory {path} has no config.json")
         return str(path)
     if "/" not in name:
-        import difflib
-
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, REGISTRY)
         raise UserError(f"unknown model '{name}'{hint}; registry names: {', '.join(REGISTRY)}, or a local directory")
     if not _in_hub_cache(name):  # else loading would say it failed to reach a hub (none is reached)
         raise UserError(

@@ -16,7 +16,7 @@ from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from ..models import load_tokenizer, resolve_model_path
-from ..training.loop import seed_everything
+from ..reproducible import seed_everything
 from .steps import StepLog, adapter_checksum
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..config import build_config
-from ..training import loop
+from ..training.loop import Trainer
 from .steps import StepLog, adapter_checksum
 
 
@@ -61,7 +61,7 @@ def _flat_indices(window) -> list[int]:
     return [i for part in window for i in _flat_indices(part)]
 
 
-class TimedTrainer(loop.Trainer):
+class TimedTrainer(Trainer):
     """tunelab's Trainer, unchanged, with each optimizer step timed and its examples recorded."""
 
     def __init__(self, cfg, step_log: StepLog):
@@ -78,17 +78,11 @@ class TimedTrainer(loop.Trainer):
         self.step_log.end(indices=indices, loop_tokens=int(result[2]))
         return result
 
-
-def _count_batch_slots(step_log: StepLog) -> None:
-    """Wrap the loop's loss function to count the token positions each micro-batch runs on (rows x width)
-    and whether it was packed (position ids restart inside rows), whatever the loop's batching does."""
-    plain = loop.loss_sum
-
-    def counted(model, batch, *args, **kwargs):
-        step_log.add_micro(slots=int(batch["input_ids"].numel()), packed="position_ids" in batch)
-        return plain(model, batch, *args, **kwargs)
-
-    loop.loss_sum = counted
+    def batch_loss(self, batch):
+        """Count the token positions each micro-batch runs on (rows x width) and whether it was packed
+        (position ids restart inside rows), whatever the loop's batching does."""
+        self.step_log.add_micro(slots=int(batch["input_ids"].numel()), packed="position_ids" in batch)
+        return super().batch_loss(batch)
 
 
 def train_fast(spec: dict, step_log: StepLog):
@@ -102,7 +96,6 @@ def train_fast(spec: dict, step_log: StepLog):
     step_log.init_checksum = adapter_checksum(trainer.model)
     step_log.notes["precision"] = trainer.precision
     step_log.notes["packing"] = trainer.cfg.train.packing  # as the loop resolved it
-    _count_batch_slots(step_log)
     step_log.mark_train_start()
     t0 = time.perf_counter()
     trainer.run()

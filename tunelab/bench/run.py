@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,10 +22,11 @@ import torch
 
 from ..data.encode import encode_examples, resolve_chat_template
 from ..data.formats import Example
-from ..device import cpu_capability, pick_device, resolve_precision
+from ..device import cpu_capability, dtype_of, pick_device, resolve_precision
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_jsonl
 from ..models import DEFAULT_MODEL, load_tokenizer
+from ..reproducible import versions
 from .data import length_stats, make_bench_rows
 from .steps import log
 
@@ -60,7 +60,7 @@ def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int) -> 
 
 def matmul_peak_flops(precision: str, device: torch.device, size: int = 2048, repeats: int = 8) -> float:
     """Best-of-`repeats` FLOP/s of one size x size matmul at `precision`: the achievable peak for MFU."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = dtype_of(precision)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -88,18 +88,6 @@ def run_phase_process(name: str, spec_path: Path, workdir: Path) -> dict:
 
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else math.inf
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
 
 
 def timing_reliable(base: dict, fast: dict) -> bool:

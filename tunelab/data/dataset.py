@@ -21,6 +21,7 @@ class PreparedData:
     val_stats: EncodeStats
     skipped: list[str] = field(default_factory=list)
     val_examples: list = field(default_factory=list)  # the raw validation records (for generation eval)
+    labels: list[str] | None = None  # classification: the label names in class-id order (the run's label map)
 
     def notes(self) -> list[str]:
         """Human-readable warnings about what happened to the data."""
@@ -70,13 +71,12 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     else:
         train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed)
     if cfg.task == "classification":
-        if not d.labels:
-            d.labels = label_names(train_examples)  # saved with the resolved config: the run's label map
-        if len(d.labels) < 2:
-            raise ConfigError(f"{d.train}: classification needs at least 2 labels, found {d.labels}")
-        train, train_stats = encode_classification(train_examples, tokenizer, d.max_length, d.labels, d.train)
-        val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, d.labels, d.eval or d.train)
-        return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped, val_examples)
+        labels = d.labels or label_names(train_examples)  # saved with the resolved config: the run's label map
+        if len(labels) < 2:
+            raise ConfigError(f"{d.train}: classification needs at least 2 labels, found {labels}")
+        train, train_stats = encode_classification(train_examples, tokenizer, d.max_length, labels, d.train)
+        val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, labels, d.eval or d.train)
+        return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped, val_examples, labels)
     template = resolve_chat_template(tokenizer, d.chat_template)
     train, train_stats = encode_examples(
         train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train

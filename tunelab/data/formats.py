@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, did_you_mean
 
 FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification")
 ROLES = ("system", "user", "assistant")
@@ -334,10 +334,7 @@ def load_examples(
     """Read and normalise a data file. Returns (examples, format, problems skipped)."""
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
-        import difflib
-
-        close = difflib.get_close_matches(fmt, FORMATS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(fmt, FORMATS)
         raise DataError(path, None, f"unknown data format '{fmt}'{hint}; choose from auto, {', '.join(FORMATS)}")
     problems: list[str] = []
     records = read_records(path, problems if skip_invalid else None)

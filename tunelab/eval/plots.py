@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..io import atomic_write_bytes, read_metrics
+from ..log import log
 
 # Font names that usually cover CJK; used as fallbacks only when a label needs them.
 _CJK_FONT_HINTS = ("CJK", "WenQuanYi", "Noto Sans SC", "Source Han", "SimHei", "Microsoft YaHei", "PingFang", "Heiti")
@@ -157,3 +158,11 @@ def plot_confusion_matrix(run_dir) -> Path | None:
 def plot_run(run_dir) -> list[Path]:
     """Write every plot that applies to the run; returns the paths written."""
     return [p for p in (plot_loss_curves(run_dir), plot_confusion_matrix(run_dir)) if p is not None]
+
+
+def write_plots(run_dir) -> None:
+    """plot_run for the end of training or evaluation: a plotting failure never fails the run."""
+    try:
+        plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's results are already saved
+        log(f"note: plots were not written: {exc}")

@@ -116,7 +116,7 @@ def evaluate_run(run_or_model: str, data: str | None = None, overrides: list[str
         raise UserError("an ensemble (RUN1,RUN2,...) needs run directories only")
     is_run = bool(runs)
     if is_run:
-        cfg = load_config(runs[0] / "config.yaml", overrides)
+        cfg = load_config(runs[0] / "config.yaml", overrides, saved_run=True)
     else:
         cfg = build_config(apply_overrides({"model": targets[0]}, overrides or []))
     if data:
@@ -153,7 +153,7 @@ def evaluate_run(run_or_model: str, data: str | None = None, overrides: list[str
         }
     )
     if len(runs) == 1:
-        from ..training.loop import write_plots
+        from .plots import write_plots
 
         atomic_write_json(runs[0] / "eval.json", metrics)
         write_plots(runs[0])

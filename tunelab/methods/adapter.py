@@ -20,12 +20,15 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError, UserError
 from ..io import read_json_object, read_safetensors
+from ..sections import Section
 from .base import Method, classification_head
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -36,6 +39,15 @@ KINDS = ("houlsby", "pfeiffer")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 LLAMA_STYLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 BERT_STYLE_TYPES = ("bert", "roberta", "xlm-roberta", "electra")  # same BertLayer module tree
+
+
+class AdapterSection(Section):
+    kind: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and FFN outputs; pfeiffer: after the FFN output only"
+    )
+    reduction: int = Field(16, ge=1, description="hidden size / bottleneck size")
+    non_linearity: Literal["relu", "gelu", "silu"] = Field("relu", description="activation inside the bottleneck")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's output")
 
 
 @dataclass
@@ -205,7 +217,7 @@ def _base_model_name(model: nn.Module):
 class BottleneckAdapterMethod(Method):
     name = "adapter"
     artifact = "adapter"
-    block = "adapter"
+    sections = {"adapter": AdapterSection}
     # only a few, zero-started parameters train, so a higher LR than LoRA's (Houlsby et al. swept 3e-5..3e-3)
     default_lr = 1e-3
     summary = (

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, did_you_mean
+
 
 class Method:
     name: str = ""
     artifact: str = "adapter"  # "adapter" (small, needs the base) or "model" (a full model directory)
     summary: str = ""
     default_lr: float = 2e-4
-    block: str = ""  # the config section holding the method's options
+    # the config sections the method reads: name -> pydantic Section class (a section it does not list is
+    # an error in its config)
+    sections: dict = {}
+    virtual_tokens = False  # prepends virtual tokens to every row (so packing several examples is not exact)
 
     def load_base(self, cfg, device):
         """The base model this method trains on (fp32 master weights unless the method quantizes)."""
@@ -89,10 +94,7 @@ def check_module_names(model, options: dict) -> None:
     """Every module name (or regex string) the user gave must match a module, as peft matches them: a
     list entry matches a module named so or ending in `.name`; a string other than `all-linear` is a
     full-match regex. peft alone accepts a list where some entries match nothing."""
-    import difflib
     import re
-
-    from ..errors import ConfigError
 
     names = [n for n, _ in model.named_modules() if n]
     linear = _linear_names(model)
@@ -112,8 +114,7 @@ def check_module_names(model, options: dict) -> None:
             continue
         for target in value:
             if not any(n == target or n.endswith(f".{target}") for n in names):
-                close = difflib.get_close_matches(str(target), linear, n=1, cutoff=0.5)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(target, linear)
                 raise ConfigError(
                     f"{key}: '{target}' matches no module of the model{hint}; its linear layers: {', '.join(linear)}"
                 )
@@ -131,8 +132,6 @@ class PeftMethod(Method):
 
     def apply(self, model, cfg, total_steps: int = 1000):
         from peft import get_peft_model
-
-        from ..errors import ConfigError
 
         check_module_names(model, self.module_options(cfg))
         config = self.peft_config(cfg, model, total_steps)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from ..config import Config, build_config
+from ..config import build_config
 from . import METHODS
 
 
-def block_defaults(method) -> dict:
-    if not method.block:
-        return {}
-    return Config().model_dump(mode="json")[method.block]
+def section_defaults(method) -> dict:
+    """Each config section the method reads, with its defaults."""
+    return {name: cls().model_dump(mode="json") for name, cls in method.sections.items()}
 
 
 def count_for_model(name: str, model: str, task: str = "causal_lm") -> dict:
@@ -40,8 +39,8 @@ def method_table(model: str | None = None, task: str = "causal_lm") -> list[dict
             "method": name,
             "artifact": f"{method.artifact}/",
             "default_lr": method.default_lr,
-            "config_block": method.block or None,
-            "defaults": block_defaults(method),
+            "config_sections": list(method.sections),
+            "defaults": section_defaults(method),
             "summary": method.summary,
         }
         if model:

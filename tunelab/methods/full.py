@@ -6,10 +6,32 @@ import fnmatch
 from pathlib import Path
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
+from ..sections import Section
 from .base import Method, classification_head
+
+
+class FreezeSection(Section):
+    trainable_layers: int | list[int | str] = Field(
+        2,
+        description="the last N blocks, or a list of block indices (negative counts from the end) and "
+        "parameter-name glob patterns",
+    )
+    train_embeddings: bool = Field(False, description="also train the input embeddings")
+    train_lm_head: bool = Field(False, description="also train the output head")
+    train_norm: bool = Field(True, description="also train the final norm")
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _layer_count(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"a number of blocks must be >= 0, got {v} (a list like [-1] picks blocks from the end)")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list trains no block; give a number or block indices / name patterns")
+        return v
 
 
 def transformer_blocks(model) -> tuple[str, nn.ModuleList]:
@@ -59,7 +81,7 @@ class FullMethod(Method):
 
 class FreezeMethod(FullMethod):
     name = "freeze"
-    block = "freeze"
+    sections = {"freeze": FreezeSection}
     default_lr = 1e-4
     summary = "freeze everything but the chosen blocks (default: the last 2 + final norm); saves a full model"
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
+from ..sections import Section
 from .base import PeftMethod, peft_task_type
+
+
+class IA3Section(Section):
+    target_modules: list[str] | None = Field(
+        None, description="modules whose outputs are rescaled; unset: peft's default for the architecture"
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="the subset of target_modules rescaled at their input (feed-forward layers)"
+    )
 
 
 class IA3Method(PeftMethod):
     name = "ia3"
-    block = "ia3"
+    sections = {"ia3": IA3Section}
     default_lr = 3e-3
     summary = "learned rescaling vectors on keys, values and the feed-forward (tiny, no rank); LR 3e-3"
 

@@ -6,12 +6,63 @@ The variants are LoRA with one option forced, so they also combine as options (Q
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from ..device import cpu_has_native_bf16
+import torch
+from pydantic import Field, field_validator
+
+from ..device import cpu_has_native_bf16, dtype_of
 from ..log import log
 from ..quant import use_generic_4bit_kernel
+from ..sections import Section, positive_values
 from .base import PeftMethod, load_classification_base, peft_task_type
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="rank of the update B@A")
+    alpha: float = Field(
+        32, gt=0, description="scale: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)"
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA branch's input")
+    target_modules: str | list[str] | None = Field(
+        None,
+        description="linear layers to adapt: a list of names, `all-linear`, or a regex over full module names; "
+        "unset: peft's default for the architecture (q/v projections)",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="module-name pattern -> rank, overriding r for those modules"
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="module-name pattern -> alpha, overriding alpha for those modules"
+    )
+    dora: bool = Field(False, description="DoRA: learn a magnitude vector and a direction (method dora forces it)")
+    rslora: bool = Field(False, description="scale by alpha / sqrt(r), stable at high ranks (method rslora forces it)")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="initialisation of A and B; pissa/olora start from the base's SVD/QR (method pissa)"
+    )
+    lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B matrices train at lr_ratio x train.lr (method loraplus: 16 when unset)"
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="modules trained in full and saved with the adapter (e.g. a new head)"
+    )
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _positive_per_module(cls, v):
+        return positive_values(v, "value")
+
+
+class QuantSection(Section):
+    bits: Literal[4, 8] | None = Field(
+        None, description="quantize the frozen base: 4 = QLoRA (NF4/FP4), 8 = LLM.int8; unset: full precision"
+    )
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="also quantize the 4-bit scales (saves ~0.4 bit per weight)")
+    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field(
+        "auto", description="dtype of the 4-bit matmuls; auto: bf16 where native, else fp32"
+    )
+
 
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -44,7 +95,7 @@ def compute_dtype(setting: str):
             if on_gpu_bf16 or (not torch.cuda.is_available() and cpu_has_native_bf16())
             else torch.float32
         )
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
+    return dtype_of(setting)
 
 
 def bnb_config(quant, skip_modules=None):
@@ -63,7 +114,7 @@ def bnb_config(quant, skip_modules=None):
 
 class LoraMethod(PeftMethod):
     name = "lora"
-    block = "lora"
+    sections = {"lora": LoraSection, "quant": QuantSection}
     summary = "low-rank updates B@A on chosen linear layers; r=16, alpha=32, dropout=0.05, q/v projections"
     forced: dict = {}
 

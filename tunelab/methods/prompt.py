@@ -5,12 +5,37 @@ They train few parameters far from the output, so their default LR is much highe
 
 from __future__ import annotations
 
+from pydantic import Field
+
+from ..sections import Section
 from .base import PeftMethod, peft_task_type
+
+
+def _virtual_tokens():
+    return Field(20, ge=1, description="number of virtual tokens")
+
+
+class PrefixSection(Section):
+    num_virtual_tokens: int = _virtual_tokens()
+    projection: bool = Field(False, description="reparameterise the prefix through an MLP (more parameters, steadier)")
+
+
+class PromptSection(Section):
+    num_virtual_tokens: int = _virtual_tokens()
+    init_text: str | None = Field(None, description="initialise the soft prompt from this text's token embeddings")
+
+
+class PTuningSection(Section):
+    num_virtual_tokens: int = _virtual_tokens()
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="width of the prompt encoder's MLP; unset: the model's hidden size"
+    )
 
 
 class PrefixMethod(PeftMethod):
     name = "prefix"
-    block = "prefix"
+    sections = {"prefix": PrefixSection}
+    virtual_tokens = True
     default_lr = 1e-2
     summary = "trainable key/value prefixes at every layer (P-Tuning v2); 20 virtual tokens; LR 1e-2"
 
@@ -26,7 +51,8 @@ class PrefixMethod(PeftMethod):
 
 class PromptMethod(PeftMethod):
     name = "prompt"
-    block = "prompt"
+    sections = {"prompt": PromptSection}
+    virtual_tokens = True
     default_lr = 3e-2
     summary = "a soft prompt of trainable input embeddings (optionally initialised from prompt.init_text); LR 3e-2"
 
@@ -49,7 +75,8 @@ class PromptMethod(PeftMethod):
 
 class PTuningMethod(PeftMethod):
     name = "ptuning"
-    block = "ptuning"
+    sections = {"ptuning": PTuningSection}
+    virtual_tokens = True
     default_lr = 1e-2
     summary = "virtual tokens produced by a trainable prompt encoder (MLP); LR 1e-2"
 

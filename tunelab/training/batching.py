@@ -12,7 +12,6 @@ import torch
 
 from ..data.collate import pack_rows, packed_batch, pad_batch, varlen_batch
 from ..errors import ConfigError
-from ..losses import is_prompt_learning
 
 MEGABATCH = 50  # group_by_length: steps whose examples are sorted together (as in HF's length sampler)
 
@@ -30,20 +29,6 @@ def epoch_windows(lengths: list[int], cfg, epoch: int, world: int = 1) -> list[l
         perm = torch.randperm(len(windows), generator=g).tolist()
         return [windows[0]] + [windows[i] for i in perm if i != 0]
     return [order[i : i + step] for i in range(0, len(order), step)]
-
-
-def resolve_packing(cfg, model) -> bool:
-    """`train.packing`: None packs wherever it is exact; true where it cannot be is an error."""
-    reason = None
-    if cfg.task == "classification":
-        reason = "classification batches one example per row"
-    elif is_prompt_learning(model):
-        reason = f"method {cfg.method} prepends virtual tokens to every row"
-    if reason is None:
-        return cfg.train.packing is not False
-    if cfg.train.packing:
-        raise ConfigError(f"train.packing: true does not work here: {reason}; remove it or set it to false")
-    return False
 
 
 def packing_layout(model):

@@ -13,14 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-from ..errors import UserError
-from .checkpoint import read_trainer_state
 
 
 @dataclass
@@ -106,19 +102,3 @@ class Distributed:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def keep_global_batch(cfg, ckpt: Path, world: int, log) -> None:
-    """Resuming under another process count: change grad_accum so a step takes as many examples as the
-    checkpoint's steps did (same data order, same schedule, same numbers)."""
-    before = read_trainer_state(ckpt).get("examples_per_step")
-    t = cfg.train
-    if before is None or before == t.batch_size * t.grad_accum * world:
-        return
-    if before % (t.batch_size * world):
-        raise UserError(
-            f"{ckpt}: its steps took {before} examples; batch_size {t.batch_size} x {world} processes does not "
-            f"divide that; choose train.batch_size so that batch_size x processes divides {before}"
-        )
-    t.grad_accum = before // (t.batch_size * world)
-    log(f"note: {world} process(es): train.grad_accum set to {t.grad_accum} to keep {before} examples per step")

@@ -11,13 +11,11 @@ import contextlib
 import copy
 import gc
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..attention import varlen_attention
@@ -27,13 +25,15 @@ from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
 from ..errors import UserError
 from ..eval.loss import evaluate_loss
+from ..eval.plots import write_plots
 from ..io import atomic_write_json, atomic_write_text, dir_bytes, read_jsonl_objects, read_metrics
 from ..log import log
 from ..losses import loss_sum
 from ..methods import get_method
 from ..models import load_tokenizer
+from ..reproducible import seed_everything, versions
 from .accounting import count_params
-from .batching import epoch_windows, packing_layout, resolve_packing, step_batches
+from .batching import epoch_windows, packing_layout, step_batches
 from .checkpoint import (
     latest_checkpoint,
     load_best_weights,
@@ -42,13 +42,14 @@ from .checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from .distributed import Distributed, keep_global_batch
+from .distributed import Distributed
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
 from .oom import is_out_of_memory, oom_advice
 from .optim import build_optimizer, build_scheduler, param_groups
+from .resolve import resolve_run_config, resumed_grad_accum
 from .resume import rebase_schedule, record_resume, resume_changes
-from .run_dir import FAILURE_FILE, MetricsLog, check_out_dir, create_run_dir, save_artifact, versions
+from .run_dir import FAILURE_FILE, MetricsLog, check_out_dir, create_run_dir, save_artifact
 from .signals import Interrupted, stop_on_signals
 from .watchdog import Watchdog
 
@@ -59,12 +60,6 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before giving up
 class TrainResult:
     run_dir: Path
     summary: dict
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def total_steps(n_examples: int, cfg, world: int = 1) -> tuple[int, int]:
@@ -81,7 +76,6 @@ class Trainer:
     def __init__(
         self, cfg: Config, resume_dir: Path | None = None, progress: bool = True, resume_changes: dict | None = None
     ):
-        self.cfg = cfg
         self.progress = progress
         self.dist = Distributed.from_env()
         self.lock = None
@@ -92,7 +86,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-        ckpt = None
+        ckpt = grad_accum = None
         if resume_dir is not None:
             if self.dist.is_main:  # one trainer per run folder; then nothing else writes here
                 self.lock = RunLock(resume_dir).acquire()
@@ -105,9 +99,14 @@ class Trainer:
             ckpt = latest_checkpoint(Path(resume_dir) / "checkpoints")
             if ckpt is None:
                 raise UserError(f"{resume_dir}: no complete checkpoint to resume from")
-            keep_global_batch(cfg, ckpt, self.dist.world, log)
-
-        if resume_dir is None:
+            grad_accum = resumed_grad_accum(cfg, ckpt, self.dist.world)
+            if grad_accum != cfg.train.grad_accum:
+                before = cfg.train.batch_size * grad_accum * self.dist.world
+                log(
+                    f"note: {self.dist.world} process(es): train.grad_accum set to {grad_accum} to keep {before} "
+                    "examples per step"
+                )
+        else:
             check_out_dir(cfg.out_dir)  # before any work: a folder that cannot hold the run
         # 1. data first: bad data fails before anything is written
         self.tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -115,9 +114,12 @@ class Trainer:
         for note in self.data.notes():
             log(f"note: {note}")
 
-        # 2. model + method
-        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg, self.dist.world)
+        # 2. the final config, once: from here on it is read-only
         self.method = get_method(cfg.method)
+        self.cfg = cfg = resolve_run_config(cfg, self.method, self.data.labels, grad_accum)
+
+        # 3. model + method
+        self.steps_per_epoch, self.total_steps = total_steps(len(self.data.train), cfg, self.dist.world)
         model = self.method.load_base(cfg, self.device)
         # the frozen base as stored in memory (QLoRA: packed 4-bit) vs the same weights in fp32
         self.base_footprint = {
@@ -129,11 +131,10 @@ class Trainer:
             model.config.use_cache = False
         self.model = self.method.apply(model, cfg, self.total_steps)
         self.model.train()
-        cfg.train.packing = resolve_packing(cfg, self.model)  # saved resolved in config.yaml
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
 
-        # 3. optimizer and schedule
+        # 4. optimizer and schedule
         self.groups = param_groups(self.model, cfg, self.method)
         self.optimizer = build_optimizer(self.model, cfg, self.method)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
@@ -142,7 +143,7 @@ class Trainer:
         dtype = autocast_dtype(self.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
-        # 4. state, possibly restored from a checkpoint
+        # 5. state, possibly restored from a checkpoint
         self.best_weights = None
         self.state = {
             "step": 0,
@@ -171,10 +172,6 @@ class Trainer:
                 for key, (old, new) in resume_changes.items():
                     log(f"note: resumed with {key} {old!r} -> {new!r} (from step {self.state['step'] + 1})")
         else:
-            # data paths are saved absolute so the run can be resumed from anywhere
-            for key in ("train", "eval"):
-                if getattr(cfg.data, key):
-                    setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).resolve()))
             self.metrics = None
             if self.dist.is_main:  # only rank 0 writes
                 self.run_dir = create_run_dir(cfg)
@@ -239,11 +236,15 @@ class Trainer:
             # backward too: gradient checkpointing re-runs the forward there
             with varlen_attention(self.model, self.layout == "varlen"):
                 with self.autocast():
-                    s = loss_sum(self.model, batch)
+                    s = self.batch_loss(batch)
                 scaled = s / n_loss_tokens
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
         return total, n_loss_tokens
+
+    def batch_loss(self, batch: dict) -> torch.Tensor:
+        """The summed token loss of one micro-batch (a subclass may observe or replace it: the benchmark does)."""
+        return loss_sum(self.model, batch)
 
     def optimizer_step(self) -> float:
         """Clip, step (unless the gradients are non-finite), schedule; returns the gradient norm."""
@@ -494,16 +495,6 @@ class Trainer:
         return TrainResult(self.run_dir, summary)
 
 
-def write_plots(run_dir: Path) -> None:
-    """plots/loss.png (and the confusion matrix for classifiers); a plotting failure never fails the run."""
-    from ..eval.plots import plot_run
-
-    try:
-        plot_run(run_dir)
-    except Exception as exc:  # noqa: BLE001 - the run's results are already saved
-        log(f"note: plots were not written: {exc}")
-
-
 def train(
     config, overrides: list[str] | None = None, resume: str | Path | None = None, progress: bool = True
 ) -> TrainResult:
@@ -517,8 +508,8 @@ def train(
         resume = Path(resume)
         if not (resume / "config.yaml").exists():
             raise UserError(f"{resume}: not a run directory (no config.yaml)")
-        cfg = load_config(resume / "config.yaml", overrides)
-        changes = resume_changes(load_config(resume / "config.yaml"), cfg)
+        cfg = load_config(resume / "config.yaml", overrides, saved_run=True)
+        changes = resume_changes(load_config(resume / "config.yaml", saved_run=True), cfg)
     elif config is None or isinstance(config, str | Path):
         cfg = load_config(config, overrides)
     else:

@@ -1,10 +1,9 @@
-"""The run directory: naming, creation, metrics log, versions, and the saved artifact."""
+"""The run directory: naming, creation, metrics log, and the saved artifact."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -148,19 +147,3 @@ def quiet_tensorboard_thread() -> None:
 
     hook.tunelab_quiet = True
     threading.excepthook = hook
-
-
-def versions() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {
-        "tunelab": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-    }
