@@ -1,7 +1,11 @@
-"""`tunelab eval`: perplexity checked independently, generation metrics + predictions.jsonl, scorer, ensembles."""
+"""`tunelab eval`: perplexity checked independently, generation metrics + predictions.jsonl, scorer, ensembles,
+`--data` writing its own files, multi-turn prompts, the progress bar."""
 
+import io
 import json
 import math
+import shutil
+import sys
 
 import pytest
 import torch
@@ -62,7 +66,6 @@ def test_generation_metrics_predictions_and_efficiency(runs, tmp_path, monkeypat
     metrics = evaluate_run(str(runs["a"]), overrides=["eval.scorer=my_scorer:length_ratio"])
     for key in (
         "eval_exact_match",
-        "eval_bleu",
         "eval_rouge1",
         "eval_rougeL",
         "eval_score",
@@ -73,10 +76,86 @@ def test_generation_metrics_predictions_and_efficiency(runs, tmp_path, monkeypat
     ):
         assert key in metrics, key
     assert 0 <= metrics["eval_exact_match"] <= 1 and metrics["eval_latency_p95_ms"] >= metrics["eval_latency_p50_ms"]
+    # the toy answers are one word: too short for BLEU, which is left out with the reason
+    assert "eval_bleu" not in metrics and "BLEU omitted" in metrics["eval_generation_notes"][0]
+    assert metrics["scale"] == "0-1"
     rows = [json.loads(x) for x in (runs["a"] / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["eval_generated_examples"] == metrics["examples"]
     assert {"prompt", "reference", "prediction", "exact_match", "rougeL", "score"} <= set(rows[0])
+    assert rows[0]["prompt"][-1]["role"] == "user" and rows[0]["prompt"][-1]["content"].startswith("Repeat the word")
     assert json.loads((runs["a"] / "eval.json").read_text())["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert metrics["written"] == [str(runs["a"] / "eval.json"), str(runs["a"] / "predictions.jsonl")]
+
+
+def _conversations(n):
+    turns = [("Repeat the word: red", "red"), ("Now say it twice", "red red")]
+    return [
+        {
+            "messages": [
+                m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+            ]
+        }
+    ] * n
+
+
+def test_data_eval_writes_its_own_files_and_leaves_the_runs_alone(runs, tmp_path, capsys):
+    from tunelab.cli import main
+
+    run = shutil.copytree(runs["a"], tmp_path / "run")
+    (run / "predictions.jsonl").write_text("the run's own predictions\n")
+    own_eval = (run / "eval.json").read_bytes()
+    data = tmp_path / "two_turns.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _conversations(3)))
+
+    assert main(["eval", str(run), "--data", str(data)]) == 0  # progress on, but stderr is no terminal
+    out, err = capsys.readouterr()
+    metrics = json.loads(out)
+    assert (run / "eval.json").read_bytes() == own_eval
+    assert (run / "predictions.jsonl").read_text() == "the run's own predictions\n"
+    written = [str(run / "eval-two_turns.json"), str(run / "predictions-two_turns.jsonl")]
+    assert metrics["written"] == written and f"wrote {', '.join(written)}" in err
+    assert "example/s" not in err and "it/s" not in err  # no progress bar
+    saved = json.loads((run / "eval-two_turns.json").read_text())
+    assert saved["data"] == str(data) and saved["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    rows = [json.loads(x) for x in (run / "predictions-two_turns.jsonl").read_text().splitlines()]
+    # the whole conversation up to the evaluated (second) assistant turn, not only the last question
+    assert [r["prompt"] for r in rows] == [_conversations(1)[0]["messages"][:3]] * 3
+    assert [r["reference"] for r in rows] == ["red red"] * 3
+
+
+def test_rows_use_the_aggregates_exact_match_and_the_bar_shows_on_a_terminal(runs, tmp_path, monkeypatch):
+    """A prediction that differs from its reference only in inner whitespace counts in its row as in the total."""
+    import tunelab.generation
+    from tunelab.config import load_config
+    from tunelab.data.formats import Example
+    from tunelab.eval.run import generation_eval
+
+    answers = {"q1": "New   York", "q2": "Paris", "q3": "wrong"}
+    asked = []
+    monkeypatch.setattr(
+        tunelab.generation,
+        "generate_batch",
+        lambda model, tok, prompts, settings: asked.extend(prompts) or [answers[prompts[0][-1]["content"]]],
+    )
+    examples = [
+        Example(1, [{"role": "user", "content": "q1"}, {"role": "assistant", "content": " New York"}]),
+        Example(2, [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "Paris"}]),
+        Example(3, [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "Rome"}]),
+    ]
+    cfg = load_config(runs["a"] / "config.yaml")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for progress in (True, False):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        out = generation_eval(None, None, examples, cfg, tmp_path / "p.jsonl", progress=progress)
+        assert ("generate: 100%" in sys.stderr.getvalue()) is progress
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0]
+    assert out["eval_exact_match"] == pytest.approx(2 / 3)
+    assert asked[0] == examples[0].messages[:-1]
 
 
 def test_bad_scorer_is_a_user_error(runs):

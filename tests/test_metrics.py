@@ -9,10 +9,12 @@ from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_sco
 from tunelab.errors import UserError
 from tunelab.eval.metrics import (
     bleu,
+    bleu_omission_reason,
     classification_metrics,
     exact_match,
     generation_metrics,
     latency_stats,
+    normalize_answer,
     rouge,
 )
 
@@ -86,6 +88,9 @@ def test_exact_match_normalises_whitespace():
     refs = ["Paris", "New York", "London"]
     assert exact_match(preds, refs) == pytest.approx(2 / 3)
     assert exact_match(preds, refs, normalize=False) == 0.0
+    assert normalize_answer(" New \t York\n") == "New York"
+    # the mean of one-pair calls (predictions.jsonl rows) is the aggregate
+    assert np.mean([exact_match([p], [r]) for p, r in zip(preds, refs)]) == pytest.approx(exact_match(preds, refs))
 
 
 EN_PREDS = ["the cat sat on the mat", "a quick brown fox jumps over the dog"]
@@ -95,7 +100,8 @@ ZH_REFS = ["今天天气不错，我们去公园散步吧", "他非常喜欢读�
 
 
 def test_bleu_english_matches_sacrebleu():
-    assert bleu(EN_PREDS, EN_REFS) == pytest.approx(sacrebleu.corpus_bleu(EN_PREDS, [EN_REFS]).score)
+    # on the 0-1 scale of every other score: sacrebleu's 0-100 divided by 100
+    assert bleu(EN_PREDS, EN_REFS) == pytest.approx(sacrebleu.corpus_bleu(EN_PREDS, [EN_REFS]).score / 100)
 
 
 @pytest.mark.parametrize("lang", ["zh", "auto"])
@@ -103,7 +109,7 @@ def test_bleu_chinese_uses_the_zh_tokenizer(lang):
     zh_ref = sacrebleu.corpus_bleu(ZH_PREDS, [ZH_REFS], tokenize="zh").score
     default_ref = sacrebleu.corpus_bleu(ZH_PREDS, [ZH_REFS], tokenize="13a").score
     assert zh_ref != pytest.approx(default_ref)  # otherwise this test could not tell the paths apart
-    assert bleu(ZH_PREDS, ZH_REFS, lang=lang) == pytest.approx(zh_ref)
+    assert bleu(ZH_PREDS, ZH_REFS, lang=lang) == pytest.approx(zh_ref / 100)
 
 
 def test_rouge_english_matches_rouge_scorer_without_stemming():
@@ -131,7 +137,7 @@ def test_rouge_cjk_tokenizer_keeps_latin_words():
 
 
 def test_empty_predictions_score_zero_and_are_counted():
-    m = generation_metrics(["", "   "], ["the cat sat", "on the mat"])
+    m = generation_metrics(["", "   "], ["the cat sat on the mat", "by the door of the house"])
     assert m["empty_predictions"] == 2
     assert m["exact_match"] == 0.0 and m["bleu"] == 0.0
     assert m["rouge1"] == m["rouge2"] == m["rougeL"] == 0.0
@@ -143,10 +149,30 @@ def test_generation_metrics_mix_empty_and_real_predictions():
     m = generation_metrics(preds, refs)
     assert m["exact_match"] == pytest.approx(0.5)
     assert m["rouge1"] == pytest.approx(0.5)  # 1.0 and 0.0 averaged
-    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score / 100)
     assert m["empty_predictions"] == 1 and len(m["warnings"]) == 1
     clean = generation_metrics(["hello world"], ["hello world"])
     assert clean["empty_predictions"] == 0 and clean["warnings"] == []
+
+
+def test_perfect_answers_score_one_on_every_metric():
+    m = generation_metrics(EN_REFS, EN_REFS)
+    for name in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL"):
+        assert m[name] == pytest.approx(1.0), name
+    assert m["notes"] == []
+
+
+def test_bleu_is_omitted_with_a_note_when_most_references_are_short():
+    preds, refs = ["red", "green blue", "the cat sat on the mat"], ["red", "green", "the cat sat on the mat"]
+    m = generation_metrics(preds, refs)
+    assert "bleu" not in m and m["exact_match"] == pytest.approx(2 / 3)
+    assert len(m["notes"]) == 1 and "BLEU omitted: 2 of 3 references have fewer than 4 tokens" in m["notes"][0]
+    # sacrebleu's own tokenization counts: "a, b!" is 4 tokens (a , b !), so not short
+    assert bleu_omission_reason(["a, b!", "x"]) is None  # 1 of 2 short is not most
+    assert bleu_omission_reason(["a b", "x"]) is not None
+    # Chinese counts characters (the zh tokenizer): 红色 is 2 tokens, 今天天气很好 is 6
+    assert bleu_omission_reason(["红色", "蓝色", "今天天气很好"], lang="auto") is not None
+    assert bleu_omission_reason(["今天天气很好", "他喜欢读书"], lang="auto") is None
 
 
 def test_generation_metrics_reject_empty_or_unpaired_input():

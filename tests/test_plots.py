@@ -88,3 +88,12 @@ def test_plot_run_writes_both(tmp_path):
     _write_metrics(tmp_path, _train_records())
     (tmp_path / "eval.json").write_text(json.dumps({"eval_confusion_matrix": [[1, 0], [0, 1]]}))
     assert sorted(p.name for p in plot_run(tmp_path)) == ["confusion_matrix.png", "loss.png"]
+
+
+def test_confusion_matrix_of_a_data_eval_has_its_own_name(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps({"eval_confusion_matrix": [[1, 0], [0, 1]]}))
+    (tmp_path / "eval-held_out.json").write_text(json.dumps({"eval_confusion_matrix": [[2, 1], [0, 3]]}))
+    path = plot_confusion_matrix(tmp_path, "held_out")  # `tunelab eval RUN --data held_out.jsonl`
+    assert path == tmp_path / "plots" / "confusion_matrix-held_out.png"
+    _assert_png(path)
+    assert not (tmp_path / "plots" / "confusion_matrix.png").exists()

@@ -134,13 +134,19 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import evaluate_run
 
-    metrics = evaluate_run(args.run_or_model, args.data, args.overrides)
+    metrics = evaluate_run(args.run_or_model, args.data, args.overrides, progress=not args.no_progress)
     # a readable table on stderr; the JSON on stdout stays machine-readable
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"  {key:32s} {value:.4f}", file=sys.stderr)
         elif isinstance(value, int):
             print(f"  {key:32s} {value}", file=sys.stderr)
+    for kind, key in (("note", "eval_generation_notes"), ("warning", "eval_generation_warnings")):
+        for line in metrics.get(key, []):
+            print(f"  {kind}: {line}", file=sys.stderr)
+    print(f"  {'scale':32s} {metrics['scale']} (exact match, BLEU, ROUGE, accuracy, F1)", file=sys.stderr)
+    written = metrics["written"]
+    print(f"wrote {', '.join(written)}" if written else "no files written (not a single run)", file=sys.stderr)
     _print_json(metrics)
     return 0
 
@@ -279,8 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run or model on its validation data or --data FILE")
     p.add_argument("run_or_model")
-    p.add_argument("--data", help="a data file (default: the run's validation split)")
+    p.add_argument(
+        "--data", help="a data file (default: the run's validation split); writes RUN/eval-<stem>.json, not eval.json"
+    )
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="data tools")

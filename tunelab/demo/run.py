@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import apply_overrides, build_config
+from ..eval.metrics import exact_match
 from ..generation import GenerationSettings, generate_batch
 from .dates import write_dataset
 
@@ -24,11 +25,11 @@ def demo_config(data_path: Path, out_dir: str, steps: int | None = None):
     return build_config(apply_overrides(data, overrides))
 
 
-def exact_match(model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
+def score_exact_match(model, tokenizer, rows: list[dict]) -> tuple[float, list[str]]:
+    """Greedy answers to the rows and their exact match (the same definition as `tunelab eval`)."""
     prompts = [f"{r['instruction']}\n\n{r['input']}" for r in rows]
     predictions = generate_batch(model, tokenizer, prompts, GREEDY, batch_size=32)
-    hits = sum(p.strip() == r["output"] for p, r in zip(predictions, rows))
-    return hits / len(rows), predictions
+    return exact_match(predictions, [r["output"] for r in rows]), predictions
 
 
 def run_demo(out_dir: str = "runs", steps: int | None = None) -> dict:
@@ -50,13 +51,13 @@ def run_demo(out_dir: str = "runs", steps: int | None = None) -> dict:
     from ..data.encode import resolve_chat_template
 
     tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template)
-    before, before_preds = exact_match(base, tokenizer, test_rows)
+    before, before_preds = score_exact_match(base, tokenizer, test_rows)
     print(f"before fine-tuning: exact match {before:.1%}")
     del base
 
     result = tunelab.train(cfg)
     model, tokenizer = tunelab.load(result.run_dir)
-    after, after_preds = exact_match(model, tokenizer, test_rows)
+    after, after_preds = score_exact_match(model, tokenizer, test_rows)
     print()
     print(f"{'input':38s} {'expected':12s} {'before':28s} after")
     for r, b, a in list(zip(test_rows, before_preds, after_preds))[:8]:

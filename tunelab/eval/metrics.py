@@ -1,5 +1,7 @@
 """Evaluation metrics as pure functions over lists / numpy arrays: classification (sklearn),
-generation (exact match, sacrebleu BLEU, rouge-score ROUGE) and latency. No model code here."""
+generation (exact match, sacrebleu BLEU, rouge-score ROUGE) and latency. No model code here.
+
+Every score is a fraction in [0, 1] (BLEU included, unlike sacrebleu's 0-100), so they compare directly."""
 
 from __future__ import annotations
 
@@ -90,7 +92,9 @@ def _roc_auc(y_true: list[int], probs: np.ndarray, n_labels: int, warnings: list
 # --- generation -----------------------------------------------------------------------------------
 
 
-def _normalize_whitespace(text: str) -> str:
+def normalize_answer(text: str) -> str:
+    """The one normalisation exact match uses everywhere (aggregate, per-row, demo): leading and trailing
+    whitespace stripped, inner runs of whitespace collapsed to one space; case and punctuation kept."""
     return " ".join(text.split())
 
 
@@ -107,24 +111,46 @@ def _is_cjk(lang: str, references: list[str]) -> bool:
 
 
 def exact_match(predictions: list[str], references: list[str], normalize: bool = True) -> float:
-    """Fraction in [0, 1] of predictions equal to their reference; with `normalize`, leading/trailing
-    whitespace is stripped and inner runs of whitespace collapse to one space before comparing."""
+    """Fraction in [0, 1] of predictions equal to their reference; with `normalize`, both sides go
+    through `normalize_answer` first."""
     _require_nonempty_pairs(predictions, references, "predictions", "references")
     if normalize:
-        predictions = [_normalize_whitespace(p) for p in predictions]
-        references = [_normalize_whitespace(r) for r in references]
+        predictions = [normalize_answer(p) for p in predictions]
+        references = [normalize_answer(r) for r in references]
     return sum(p == r for p, r in zip(predictions, references)) / len(predictions)
 
 
+def _bleu_tokenize(lang: str, references: list[str]) -> str:
+    # 13a keeps a run of Chinese characters as one token, so BLEU on it is near zero even for good output.
+    return "zh" if lang.lower().startswith("zh") or (lang == "auto" and _looks_cjk(references)) else "13a"
+
+
 def bleu(predictions: list[str], references: list[str], lang: str = "en") -> float:
-    """Corpus BLEU on sacrebleu's 0-100 scale, one reference per prediction. Chinese (`lang` 'zh...',
-    or 'auto' with mostly-CJK references) uses sacrebleu's 'zh' tokenizer, otherwise '13a'."""
+    """Corpus BLEU as a fraction in [0, 1] (sacrebleu's 0-100 score / 100), one reference per
+    prediction. Chinese (`lang` 'zh...', or 'auto' with mostly-CJK references) uses sacrebleu's 'zh'
+    tokenizer, otherwise '13a'."""
     import sacrebleu
 
     _require_nonempty_pairs(predictions, references, "predictions", "references")
-    # 13a keeps a run of Chinese characters as one token, so BLEU on it is near zero even for good output.
-    tokenize = "zh" if lang.lower().startswith("zh") or (lang == "auto" and _looks_cjk(references)) else "13a"
-    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score)
+    tokenize = _bleu_tokenize(lang, references)
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score) / 100.0
+
+
+def bleu_omission_reason(references: list[str], lang: str = "en") -> str | None:
+    """Why BLEU would be meaningless here, or None. BLEU is a geometric mean of 1- to 4-gram precisions:
+    when most references have fewer than 4 tokens (sacrebleu's tokenization), its higher orders rest
+    on the few long examples or on nothing, so the number says little about the answers."""
+    from sacrebleu.metrics import BLEU
+
+    scorer = BLEU(tokenize=_bleu_tokenize(lang, references))
+    order = scorer.max_ngram_order
+    short = sum(1 for ref in references if len(scorer.tokenizer(ref.strip()).split()) < order)
+    if short * 2 <= len(references):
+        return None
+    return (
+        f"BLEU omitted: {short} of {len(references)} references have fewer than {order} tokens, "
+        f"too short for its {order}-gram precision; exact match and ROUGE still apply"
+    )
 
 
 class CJKCharTokenizer:
@@ -153,11 +179,17 @@ def rouge(predictions: list[str], references: list[str], lang: str = "auto") -> 
 
 
 def generation_metrics(predictions: list[str], references: list[str], lang: str = "auto") -> dict:
-    """{exact_match, rouge1, rouge2, rougeL} as fractions in [0, 1], bleu on 0-100, and
-    `empty_predictions` (count of predictions that are blank); `warnings` explains any empties."""
+    """{exact_match, bleu, rouge1, rouge2, rougeL}, all fractions in [0, 1], and `empty_predictions`
+    (count of blank predictions). `bleu` is left out when most references are too short for it, with
+    the reason in `notes`; `warnings` explains any empty predictions."""
     _require_nonempty_pairs(predictions, references, "predictions", "references")
     empty = sum(1 for p in predictions if not p.strip())
-    result = {"exact_match": exact_match(predictions, references), "bleu": bleu(predictions, references, lang=lang)}
+    result: dict = {"exact_match": exact_match(predictions, references)}
+    result["notes"] = []
+    if reason := bleu_omission_reason(references, lang):
+        result["notes"].append(reason)
+    else:
+        result["bleu"] = bleu(predictions, references, lang=lang)
     result.update(rouge(predictions, references, lang=lang))
     result["empty_predictions"] = empty
     result["warnings"] = []

@@ -107,14 +107,16 @@ def _font_family(labels: list[str]) -> list[str] | None:
     return [*rcParams["font.sans-serif"][:1], *cjk] if cjk else None
 
 
-def plot_confusion_matrix(run_dir) -> Path | None:
-    """Write RUN/plots/confusion_matrix.png from eval.json (rows = true label, columns = predicted).
+def plot_confusion_matrix(run_dir, name: str | None = None) -> Path | None:
+    """Write RUN/plots/confusion_matrix.png from eval.json (rows = true label, columns = predicted);
+    with `name`, plots/confusion_matrix-<name>.png from eval-<name>.json (`tunelab eval --data <name>.ext`).
 
-    Returns the path, or None (writing nothing) when eval.json has no eval_confusion_matrix.
+    Returns the path, or None (writing nothing) when the eval file has no eval_confusion_matrix.
     """
     run_dir = Path(run_dir)
+    suffix = f"-{name}" if name else ""
     try:
-        matrix = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("eval_confusion_matrix")
+        matrix = json.loads((run_dir / f"eval{suffix}.json").read_text(encoding="utf-8")).get("eval_confusion_matrix")
     except (OSError, ValueError, AttributeError):
         return None
     if (
@@ -144,7 +146,7 @@ def plot_confusion_matrix(run_dir) -> Path | None:
     ax.set_yticks(range(n), labels, **font)
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
-    ax.set_title(f"{run_dir.resolve().name}: confusion matrix")
+    ax.set_title(f"{run_dir.resolve().name}: confusion matrix" + (f" ({name})" if name else ""))
     if n <= 30:  # beyond that the numbers are unreadable anyway
         threshold = counts.max() / 2 if counts.size else 0
         for i in range(n):
@@ -152,7 +154,7 @@ def plot_confusion_matrix(run_dir) -> Path | None:
                 value = counts[i, j]
                 text = f"{int(value)}" if value == int(value) else f"{value:.2f}"
                 ax.text(j, i, text, ha="center", va="center", color="white" if value > threshold else "black")
-    return _save(fig, run_dir / "plots" / "confusion_matrix.png")
+    return _save(fig, run_dir / "plots" / f"confusion_matrix{suffix}.png")
 
 
 def plot_run(run_dir) -> list[Path]:

@@ -1,13 +1,14 @@
 """`tunelab eval`: evaluate a run, a bare model, or an ensemble of runs (RUN1,RUN2,...).
 
 Loss (token-weighted perplexity, or classification metrics), then for causal LMs generation metrics
-(exact match, BLEU, ROUGE, an optional user scorer) with predictions.jsonl to read the failures, and
-efficiency: latency per example (p50/p95), throughput, peak memory.
+(exact match, BLEU, ROUGE, an optional user scorer, all fractions in [0, 1]) with predictions.jsonl to read
+the failures, and efficiency: latency per example (p50/p95), throughput, peak memory.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from ..data import prepare_data
 from ..device import peak_memory
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_jsonl
+from ..log import log
 from .loss import evaluate_loss
+from .plots import plot_confusion_matrix, write_plots
 
 
 class Ensemble(torch.nn.Module):
@@ -49,10 +52,23 @@ def _scorer(spec: str | None):
         raise UserError(f"eval.scorer '{spec}': cannot import it ({exc}); use module:function") from None
 
 
-def generation_eval(model, tokenizer, examples, cfg, run_dir: Path | None) -> dict:
-    """Greedy answers for each held-out conversation, scored against its last assistant turn."""
+def output_names(data: str | None) -> tuple[str, str]:
+    """(eval file, predictions file) names inside the run: the run's own `eval.json` / `predictions.jsonl`
+    for its validation split, `eval-<stem>.json` / `predictions-<stem>.jsonl` for `--data <stem>.ext`,
+    which can never overwrite the run's own."""
+    if not data:
+        return "eval.json", "predictions.jsonl"
+    stem = Path(data).stem
+    return f"eval-{stem}.json", f"predictions-{stem}.jsonl"
+
+
+def generation_eval(model, tokenizer, examples, cfg, predictions_path: Path | None, progress: bool = True) -> dict:
+    """Greedy answers for each held-out conversation, scored against its last assistant turn; the
+    per-example rows go to `predictions_path` when given."""
+    from tqdm import tqdm
+
     from ..generation import GenerationSettings, generate_batch
-    from .metrics import generation_metrics, latency_stats, rouge
+    from .metrics import exact_match, generation_metrics, latency_stats, rouge
 
     items = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
     items = items[: cfg.eval.max_examples] if cfg.eval.max_examples else items
@@ -60,10 +76,21 @@ def generation_eval(model, tokenizer, examples, cfg, run_dir: Path | None) -> di
         return {}
     settings = GenerationSettings.greedy(cfg.eval.max_new_tokens)
     predictions, seconds = [], []
-    for e in items:  # one at a time: honest per-example latency
-        t0 = time.perf_counter()
-        predictions.extend(generate_batch(model, tokenizer, [e.messages[:-1]], settings))
-        seconds.append(time.perf_counter() - t0)
+    # on stderr, and only on a terminal: logs and piped output stay clean
+    bar = tqdm(
+        items,
+        desc="generate",
+        unit="example",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=not progress or not sys.stderr.isatty(),
+    )
+    with bar:
+        for e in bar:  # one at a time: honest per-example latency
+            t0 = time.perf_counter()
+            predictions.extend(generate_batch(model, tokenizer, [e.messages[:-1]], settings))
+            seconds.append(time.perf_counter() - t0)
     references = [e.messages[-1]["content"] for e in items]
     metrics = generation_metrics(predictions, references, cfg.eval.lang)
     scorer = _scorer(cfg.eval.scorer)
@@ -71,23 +98,25 @@ def generation_eval(model, tokenizer, examples, cfg, run_dir: Path | None) -> di
     for e, pred, ref in zip(items, predictions, references):
         row = {
             "line": e.line,
-            "prompt": e.messages[-2]["content"] if len(e.messages) > 1 else "",
+            # the whole conversation the model answered (several turns in a multi-turn example)
+            "prompt": e.messages[:-1],
             "reference": ref,
             "prediction": pred,
-            "exact_match": float(pred.strip() == ref.strip()),
+            "exact_match": exact_match([pred], [ref]),  # the aggregate's own definition, so rows add up to it
             "rougeL": rouge([pred], [ref], cfg.eval.lang)["rougeL"],
         }
         if scorer is not None:
             row["score"] = float(scorer(pred, ref, e.source))
         rows.append(row)
-    out = {f"eval_{k}": v for k, v in metrics.items() if k != "warnings"}
+    out = {f"eval_{k}": v for k, v in metrics.items() if k not in ("warnings", "notes")}
     if scorer is not None:
         out["eval_score"] = sum(r["score"] for r in rows) / len(rows)
-    out["eval_generation_warnings"] = metrics.get("warnings", [])
+    out["eval_generation_warnings"] = metrics["warnings"]
+    out["eval_generation_notes"] = metrics["notes"]
     out.update({f"eval_latency_{k}": v for k, v in latency_stats(seconds).items()})
     out["eval_generated_examples"] = len(items)
-    if run_dir is not None:
-        atomic_write_jsonl(run_dir / "predictions.jsonl", rows)
+    if predictions_path is not None:
+        atomic_write_jsonl(predictions_path, rows)
     return out
 
 
@@ -106,8 +135,12 @@ def _classification_latency(model, examples, pad_id) -> dict:
     return {f"eval_latency_{k}": v for k, v in latency_stats(seconds).items()}
 
 
-def evaluate_run(run_or_model: str, data: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Evaluate and return the metrics; a single run also gets RUN/eval.json (and predictions.jsonl)."""
+def evaluate_run(
+    run_or_model: str, data: str | None = None, overrides: list[str] | None = None, progress: bool = True
+) -> dict:
+    """Evaluate and return the metrics. A single run also gets its files (see `output_names`): RUN/eval.json
+    and predictions.jsonl for its validation split, RUN/eval-<stem>.json and predictions-<stem>.jsonl for
+    `data`; `written` lists the paths. Scores are fractions in [0, 1] (`scale`)."""
     from ..loading import is_run_dir, load
 
     targets = [t for t in str(run_or_model).split(",") if t]
@@ -137,24 +170,41 @@ def evaluate_run(run_or_model: str, data: str | None = None, overrides: list[str
         raw = load_examples(data, cfg.data.format, cfg.data.skip_invalid)[0]
     if not examples:
         raise UserError("the evaluation set is empty (the run has no validation split; pass --data FILE)")
+    run_dir = runs[0] if len(runs) == 1 else None  # an ensemble or a bare model has no folder of its own
+    eval_name, predictions_name = output_names(data)
+    predictions_path = run_dir / predictions_name if run_dir is not None else None
     metrics = evaluate_loss(model, examples, tokenizer.pad_token_id, cfg.train.batch_size)
     if cfg.task == "classification":
         metrics.update(_classification_latency(model, examples, tokenizer.pad_token_id))
     elif cfg.eval.generate and len(loaded) == 1:
-        metrics.update(generation_eval(model, tokenizer, raw, cfg, runs[0] if len(runs) == 1 else None))
+        metrics.update(generation_eval(model, tokenizer, raw, cfg, predictions_path, progress))
     peak, kind = peak_memory(next(model.parameters()).device)
+    written = []
+    if run_dir is not None:
+        written = [run_dir / eval_name] + ([predictions_path] if "eval_generated_examples" in metrics else [])
     metrics.update(
         {
+            "scale": "0-1",  # exact match, BLEU, ROUGE and classification scores are all fractions
             "peak_mem_bytes": peak,
             "peak_mem_kind": kind,
             "examples": len(examples),
             "data": data or "validation split",
             "models": targets,
+            "written": [str(p) for p in written],
         }
     )
-    if len(runs) == 1:
-        from .plots import write_plots
-
-        atomic_write_json(runs[0] / "eval.json", metrics)
-        write_plots(runs[0])
+    if run_dir is not None:
+        atomic_write_json(run_dir / eval_name, metrics)
+        _write_plots(run_dir, data)
     return metrics
+
+
+def _write_plots(run_dir: Path, data: str | None) -> None:
+    """The run's plots after its own evaluation; for `--data`, only that data's confusion matrix."""
+    if not data:
+        write_plots(run_dir)
+        return
+    try:
+        plot_confusion_matrix(run_dir, Path(data).stem)
+    except Exception as exc:  # noqa: BLE001 - the evaluation is already saved
+        log(f"note: plots were not written: {exc}")
