@@ -135,7 +135,9 @@ def test_rows_use_the_aggregates_exact_match_and_the_bar_shows_on_a_terminal(run
     monkeypatch.setattr(
         tunelab.generation,
         "generate_batch",
-        lambda model, tok, prompts, settings: asked.extend(prompts) or [answers[prompts[0][-1]["content"]]],
+        lambda model, tok, prompts, settings, *batch: (
+            asked.extend(prompts) or [answers[p[-1]["content"]] for p in prompts]
+        ),
     )
     examples = [
         Example(1, [{"role": "user", "content": "q1"}, {"role": "assistant", "content": " New York"}]),
@@ -171,3 +173,20 @@ def test_ensemble_of_two_runs_averages_logits(runs):
     assert same["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
     both = evaluate_run(f"{runs['a']},{runs['b']}")
     assert both["models"] == [str(runs["a"]), str(runs["b"])] and math.isfinite(both["eval_loss"])
+
+
+def test_batched_generation_equals_one_at_a_time(runs):
+    """The evaluation answers in left-padded batches sorted by length; greedy answers (token ids, so the
+    text too) equal one-at-a-time generation, in the prompts' order."""
+    from helpers import toy_rows
+    from tunelab.eval.run import batched_answers
+    from tunelab.generation import GenerationSettings, generate_batch
+
+    model, tok = tunelab.load(runs["a"])
+    prompts = [
+        [{"role": "user", "content": r["instruction"] + " please" * (i % 4)}] for i, r in enumerate(toy_rows(12))
+    ]
+    settings = GenerationSettings.greedy(8)
+    alone = [generate_batch(model, tok, [p], settings)[0] for p in prompts]
+    assert batched_answers(model, tok, prompts, settings, batch_size=5, progress=False) == alone
+    assert len(set(alone)) > 1  # the prompts do not all get one answer: the order is checked too

@@ -110,6 +110,10 @@ class EvalConfig(Section):
     )
     max_new_tokens: int = Field(128, ge=1, description="tokens generated per evaluation example")
     max_examples: int | None = Field(None, ge=1, description="cap the generation eval (the slow part); unset: all")
+    batch_size: int = Field(16, ge=1, description="prompts generated together (left-padded; greedy answers unchanged)")
+    latency_examples: int = Field(
+        8, ge=0, description="examples also answered one at a time, for the latency figures (eval_latency_*)"
+    )
     lang: str = Field("auto", description="zh tokenizes BLEU/ROUGE for Chinese; auto detects CJK references")
     scorer: str | None = Field(
         None, description="your own metric: 'module:function(prediction, reference, record) -> float'"

@@ -62,11 +62,38 @@ def output_names(data: str | None) -> tuple[str, str]:
     return f"eval-{stem}.json", f"predictions-{stem}.jsonl"
 
 
+def batched_answers(model, tokenizer, prompts: list, settings, batch_size: int, progress: bool = True) -> list[str]:
+    """Answers in the prompts' order, generated in left-padded batches of similar length (less padding);
+    greedy answers equal one-at-a-time ones (tested)."""
+    from tqdm import tqdm
+
+    from ..generation import generate_batch
+
+    order = sorted(range(len(prompts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
+    answers: list = [None] * len(prompts)
+    # on stderr, and only on a terminal: logs and piped output stay clean
+    with tqdm(
+        total=len(prompts),
+        desc="generate",
+        unit="example",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=not progress or not sys.stderr.isatty(),
+    ) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, text in zip(
+                chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings, batch_size)
+            ):
+                answers[i] = text
+            bar.update(len(chunk))
+    return answers
+
+
 def generation_eval(model, tokenizer, examples, cfg, predictions_path: Path | None, progress: bool = True) -> dict:
     """Greedy answers for each held-out conversation, scored against its last assistant turn; the
     per-example rows go to `predictions_path` when given."""
-    from tqdm import tqdm
-
     from ..generation import GenerationSettings, generate_batch
     from .metrics import exact_match, generation_metrics, latency_stats, rouge
 
@@ -75,22 +102,15 @@ def generation_eval(model, tokenizer, examples, cfg, predictions_path: Path | No
     if not items:
         return {}
     settings = GenerationSettings.greedy(cfg.eval.max_new_tokens)
-    predictions, seconds = [], []
-    # on stderr, and only on a terminal: logs and piped output stay clean
-    bar = tqdm(
-        items,
-        desc="generate",
-        unit="example",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-        disable=not progress or not sys.stderr.isatty(),
+    predictions = batched_answers(
+        model, tokenizer, [e.messages[:-1] for e in items], settings, cfg.eval.batch_size, progress
     )
-    with bar:
-        for e in bar:  # one at a time: honest per-example latency
-            t0 = time.perf_counter()
-            predictions.extend(generate_batch(model, tokenizer, [e.messages[:-1]], settings))
-            seconds.append(time.perf_counter() - t0)
+    # latency: a separate sample answered one at a time (batching hides the per-request time)
+    seconds = []
+    for e in items[: cfg.eval.latency_examples]:
+        t0 = time.perf_counter()
+        generate_batch(model, tokenizer, [e.messages[:-1]], settings)
+        seconds.append(time.perf_counter() - t0)
     references = [e.messages[-1]["content"] for e in items]
     metrics = generation_metrics(predictions, references, cfg.eval.lang)
     scorer = _scorer(cfg.eval.scorer)
