@@ -3,7 +3,7 @@ Chinese resident ID numbers (GB 11643 checksum), bank cards (Luhn) and IP addres
 
 Patterns find candidates; checksums and value checks (a real birth date, octets <= 255) keep the precision.
 Kinds are matched in a fixed order and a later kind never overlaps an earlier match (an ID number is not also
-a phone number). Digits are bounded by lookarounds, not \\b: Chinese characters count as word characters.
+a phone number). Matches are bounded by ASCII lookarounds, not \\b or \\w: Chinese characters count as word characters.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ _EMAIL = re.compile(
 _CN_ID = re.compile(r"(?<![\dA-Za-z])\d{17}[\dXx](?![\dA-Za-z])")
 _BANK_CARD = re.compile(r"(?<![\d+-])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?)(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_IPV6 = re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])")
 _PHONE = re.compile(
-    r"(?<![\w+])\+\d{1,3}[ -]?(?:\(\d{1,4}\)[ -]?)?\d{1,4}(?:[ -]?\d{2,4}){1,4}(?!\d)"  # +CC ...
+    r"(?<![0-9A-Za-z+])\+\d{1,3}[ -]?(?:\(\d{1,4}\)[ -]?)?\d{1,4}(?:[ -]?\d{2,4}){1,4}(?!\d)"  # +CC ...
     r"|(?<!\d)1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)"  # Chinese mobile: 1[3-9]x xxxx xxxx
     r"|(?<![\d(])(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?!\d)"  # North American: (415) 555-0132
 )
