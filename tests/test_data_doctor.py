@@ -420,3 +420,23 @@ def test_weighted_classification_loss():
     weighted = classification_loss_sum(Model(), batch | {"weights": torch.tensor([0.5, 2.0, 1.0])})
     assert torch.allclose(weighted, (plain * torch.tensor([0.5, 2.0, 1.0])).sum())
     assert torch.allclose(classification_loss_sum(Model(), batch), plain.sum())
+
+
+def test_balance_and_class_weights_in_prepare_data(write_jsonl, smol_tokenizer):
+    from tunelab.errors import ConfigError
+
+    rows = [{"text": f"t{i}", "label": "a" if i < 9 else "b"} for i in range(12)]
+    data = {"train": str(write_jsonl(rows)), "val_fraction": 0}
+    cfg = build_config({"model": "tiny-llama", "task": "classification", "data": data | {"balance": "oversample"}})
+    prepared = prepare_data(cfg, smol_tokenizer)
+    assert [e["label"] for e in prepared.train].count(1) == 9 and len(prepared.train) == 18
+    cfg = build_config(
+        {"model": "tiny-llama", "task": "classification", "data": data, "train": {"class_weights": "auto"}}
+    )
+    prepared = prepare_data(cfg, smol_tokenizer)
+    assert {e["label"]: e["weight"] for e in prepared.train} == pytest.approx({0: 12 / 18, 1: 12 / 6})
+    assert any("class weights: a 0.67, b 2.00" in n for n in prepared.notes())
+    chat = str(write_jsonl([{"instruction": "q", "output": "a"}] * 2, "chat.jsonl"))
+    cfg = build_config({"model": "tiny-llama", "data": {"train": chat, "balance": "undersample"}})
+    with pytest.raises(ConfigError, match="data.balance: undersample is for task: classification"):
+        prepare_data(cfg, smol_tokenizer)

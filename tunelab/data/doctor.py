@@ -7,7 +7,7 @@ import re
 from collections import Counter
 
 from .duplicates import find_duplicates, find_leaks
-from .encode import IGNORE_INDEX, _kept_positions, render_example, system_prompt_of, template_default_system
+from .encode import IGNORE_INDEX, kept_positions, render_example, system_prompt_of, template_default_system
 from .formats import Example, unknown_field_lines
 from .pii import find_pii, string_fields
 
@@ -90,7 +90,7 @@ def generation_findings(
         except Exception:  # already reported as a problem by encoding
             continue
         if len(rendered.labels) > max_length:
-            kept = _kept_positions(rendered.labels, max_length)
+            kept = kept_positions(rendered.labels, max_length)
             supervised = sum(1 for lab in rendered.labels if lab != IGNORE_INDEX)
             if sum(1 for i in kept if rendered.labels[i] != IGNORE_INDEX) < supervised:
                 cut.append(ex.line)

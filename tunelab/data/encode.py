@@ -200,12 +200,12 @@ def encode_example(
     ids, labels = rendered.ids, rendered.labels
     truncated = len(ids) > max_length
     if truncated:
-        keep = _kept_positions(labels, max_length)
+        keep = kept_positions(labels, max_length)
         ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def _kept_positions(labels: list[int], max_length: int) -> list[int]:
+def kept_positions(labels: list[int], max_length: int) -> list[int]:
     """Which tokens an over-long example keeps. The answer (from the first supervised token on) keeps
     what room it needs, down to half of max_length; the prompt before it loses its middle, so its
     start (system prompt, instruction) and its end (the assistant marker) stay. What is left of an
