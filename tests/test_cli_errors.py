@@ -78,7 +78,7 @@ def test_train_bad_input_exits_2_cleanly(tmp_path, case):
 
 def test_data_check_good_file(tmp_path):
     (tmp_path / "good.jsonl").write_text(jsonl(GOOD_ROWS), encoding="utf-8")
-    result = run_cli(["data", "check", "good.jsonl", "--model", "tiny-llama"], tmp_path)
+    result = run_cli(["data", "check", "good.jsonl", "--model", "tiny-llama", "--json"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads(result.stdout)
@@ -94,7 +94,7 @@ def test_data_check_good_file(tmp_path):
 def test_data_check_bad_record(tmp_path):
     rows = GOOD_ROWS[:2] + [{"instruction": "Repeat: x", "output": ["not", "a", "string"]}] + GOOD_ROWS[2:]
     (tmp_path / "bad.jsonl").write_text(jsonl(rows) + '{"instruction": "trunc\n', encoding="utf-8")
-    result = run_cli(["data", "check", "bad.jsonl", "--model", "tiny-llama"], tmp_path)
+    result = run_cli(["data", "check", "bad.jsonl", "--model", "tiny-llama", "--json"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads(result.stdout)

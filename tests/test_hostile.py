@@ -380,7 +380,7 @@ def test_generation_flags_are_checked_before_the_model_loads(tmp_path, flag):
 
 def test_data_check_where_every_row_is_invalid_gives_the_reasons(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": ""}\n{"instruction": "b", "output": 3e}\n')
-    result = run_cli(["data", "check", "d.jsonl", "--model", "tiny-llama"], tmp_path)
+    result = run_cli(["data", "check", "d.jsonl", "--model", "tiny-llama", "--json"], tmp_path)
     one_error_line(result, "d.jsonl", "2 of 2 records are invalid")
     report = json.loads(result.stdout)
     assert report["valid"] == 0 and any("field 'output': is empty" in p for p in report["problems"])

@@ -153,10 +153,31 @@ def cmd_eval(args) -> int:
 
 def cmd_data_check(args) -> int:
     from .data.check import check_file
-    from .models import load_tokenizer
+    from .data.doctor import format_report
+    from .models import DEFAULT_MODEL, load_tokenizer
 
-    report = check_file(args.file, load_tokenizer(args.model), args.format, args.max_length)
-    _print_json(report)
+    features = None
+    if args.model:  # label errors from this model's embeddings instead of TF-IDF
+        from .data.label_errors import model_embeddings
+
+        def features(texts):
+            return model_embeddings(args.model, texts)
+
+    report = check_file(
+        args.file,
+        load_tokenizer(args.model or DEFAULT_MODEL),
+        args.format,
+        args.max_length,
+        args.chat_template,
+        args.loss_on,
+        args.system_prompt,
+        eval_path=args.eval,
+        label_features=features,
+    )
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
     if report["invalid"]:
         print(
             f"error: {args.file}: {report['invalid']} of {report['records']} records are invalid; the first: "
@@ -164,6 +185,43 @@ def cmd_data_check(args) -> int:
             file=sys.stderr,
         )
         return 2
+    return 0
+
+
+def cmd_data_show(args) -> int:
+    from .data.show import show_file
+    from .models import load_tokenizer
+
+    colour = sys.stdout.isatty() and not args.no_colour
+    print(
+        show_file(
+            args.file,
+            load_tokenizer(args.model),
+            args.n,
+            args.format,
+            args.chat_template,
+            args.loss_on,
+            args.system_prompt,
+            args.max_length,
+            colour,
+        )
+    )
+    return 0
+
+
+def cmd_data_clean(args) -> int:
+    from .data.clean import clean_file, format_clean_report, report_path
+
+    if not (args.dedup or args.scrub_pii or args.drop_label_errors or args.balance):
+        raise UserError("data clean: choose at least one of --dedup, --scrub-pii, --drop-label-errors, --balance")
+    report = clean_file(
+        args.file, args.out, args.dedup, args.scrub_pii, args.drop_label_errors, args.balance, args.eval, args.seed
+    )
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_clean_report(report))
+        print(f"wrote {args.out} and {report_path(args.out)}", file=sys.stderr)
     return 0
 
 
@@ -245,6 +303,14 @@ def _add_generation_flags(p) -> None:
     )
 
 
+def _add_render_flags(p) -> None:
+    p.add_argument("--format", default="auto")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--chat-template", default="auto", help="auto (the tokenizer's), chatml, or a Jinja template")
+    p.add_argument("--loss-on", default="completion", choices=["completion", "last_turn", "all"])
+    p.add_argument("--system-prompt", default=None, help="as data.system_prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -294,12 +360,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    c = data_sub.add_parser("check", help="validate a data file; counts, token lengths, problems")
+    c = data_sub.add_parser(
+        "check", help="validate a data file: counts, lengths, problems, duplicates, leaks, personal data, labels"
+    )
     c.add_argument("file")
-    c.add_argument("--format", default="auto")
-    c.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
-    c.add_argument("--max-length", type=int, default=512)
+    c.add_argument("--eval", metavar="FILE", help="evaluation data: report its records that are also in FILE")
+    c.add_argument(
+        "--model",
+        default=None,
+        help="whose tokenizer and chat template to use (default smollm2-135m-instruct); for classification data "
+        "also finds label errors on its embeddings instead of TF-IDF",
+    )
+    c.add_argument("--json", action="store_true", help="the report as JSON (default: a readable table)")
+    _add_render_flags(c)
     c.set_defaults(func=cmd_data_check)
+    c = data_sub.add_parser("show", help="records rendered with the chat template, loss spans marked")
+    c.add_argument("file")
+    c.add_argument("--n", type=int, default=3, help="records to show")
+    c.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
+    c.add_argument("--no-colour", action="store_true", help="brackets instead of colour on a terminal")
+    _add_render_flags(c)
+    c.set_defaults(func=cmd_data_show)
+    c = data_sub.add_parser("clean", help="write a cleaned copy and CLEAN.report.json of every change")
+    c.add_argument("file")
+    c.add_argument("--out", required=True, metavar="CLEAN", help="the cleaned file (never the input)")
+    c.add_argument("--dedup", action="store_true", help="drop exact and near duplicates (and, with --eval, leaks)")
+    c.add_argument("--eval", metavar="FILE", help="with --dedup: also drop training records found in FILE")
+    c.add_argument("--scrub-pii", action="store_true", help="replace personal data with typed placeholders")
+    c.add_argument("--drop-label-errors", action="store_true", help="drop likely label errors (classification)")
+    c.add_argument(
+        "--balance",
+        nargs="?",
+        const="undersample",
+        choices=["undersample", "oversample"],
+        help="equal class counts (classification; default undersample)",
+    )
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="the report as JSON (default: a readable table)")
+    c.set_defaults(func=cmd_data_clean)
 
     p = sub.add_parser("methods", help="list tuning methods with their config blocks and defaults")
     p.add_argument("--model", help="also count trainable/total params and artifact size on this model")

@@ -38,9 +38,20 @@ class DataConfig(Section):
     chat_template: str = Field(
         "auto", description="auto: the tokenizer's own template (ChatML if it has none); chatml; or a Jinja template"
     )
-    system_prompt: str | None = Field(None, description="system message for every example (replaces the template's)")
-    loss_on: Literal["completion", "all"] = Field(
-        "completion", description="completion: loss on the answers only; all: on every token"
+    system_prompt: str | None = Field(
+        None,
+        description="system message for every example without its own (a record's system wins); replaces the "
+        "template's default system prompt",
+    )
+    loss_on: Literal["completion", "last_turn", "all"] = Field(
+        "completion",
+        description="completion: loss on every assistant turn; last_turn: on the last assistant turn only; "
+        "all: on every token",
+    )
+    balance: Literal["none", "oversample", "undersample"] = Field(
+        "none",
+        description="classification: oversample (repeat) minority classes or undersample (seeded) majority ones "
+        "in the training split to equal class counts",
     )
     skip_invalid: bool = Field(False, description="skip invalid records (reported) instead of stopping")
     labels: list[str] | None = Field(
@@ -92,6 +103,11 @@ class TrainConfig(Section):
     )
     metric_for_best: str = Field(
         "eval_loss", description="metric for the best step; with eval_every, the best step becomes the final artifact"
+    )
+    class_weights: Literal["none", "auto"] = Field(
+        "none",
+        description="classification: auto weighs each class's loss by n_examples / (n_classes * n_class) of "
+        "the training split (balanced); none: every example counts the same",
     )
     lr_groups: dict[str, float] = Field(
         default_factory=dict,

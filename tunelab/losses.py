@@ -82,6 +82,9 @@ def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
 
 def classification_loss_sum(model, batch) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "weights" in batch:  # train.class_weights: auto; per example, so the sum is still normalised by examples
+        losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        return (losses * batch["weights"].to(losses.device)).sum()
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
 

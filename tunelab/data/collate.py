@@ -13,6 +13,8 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict:
     if "label" in examples[0]:
         batch = pad_batch([{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in examples], pad_id)
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        if "weight" in examples[0]:  # train.class_weights: auto
+            batch["weights"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
         return batch
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

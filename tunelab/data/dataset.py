@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from .classification import encode_classification, label_names
 from .encode import EncodeStats, encode_examples, resolve_chat_template
-from .formats import load_examples
+from .formats import load_examples, unknown_field_lines
 
 
 @dataclass
@@ -22,6 +22,8 @@ class PreparedData:
     skipped: list[str] = field(default_factory=list)
     val_examples: list = field(default_factory=list)  # the raw validation records (for generation eval)
     labels: list[str] | None = None  # classification: the label names in class-id order (the run's label map)
+    unknown_fields: dict = field(default_factory=dict)  # field -> lines: fields no format reads (ignored)
+    balance_note: str | None = None
 
     def notes(self) -> list[str]:
         """Human-readable warnings about what happened to the data."""
@@ -34,9 +36,48 @@ class PreparedData:
                 )
             if s.dropped_no_target:
                 notes.append(f"{s.dropped_no_target} {name} examples had no completion tokens left and were dropped")
+        if self.unknown_fields:
+            listed = ", ".join(f"'{k}' ({_lines(v)})" for k, v in self.unknown_fields.items())
+            notes.append(f"warning: fields ignored (no data format reads them): {listed}")
+        if self.balance_note:
+            notes.append(self.balance_note)
         if self.skipped:
             notes.append(f"{len(self.skipped)} invalid records skipped (data.skip_invalid); first: {self.skipped[0]}")
         return notes
+
+
+def _lines(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:5]))
+    return (
+        f"line {shown}"
+        if len(lines) == 1
+        else f"{len(lines)} records, lines {shown}{', ...' if len(lines) > 5 else ''}"
+    )
+
+
+def balance_classes(examples: list, mode: str, seed: int) -> list:
+    """data.balance: every class repeated (oversample) or cut (undersample, seeded) to the same count."""
+    by_label: dict[str, list] = {}
+    for ex in examples:
+        by_label.setdefault(str(ex.label), []).append(ex)
+    target = (max if mode == "oversample" else min)(len(v) for v in by_label.values())
+    rng = random.Random(seed)
+    out = []
+    for group in by_label.values():
+        if len(group) >= target:
+            out += rng.sample(group, target) if len(group) > target else group
+        else:  # whole copies, then a seeded sample for the remainder
+            out += group * (target // len(group)) + rng.sample(group, target % len(group))
+    rng.shuffle(out)
+    return out
+
+
+def class_weights(encoded: list[dict], n_classes: int) -> list[float]:
+    """Balanced weights n / (n_classes * n_c) per class id (sklearn's 'balanced'); 0 for an absent class."""
+    counts = [0] * n_classes
+    for e in encoded:
+        counts[e["label"]] += 1
+    return [len(encoded) / (n_classes * c) if c else 0.0 for c in counts]
 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -65,18 +106,40 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
                 else "(classification needs text/label records)"
             )
         )
+    unknown = unknown_field_lines(train_examples)
     if d.eval:
         val_examples, _, val_skipped = load_examples(d.eval, fmt, d.skip_invalid)
         skipped += val_skipped
+        for name, lines in unknown_field_lines(val_examples).items():
+            unknown.setdefault(f"{name} in data.eval", lines)
     else:
         train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed)
     if cfg.task == "classification":
         labels = d.labels or label_names(train_examples)  # saved with the resolved config: the run's label map
         if len(labels) < 2:
             raise ConfigError(f"{d.train}: classification needs at least 2 labels, found {labels}")
+        balance_note = None
+        if d.balance != "none":
+            before = len(train_examples)
+            train_examples = balance_classes(train_examples, d.balance, cfg.seed)
+            balance_note = f"data.balance: {d.balance}: {before} -> {len(train_examples)} training examples"
         train, train_stats = encode_classification(train_examples, tokenizer, d.max_length, labels, d.train)
         val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, labels, d.eval or d.train)
-        return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped, val_examples, labels)
+        if cfg.train.class_weights == "auto":
+            weights = class_weights(train, len(labels))
+            for e in train:
+                e["weight"] = weights[e["label"]]
+            balance_note = (
+                (balance_note + "; " if balance_note else "")
+                + "class weights: "
+                + ", ".join(f"{name} {w:.2f}" for name, w in zip(labels, weights))
+            )
+        return PreparedData(
+            train, val, fmt, "", train_stats, val_stats, skipped, val_examples, labels, unknown, balance_note
+        )
+    for key, value in (("data.balance", d.balance), ("train.class_weights", cfg.train.class_weights)):
+        if value != "none":
+            raise ConfigError(f"{key}: {value} is for task: classification (this run is {cfg.task})")
     template = resolve_chat_template(tokenizer, d.chat_template)
     train, train_stats = encode_examples(
         train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train
@@ -88,4 +151,4 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         raise ConfigError(
             f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length"
         )
-    return PreparedData(train, val, fmt, template, train_stats, val_stats, skipped, val_examples)
+    return PreparedData(train, val, fmt, template, train_stats, val_stats, skipped, val_examples, None, unknown)

@@ -45,26 +45,78 @@ class EncodeStats:
     lengths: list = field(default_factory=list)
 
 
-def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(
+    tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
     )
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The record's own system turn wins; else data.system_prompt; else the template's default (if any)."""
     if system_prompt is None or (messages and messages[0]["role"] == "system"):
         return messages
     return [{"role": "system", "content": system_prompt}] + messages
 
 
-def _completion_spans(tokenizer, template: str, messages: list[dict], full: str, where) -> list[tuple[int, int]]:
+def template_default_system(tokenizer, template: str) -> str | None:
+    """The system prompt the template adds to a conversation without one (SmolLM2: "You are a helpful AI
+    assistant named SmolLM..."), found by rendering with and without a marked system turn; None if none."""
+    marker, user = "\x00SYSTEM\x00", "\x00USER\x00"
+    try:
+        plain = render(tokenizer, template, [{"role": "user", "content": user}])
+        marked = render(tokenizer, template, [{"role": "system", "content": marker}, {"role": "user", "content": user}])
+    except Exception:  # a template that refuses these probes has no default we can name
+        return None
+    head, _, tail = marked.partition(marker)
+    tail = tail[: tail.find(user)] if user in tail else ""
+    before_user = plain[: plain.find(user)]
+    if not head or not before_user.startswith(head) or not tail or tail not in before_user[len(head) :]:
+        return None
+    default = before_user[len(head) : before_user.rindex(tail)]
+    return default or None
+
+
+def system_prompt_of(example: Example, system_prompt: str | None, default: str | None) -> tuple[str, str | None]:
+    """(where the example's system prompt comes from: record / data.system_prompt / template / none, its text)."""
+    if example.messages and example.messages[0]["role"] == "system":
+        return "record", example.messages[0]["content"]
+    if system_prompt is not None:
+        return "data.system_prompt", system_prompt
+    return ("template", default) if default is not None else ("none", None)
+
+
+def _check_template_renders_tools(example: Example, template: str, where) -> None:
+    """A template that ignores `tools` or `tool_calls` would drop them silently: refuse, naming the field."""
+    if example.tools and "tools" not in template:
+        raise DataError(
+            where[0],
+            where[1],
+            "this chat template does not render tools; set data.chat_template to one that does (Qwen2.5, Llama 3.1)",
+            field="tools",
+        )
+    for i, m in enumerate(example.messages or []):
+        if m.get("tool_calls") and "tool_calls" not in template:
+            raise DataError(
+                where[0],
+                where[1],
+                "this chat template does not render tool calls; set data.chat_template to one that does "
+                "(Qwen2.5, Llama 3.1)",
+                field=f"turn {i} (function_call / tool_calls)",
+            )
+
+
+def _completion_spans(
+    tokenizer, template: str, messages: list[dict], full: str, where, tools=None
+) -> list[tuple[int, int]]:
     """Character spans of each assistant turn (content + end-of-turn marker) in the rendered text."""
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, template, messages[: i + 1])
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = render(tokenizer, template, messages[: i + 1], tools=tools)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(
                 where[0],
@@ -74,6 +126,64 @@ def _completion_spans(tokenizer, template: str, messages: list[dict], full: str,
         end = len(upto.rstrip(" \n"))  # the newline after the end-of-turn token is not part of the answer
         spans.append((len(before), end))
     return spans
+
+
+@dataclass
+class Rendered:
+    """An example as the model sees it: the text, its tokens with their character offsets, and the labels."""
+
+    text: str
+    ids: list[int]
+    labels: list[int]
+    offsets: list[tuple[int, int]]  # per token; (len(text), len(text)) for an EOS tunelab appended
+
+
+def render_example(
+    example: Example,
+    tokenizer,
+    template: str,
+    loss_on: str = "completion",
+    system_prompt: str | None = None,
+    where=("<data>", None),
+) -> Rendered:
+    """Render, tokenize and label one example (no truncation). loss_on: completion (every assistant turn),
+    last_turn (the last assistant turn only) or all (every token)."""
+    eos = end_token_id(tokenizer)
+    if example.messages is None:
+        ids = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(example.text)
+        return Rendered(
+            example.text, ids["input_ids"] + [eos], ids["input_ids"] + [eos], ids["offset_mapping"] + [(n, n)]
+        )
+    _check_template_renders_tools(example, template, where)
+    messages = with_system_prompt(example.messages, system_prompt)
+    full = render(tokenizer, template, messages, tools=example.tools)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if loss_on == "all":
+        labels = list(ids)
+    else:
+        spans = _completion_spans(tokenizer, template, messages, full, where, example.tools)
+        if loss_on == "last_turn":
+            spans = spans[-1:]
+        # overlap, not start: a token straddling the span start (e.g. " the" after a prompt
+        # ending in a space) carries the answer's first word and must be learned
+        labels = [
+            tok if any(start < e and end > s for s, e in spans) else IGNORE_INDEX
+            for tok, (start, end) in zip(ids, offsets)
+        ]
+    # a template whose turns do not end with EOS: make the last answer end with it
+    last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
+    # whitespace after the end-of-turn token (ChatML's newline, supervised with loss_on: all)
+    # is not the end of the answer; looking past it avoids a second EOS after "<eos>\n"
+    while last and labels[last - 1] != IGNORE_INDEX and ids[last] != eos and not tokenizer.decode([ids[last]]).strip():
+        last -= 1
+    if last is not None and ids[last] != eos:
+        at = offsets[last][1]
+        ids.insert(last + 1, eos)
+        labels.insert(last + 1, eos)
+        offsets.insert(last + 1, (at, at))
+    return Rendered(full, ids, labels, offsets)
 
 
 def encode_example(
@@ -86,44 +196,16 @@ def encode_example(
     where=("<data>", None),
 ) -> tuple[dict, bool]:
     """Tokenize one example. Returns ({input_ids, labels}, truncated)."""
-    eos = end_token_id(tokenizer)
-    if example.messages is not None:
-        messages = with_system_prompt(example.messages, system_prompt)
-        full = render(tokenizer, template, messages)
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        if loss_on == "all":
-            labels = list(ids)
-        else:
-            spans = _completion_spans(tokenizer, template, messages, full, where)
-            # overlap, not start: a token straddling the span start (e.g. " the" after a prompt
-            # ending in a space) carries the answer's first word and must be learned
-            labels = [
-                tok if any(start < e and end > s for s, e in spans) else IGNORE_INDEX
-                for tok, (start, end) in zip(ids, enc["offset_mapping"])
-            ]
-        # a template whose turns do not end with EOS: make the last answer end with it
-        last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
-        # whitespace after the end-of-turn token (ChatML's newline, supervised with loss_on: all)
-        # is not the end of the answer; looking past it avoids a second EOS after "<eos>\n"
-        while (
-            last and labels[last - 1] != IGNORE_INDEX and ids[last] != eos and not tokenizer.decode([ids[last]]).strip()
-        ):
-            last -= 1
-        if last is not None and ids[last] != eos:
-            ids.insert(last + 1, eos)
-            labels.insert(last + 1, eos)
-    else:
-        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"] + [eos]
-        labels = list(ids)
+    rendered = render_example(example, tokenizer, template, loss_on, system_prompt, where)
+    ids, labels = rendered.ids, rendered.labels
     truncated = len(ids) > max_length
     if truncated:
-        keep = _kept_positions(labels, max_length)
+        keep = kept_positions(labels, max_length)
         ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def _kept_positions(labels: list[int], max_length: int) -> list[int]:
+def kept_positions(labels: list[int], max_length: int) -> list[int]:
     """Which tokens an over-long example keeps. The answer (from the first supervised token on) keeps
     what room it needs, down to half of max_length; the prompt before it loses its middle, so its
     start (system prompt, instruction) and its end (the assistant marker) stay. What is left of an

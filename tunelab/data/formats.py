@@ -1,13 +1,16 @@
 """Reading data files (JSONL, JSON list, CSV) and turning records into conversations.
 
 Every record keeps the line it started on, so an error names file, line and field.
-Formats (auto-detected from the first record's fields):
-  alpaca        instruction, output (+ optional input, system)
+Formats (auto-detected from the first record's fields), with LLaMA-Factory's layouts:
+  alpaca        instruction, output (+ optional input, system, history: [[user, assistant], ...])
   input_target  input, target
-  messages      messages: [{role, content}, ...]
-  sharegpt      conversations: [{from, value}, ...]
+  messages      messages: [{role, content, tool_calls}, ...] (+ optional tools)
+  sharegpt      conversations: [{from, value}, ...] (+ optional system, tools); from: human, gpt, system,
+                function_call (a JSON {name, arguments}: an assistant tool call), observation (the tool's result)
   text          text (plain language modelling)
   classification text, label
+A field the format does not read is not dropped silently: it is listed on the Example (`unknown_fields`),
+reported by `tunelab data check` and warned about once in training.
 """
 
 from __future__ import annotations
@@ -20,8 +23,27 @@ from pathlib import Path
 from ..errors import DataError, did_you_mean
 
 FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification")
-ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+# the fields each format reads (record level, then per turn); anything else is reported as unknown
+KNOWN_FIELDS = {
+    "alpaca": {"instruction", "input", "output", "system", "history"},
+    "input_target": {"input", "target"},
+    "messages": {"messages", "tools"},
+    "sharegpt": {"conversations", "system", "tools"},
+    "text": {"text"},
+    "classification": {"text", "label"},
+}
+_TURN_FIELDS = {"messages": {"role", "content", "tool_calls", "name", "tool_call_id"}, "sharegpt": {"from", "value"}}
 MAX_JSON_DEPTH = 64  # deeper nesting than any real record; guards the parser's recursion
 
 
@@ -34,6 +56,17 @@ class Example:
     text: str | None = None
     label: object | None = None
     source: dict = field(default_factory=dict, repr=False)
+    tools: list[dict] | None = None  # function schemas for the chat template ({"type": "function", "function": ...})
+    unknown_fields: list[str] = field(default_factory=list)  # fields of the record no format reads: reported
+
+
+def unknown_field_lines(examples: list[Example]) -> dict[str, list[int]]:
+    """Each ignored field -> the lines of the records that carry it."""
+    found: dict[str, list[int]] = {}
+    for ex in examples:
+        for name in ex.unknown_fields:
+            found.setdefault(name, []).append(ex.line)
+    return found
 
 
 class NoValidRecords(DataError):
@@ -259,6 +292,27 @@ def _string(record: Record, key: str, path, required=True, allow_empty=False) ->
     return value
 
 
+def _tool_calls(record: Record, value: str, path, where: str) -> list[dict]:
+    """A sharegpt function_call value (JSON {name, arguments}, or a list of them) as chat-template tool_calls."""
+    try:
+        calls = json.loads(value)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        raise DataError(path, record.line, "a function_call must be JSON {name, arguments}", field=where) from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise DataError(path, record.line, "a function_call must be JSON {name, arguments}", field=where)
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except (json.JSONDecodeError, RecursionError, ValueError):
+                raise DataError(path, record.line, "arguments are not valid JSON", field=where) from None
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return out
+
+
 def _turns(record: Record, key: str, path, role_key: str, content_key: str, role_map: dict) -> list[dict]:
     turns = record.data.get(key)
     if not isinstance(turns, list) or not turns:
@@ -277,16 +331,82 @@ def _turns(record: Record, key: str, path, role_key: str, content_key: str, role
                 field=f"{where}.{role_key}",
             )
         content = turn.get(content_key)
+        calls = turn.get("tool_calls") if key == "messages" else None
+        if calls is not None:  # an assistant turn that calls tools: its content may be empty
+            if role != "assistant" or not isinstance(calls, list) or not calls:
+                raise DataError(
+                    path, record.line, "expected a non-empty list on an assistant turn", field=f"{where}.tool_calls"
+                )
+            content = content if content is not None else ""
         if not isinstance(content, str):
             raise DataError(path, record.line, "missing or not a string", field=f"{where}.{content_key}")
-        messages.append({"role": role_map[role], "content": content})
+        message = {"role": role_map[role], "content": content}
+        if role == "function_call":
+            message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(record, content, path, where)}
+        elif calls is not None:
+            message["tool_calls"] = calls
+        for extra in ("name", "tool_call_id"):  # a tool result's link to its call, for templates that show it
+            if key == "messages" and isinstance(turn.get(extra), str):
+                message[extra] = turn[extra]
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, record.line, "no assistant turn to learn from", field=key)
     return messages
 
 
+def _tools(record: Record, path) -> list[dict] | None:
+    """The record's `tools`: a list of function schemas, or that list as a JSON string (LLaMA-Factory)."""
+    tools = record.data.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            raise DataError(
+                path, record.line, "expected a list of function schemas (or it as JSON)", field="tools"
+            ) from None
+        tools = tools if isinstance(tools, list) else [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(path, record.line, "expected a list of function schemas (or it as JSON)", field="tools")
+    # chat templates (Qwen, Llama 3, Mistral) expect {"type": "function", "function": schema}
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def _history(record: Record, path) -> list[dict]:
+    """alpaca `history`: earlier [instruction, answer] pairs, as turns before the record's own."""
+    history = record.data.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise DataError(path, record.line, "expected a list of [instruction, answer] pairs", field="history")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(
+                path, record.line, "expected a pair [instruction, answer] of strings", field=f"history[{i}]"
+            )
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
+def _unknown_fields(record: Record, fmt: str) -> list[str]:
+    unknown = sorted(str(k) for k in record.data if k not in KNOWN_FIELDS[fmt])
+    key = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
+    if key and isinstance(record.data.get(key), list):
+        extra = {k for turn in record.data[key] if isinstance(turn, dict) for k in turn} - _TURN_FIELDS[fmt]
+        unknown += [f"{key}[].{k}" for k in sorted(map(str, extra))]
+    return unknown
+
+
 def to_example(record: Record, fmt: str, path) -> Example:
     """Normalise one record of a known format; raises DataError naming the field."""
+    example = _to_example(record, fmt, path)
+    example.unknown_fields = _unknown_fields(record, fmt)
+    return example
+
+
+def _to_example(record: Record, fmt: str, path) -> Example:
     d = record.data
     if fmt == "alpaca":
         instruction = _string(record, "instruction", path)
@@ -294,10 +414,11 @@ def to_example(record: Record, fmt: str, path) -> Example:
         output = _string(record, "output", path)
         system = _string(record, "system", path, required=False)
         user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
+        messages = (
+            ([{"role": "system", "content": system}] if system else [])
+            + _history(record, path)
+            + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        )
         return Example(record.line, messages=messages, source=d)
     if fmt == "input_target":
         return Example(
@@ -310,11 +431,16 @@ def to_example(record: Record, fmt: str, path) -> Example:
         )
     if fmt == "messages":
         roles = {r: r for r in ROLES}
-        return Example(record.line, messages=_turns(record, "messages", path, "role", "content", roles), source=d)
+        messages = _turns(record, "messages", path, "role", "content", roles)
+        return Example(record.line, messages=messages, source=d, tools=_tools(record, path))
     if fmt == "sharegpt":
-        return Example(
-            record.line, messages=_turns(record, "conversations", path, "from", "value", _SHAREGPT_ROLES), source=d
-        )
+        messages = _turns(record, "conversations", path, "from", "value", _SHAREGPT_ROLES)
+        system = _string(record, "system", path, required=False)
+        if system and messages[0]["role"] == "system":
+            raise DataError(path, record.line, "both a top-level system and a system turn: keep one", field="system")
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return Example(record.line, messages=messages, source=d, tools=_tools(record, path))
     if fmt == "text":
         return Example(record.line, text=_string(record, "text", path), source=d)
     if fmt == "classification":
