@@ -248,18 +248,58 @@ def cmd_methods(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import list_runs
+    from .runs import diff_runs, filter_runs, list_runs, remove_runs
 
-    rows = list_runs(args.dir)
+    if args.dir == "diff" or args.dir == "rm":
+        args.action, args.dir = args.dir, args.runs_dir
+    if args.action == "diff":
+        if len(args.names) != 2:
+            raise UserError("tunelab runs diff RUN_A RUN_B takes two run names")
+        _print_json(diff_runs(args.dir, *args.names))
+        return 0
+    if args.action == "rm":
+        if not args.names:
+            raise UserError("tunelab runs rm RUN [RUN ...] needs at least one run name")
+        for run in remove_runs(args.dir, args.names):
+            print(f"removed {run}")
+        return 0
+    rows = filter_runs(list_runs(args.dir), args.method, args.model, args.since)
+    if args.json:
+        _print_json(rows)
+        return 0
     if not rows:
         print(f"no runs under {args.dir}")
         return 0
     for r in rows:
+        hp = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["hyperparameters"].items())
         line = (
-            f"{r['run']:40s} {r['status']:11s} {r['method'] or '-':8s} {r['model'] or '-':24s} "
-            f"loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']}"
+            f"{r['run']:40s} {r['date'][:16]} {r['status']:11s} {r['method'] or '-':8s} {r['model'] or '-':24s} "
+            f"{hp} loss={r['final_train_loss']} eval={r['eval_loss']} hash={r['config_hash']} "
+            f"disk={r['disk_bytes'] / 2**20:.1f}MiB"
         )
+        if r["parent"]:
+            line += f" parent={r['parent']}"
         print(line + (f"  ({r['detail']})" if r["detail"] else ""))
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .config import load_config
+    from .estimate import estimate, method_variant, probe
+    from .estimate.report import methods_table, text
+    from .methods import METHODS
+
+    cfg = load_config(args.config, args.overrides)
+    prices = {"price_per_hour": args.price_per_hour, "price_per_kwh": args.price_per_kwh}
+    if args.all_methods:
+        names = [n for n in METHODS if n != "qlora" or cfg.task == "causal_lm"]
+        reports = [estimate(method_variant(cfg, n), args.nproc, **prices) for n in names]
+        _print_json(reports) if args.json else print(methods_table(reports))
+        return 0
+    report = estimate(cfg, args.nproc, **prices)
+    if args.probe:
+        report["probe"] = probe(cfg, report)
+    _print_json(report) if args.json else print(text(report))
     return 0
 
 
@@ -405,9 +445,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("runs", help="list runs with method, model, metrics, config hash")
-    p.add_argument("dir", nargs="?", default="runs")
+    p = sub.add_parser("runs", help="the registry of runs: list (filters, --json), diff RUN_A RUN_B, rm RUN ...")
+    p.add_argument("dir", nargs="?", default="runs", help="the runs directory, or `diff` / `rm`")
+    p.add_argument("names", nargs="*", help="diff: two run names; rm: the runs to delete")
+    p.add_argument("--dir", dest="runs_dir", default="runs", help="the runs directory for diff / rm")
+    p.add_argument("--method")
+    p.add_argument("--model", help="runs whose model name contains this")
+    p.add_argument("--since", help="runs started on or after this date (YYYY-MM-DD)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(action="list")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser(
+        "estimate", help="parameters, peak memory, time, energy and cost of a run, without loading weights"
+    )
+    p.add_argument("config", help="CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--probe", action="store_true", help="also train 3 real steps and report measured vs estimated")
+    p.add_argument("--all-methods", action="store_true", help="every method side by side")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="also the per-rank peak under DDP and FSDP")
+    p.add_argument("--price-per-hour", type=float, help="machine price per hour (cost = price x predicted hours)")
+    p.add_argument("--price-per-kwh", type=float, help="energy price per kWh")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("demo", help="the README demo: before/after LoRA on a generated date-normalisation task")
     p.add_argument("--out-dir", default="runs")

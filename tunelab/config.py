@@ -97,7 +97,11 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl records")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; unset: only at the end")
     save_every: int | None = Field(None, ge=1, description="steps between checkpoints (a final one is always written)")
-    save_total_limit: int | None = Field(None, ge=1, description="checkpoints kept (the newest); unset: all")
+    save_total_limit: int | None = Field(
+        2,
+        ge=1,
+        description="checkpoints kept: the newest N, plus the best evaluated step's when it is older; unset: all",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many evaluations without a better metric_for_best"
     )

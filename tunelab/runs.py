@@ -3,17 +3,22 @@
 Status: finished (a readable summary.json), running (a process holds its lock), failed (failure.json:
 an error stopped it), interrupted (a complete checkpoint and no summary: `--resume` continues it),
 broken (a summary or config that cannot be read, named with the reason).
+
+Also here: filters (method, model, since), `diff` (config and metric differences of two runs) and `rm`,
+which deletes only run folders directly inside the runs directory (symlinks resolved first).
 """
 
 from __future__ import annotations
 
+import datetime
+import shutil
 from pathlib import Path
 
 import yaml
 
 from .config import read_yaml
 from .errors import UserError
-from .io import read_json_object
+from .io import dir_bytes, read_json_object
 from .training.checkpoint import latest_checkpoint
 from .training.lock import is_locked
 from .training.run_dir import FAILURE_FILE
@@ -46,12 +51,41 @@ def run_status(run: Path) -> tuple[str, dict, str]:
     return "broken", {}, "no summary.json and no complete checkpoint"
 
 
-def _config_fields(run: Path) -> dict:
+def _config(run: Path) -> dict:
     try:
         config = read_yaml((run / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
-    return {k: config.get(k) for k in ("method", "model")} if isinstance(config, dict) else {}
+    return config if isinstance(config, dict) else {}
+
+
+def _config_fields(run: Path) -> dict:
+    config = _config(run)
+    return {k: config.get(k) for k in ("method", "model")}
+
+
+# the hyperparameters the table shows (dotted config keys)
+KEY_HYPERPARAMETERS = ("train.lr", "train.batch_size", "train.grad_accum", "train.max_steps", "train.epochs", "lora.r")
+
+
+def _dotted(d, prefix="") -> dict:
+    out = {}
+    for key, value in (d or {}).items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _parent(run: Path, config: dict, summary: dict) -> str | None:
+    """Where a run came from: the run it was distilled/exported from (its summary says), or itself when resumed."""
+    for key in ("parent", "teacher", "source_run"):
+        if isinstance(summary.get(key), str):
+            return summary[key]
+    if (run / "resumes.jsonl").exists():
+        return f"{run.name} (resumed)"
+    return None
 
 
 def list_runs(root="runs") -> list[dict]:
@@ -67,16 +101,82 @@ def list_runs(root="runs") -> list[dict]:
         if not s.get("method"):  # not finished (or an empty summary): the config still says what it trains
             s = {**_config_fields(run), **s}
         evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
+        config = _dotted(_config(run))
+        when = (run / "config.yaml") if (run / "config.yaml").exists() else (run / "summary.json")
         rows.append(
             {
                 "run": run.name,
+                "date": datetime.datetime.fromtimestamp(when.stat().st_mtime).isoformat(timespec="seconds"),
                 "status": status,
                 "method": _text(s.get("method")),
                 "model": _text(s.get("model")),
+                "hyperparameters": {k: config[k] for k in KEY_HYPERPARAMETERS if config.get(k) is not None},
                 "final_train_loss": _number(s.get("final_train_loss")),
                 "eval_loss": _number(evals.get("eval_loss")),
                 "config_hash": _text(s.get("config_hash")),
+                "parent": _parent(run, config, s),
+                "disk_bytes": dir_bytes(run),
                 "detail": detail,
             }
         )
     return rows
+
+
+def filter_runs(rows: list[dict], method=None, model=None, since=None) -> list[dict]:
+    """Rows of that method / model (a substring of the model name) / started on or after `since` (YYYY-MM-DD)."""
+    if since is not None:
+        try:
+            since = datetime.date.fromisoformat(since).isoformat()
+        except ValueError:
+            raise UserError(f"--since {since!r}: not a date (YYYY-MM-DD)") from None
+    return [
+        r
+        for r in rows
+        if (method is None or r["method"] == method)
+        and (model is None or model in (r["model"] or ""))
+        and (since is None or r["date"][:10] >= since)
+    ]
+
+
+def find_run(root, name: str) -> Path:
+    """A run folder named `name` directly inside `root` (or a path to one there)."""
+    root = Path(root).resolve()
+    path = Path(name)
+    candidate = (path if path.is_absolute() or path.parent != Path(".") else root / name).resolve()
+    if candidate.parent != root:
+        raise UserError(f"{name}: not a run folder inside the runs directory {root}")
+    if not candidate.is_dir() or not ((candidate / "config.yaml").exists() or (candidate / "summary.json").exists()):
+        raise UserError(f"{name}: no run folder of that name under {root} (see `tunelab runs {root}`)")
+    return candidate
+
+
+def diff_runs(root, run_a: str, run_b: str) -> dict:
+    """Config keys and summary metrics that differ between two runs: {key: [a, b]}."""
+    a, b = find_run(root, run_a), find_run(root, run_b)
+    out = {}
+    for kind, read in (("config", lambda r: _dotted(_config(r))), ("metrics", _metrics)):
+        va, vb = read(a), read(b)
+        out[kind] = {k: [va.get(k), vb.get(k)] for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)}
+    out["runs"] = [a.name, b.name]
+    return out
+
+
+def _metrics(run: Path) -> dict:
+    try:
+        s = read_json_object(run / "summary.json")
+    except UserError:
+        return {}
+    flat = _dotted({k: v for k, v in s.items() if k not in ("versions", "hints", "resumes")})
+    return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def remove_runs(root, names: list[str]) -> list[Path]:
+    """Delete run folders inside `root`; refuses anything else (a path outside, the folder itself, a running run).
+    Every name is checked before anything is deleted."""
+    runs = [find_run(root, name) for name in names]
+    for run in runs:
+        if is_locked(run):
+            raise UserError(f"{run.name}: a process is training it; stop it first")
+    for run in runs:
+        shutil.rmtree(run)
+    return runs

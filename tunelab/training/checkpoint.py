@@ -109,7 +109,7 @@ def save_checkpoint(
     save_total_limit: int | None = None,
     best_weights: dict | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit."""
+    """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit, except the best step's."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step}."))
@@ -136,8 +136,10 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if save_total_limit:
+        best = trainer_state.get("best_step")
         for old in complete_checkpoints(ckpt_root)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != f"step-{best}":  # the best evaluated step's checkpoint stays (resume or inspect it)
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

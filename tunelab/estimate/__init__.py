@@ -1,0 +1,238 @@
+"""`tunelab estimate`: parameters, peak memory, step and run time, energy and cost of a run before it runs.
+
+Nothing is loaded but the model's config: the model is built on the meta device (tunelab.estimate.params),
+so a 70B config takes seconds. See memory.py for the terms and what a CPU peak includes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from .memory import Workload, breakdown
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, list[str]]:
+    """The run's largest micro-batch (from the data file's token lengths when there is one, with packing
+    as the run does it), the number of training examples (0: unknown) and notes."""
+    from ..training.batching import epoch_windows, step_batches
+
+    t = cfg.train
+    virtual = 0
+    if method.virtual_tokens and cfg.method in ("prompt", "ptuning"):
+        virtual = getattr(cfg, cfg.method).num_virtual_tokens  # prepended to every row's input
+    if not cfg.data.train or not tokenizer_ok:
+        tokens = t.batch_size * (cfg.data.max_length + virtual)
+        note = (
+            "no data file: every example assumed max_length tokens long"
+            if not cfg.data.train
+            else ("no tokenizer for this model: every example assumed max_length tokens long")
+        )
+        return (
+            Workload(tokens, t.batch_size * (cfg.data.max_length - 1), t.batch_size, cfg.data.max_length + virtual),
+            0,
+            [note],
+        )
+    from ..data import prepare_data
+    from ..models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    data = prepare_data(cfg, tok)
+    examples = data.train
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps = t.max_steps or math.ceil(t.epochs * math.ceil(len(examples) / (t.batch_size * t.grad_accum)))
+    best = Workload(0, 0, 0, 0)
+    for window in epoch_windows(lengths, cfg, 0)[: max(1, min(steps, 64))]:
+        for batch in step_batches(
+            [examples[i] for i in window], t.batch_size, tok.pad_token_id, t.packing, cfg.data.max_length, "varlen"
+        ):
+            ids, labels = batch["input_ids"], batch["labels"]
+            rows, width = ids.shape[0], ids.shape[1] + virtual
+            if "cu_seq_lens_q" in batch:  # one packed row: its longest example is what attention sees
+                width = int((batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).max()) + virtual
+            tokens = ids.numel() + rows * virtual
+            if tokens > best.tokens:
+                best = Workload(tokens, int((labels[..., 1:] != -100).sum()), rows, width)
+    return best, len(examples), [f"token lengths from {cfg.data.train} ({len(examples)} training examples)"]
+
+
+def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kwh=None, baseline: bool = True) -> dict:
+    """The estimate report for a Config (before resolve: the method's defaults are filled here)."""
+    import torch
+
+    from ..device import pick_device, resolve_precision
+    from ..methods import get_method
+    from ..training.resolve import resolve_run_config
+    from .energy import device_power, energy_cost
+    from .params import PRESETS, count_params, model_config, shape_of
+    from .timing import step_flops, step_time
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    method = get_method(cfg.method)
+    labels = cfg.data.labels or (["a", "b"] if cfg.task == "classification" else None)
+    cfg = resolve_run_config(cfg, method, labels if cfg.task == "classification" else None)
+    device = device or pick_device()
+    precision = resolve_precision(cfg.train.precision, device)
+    config = model_config(cfg)
+    shape = shape_of(config)
+    counts, model = count_params(cfg, method, config)
+    lora_inputs = sum(m.in_features for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
+    adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".adapter"))
+    del model
+    quant_bits = None
+    if hasattr(method, "quant_bits"):
+        quant_bits = method.quant_bits(cfg)
+    work, n_examples, notes = workload(cfg, method, shape, cfg.model not in PRESETS)
+    base = 0
+    if device.type == "cpu" and baseline:
+        from .baseline import runtime_baseline
+
+        base = runtime_baseline(cfg.model)  # measured QLoRA runs peak no higher than LoRA's: no bitsandbytes term
+    ckpt = cfg.train.gradient_checkpointing
+
+    def mem(checkpointing, strategy="single", world=1, w=work, bits=quant_bits):
+        return breakdown(
+            shape, counts, cfg, method, precision, w, checkpointing, lora_inputs, adapters, bits, base, world, strategy
+        )
+
+    t = cfg.train
+    step_tokens_all = work.tokens * t.grad_accum  # the largest micro-batch, grad_accum times, per process
+    selected = work.label_positions / max(work.tokens, 1) if not method.virtual_tokens else 1.0
+    flops = step_flops(shape, counts, work, step_tokens_all, cfg.method in ("full", "freeze"), ckpt, selected)
+    seconds, rate = step_time(flops, precision, device)
+    steps = t.max_steps or (
+        max(1, math.ceil(t.epochs * math.ceil(n_examples / (t.batch_size * t.grad_accum)))) if n_examples else None
+    )
+    watts, power_source = device_power(device)
+    report = {
+        "model": cfg.model,
+        "method": cfg.method,
+        "device": device.type,
+        "precision": precision,
+        "architecture": vars(shape),
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "trainable_pct": 100.0 * counts.trainable / counts.total,
+        "micro_batch": vars(work),
+        "gradient_checkpointing": ckpt,
+        "memory": mem(ckpt),
+        "memory_other_checkpointing": mem(not ckpt),
+        "memory_baseline_kind": "peak RSS of the runtime before the model (measured, cached)" if base else "none",
+        "step_flops": flops,
+        "matmul_flops_per_s": rate,
+        "step_seconds": seconds,
+        "steps": steps,
+        "run_seconds": seconds * steps if steps else None,
+        "power_w": watts,
+        "power_source": power_source,
+        "notes": notes,
+    }
+    if steps:
+        report.update(energy_cost(seconds * steps, watts, price_per_hour, price_per_kwh))
+    if nproc > 1:
+        report["per_rank"] = {s: mem(ckpt, s, nproc) for s in STRATEGIES}
+        report["nproc"] = nproc
+    report["advice"] = advice(report, cfg, mem, free_memory(device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
+
+
+def free_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def advice(report: dict, cfg, mem, free: int) -> list[dict]:
+    """When the predicted peak does not fit the free memory: what to change, with each change's predicted peak."""
+    peak = report["memory"]["total"]
+    report["free_memory_bytes"] = free
+    if not free or peak <= free:
+        return []
+    work = Workload(**report["micro_batch"])
+    t = cfg.train
+    out = []
+    if t.batch_size > 1:
+        half = Workload(work.tokens // 2, work.label_positions // 2, max(1, work.rows // 2), work.seq_len)
+        out.append(
+            {
+                "change": f"train.batch_size={t.batch_size // 2} train.grad_accum={t.grad_accum * 2}",
+                "peak_bytes": mem(report["gradient_checkpointing"], w=half)["total"],
+            }
+        )
+    if not report["gradient_checkpointing"]:
+        out.append(
+            {"change": "train.gradient_checkpointing=true", "peak_bytes": report["memory_other_checkpointing"]["total"]}
+        )
+    if cfg.method in ("lora", "dora", "rslora", "pissa", "loraplus"):
+        peak_4bit = mem(report["gradient_checkpointing"], bits=4)["total"] if cfg.method != "full" else None
+        out.append({"change": "method=qlora (4-bit frozen base)", "peak_bytes": peak_4bit})
+    if cfg.data.max_length > 64:
+        short = max(1, work.seq_len // 2)
+        w = Workload(work.tokens // 2, work.label_positions // 2, work.rows, short)
+        out.append(
+            {
+                "change": f"data.max_length={cfg.data.max_length // 2}",
+                "peak_bytes": mem(report["gradient_checkpointing"], w=w)["total"],
+            }
+        )
+    return out
+
+
+def probe(cfg, report: dict, steps: int = 3) -> dict:
+    """Train `steps` real steps in a fresh process (its own peak RSS) and compare with the estimate."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = cfg.to_dict()
+        d.update(out_dir=tmp, run_name="probe")
+        d["train"] = dict(d["train"], max_steps=steps, eval_every=None, save_every=None)
+        d["data"] = dict(d["data"], val_fraction=0.0) if not d["data"].get("eval") else d["data"]
+        path = Path(tmp) / "probe.yaml"
+        path.write_text(json.dumps(d), encoding="utf-8")  # JSON is YAML
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunelab", "train", str(path), "--no-progress"], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise UserError(f"--probe: the real steps failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        summary = json.loads((Path(tmp) / "probe" / "summary.json").read_text(encoding="utf-8"))
+    step_s = summary["train_wall_s"] / max(summary["steps"], 1)  # step 1's warm-up included: a little high
+    factor = step_s / report["step_seconds"] if report["step_seconds"] else 1.0
+    return {
+        "steps": summary["steps"],
+        "peak_bytes": summary["peak_mem_bytes"],
+        "peak_kind": summary["peak_mem_kind"],
+        "step_seconds": step_s,
+        "time_correction": factor,
+        "run_seconds": step_s * report["steps"] if report["steps"] else None,
+    }
+
+
+def method_variant(cfg, name: str):
+    """cfg with another method (that method's sections at their defaults)."""
+    from ..config import SECTIONS, build_config
+    from ..methods import METHODS
+
+    d = cfg.to_dict()
+    d["method"] = name
+    for section in SECTIONS:
+        if section not in METHODS[name].sections:
+            d.pop(section, None)
+    d["train"] = dict(d["train"], lr=None, packing=None)
+    return build_config(d)

@@ -1,0 +1,116 @@
+"""Peak training memory, term by term, from the model's shape and the method's parameter counts.
+
+The terms (bytes): frozen weights at their storage dtype (QLoRA: 4-bit NF4 + scales), trainable fp32
+master weights, their gradients and AdamW's two moments; autocast's low-precision copies of the
+weights that a forward holds until backward; activations saved for backward per transformer block
+(per token, from the block's widths: attention, MLP, norms, the method's own branches) for every block,
+or, with gradient checkpointing, each block's input plus one block recomputed; the LM-head/loss
+buffers of the largest chunk of label positions; and a backward transient of two gradient tensors.
+
+On a CPU the measured figure is the process's peak RSS, which also holds the Python/torch/tokenizer
+runtime: that baseline is measured once per machine (tunelab.estimate.baseline) and added as its own
+term, so the prediction is comparable with summary.json's peak_mem_bytes as it is.
+The per-token activation coefficients come from counting what a llama-style block saves in fp32 and
+under bf16 autocast; other architectures are approximated with the same widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..losses import _PLAIN_HEAD_TYPES, CHUNK
+
+# bytes per token and block, as (x hidden, x kv width, x intermediate): what autograd saves in a llama
+# block (two RMSNorms in fp32, q/k/v/o projections, RoPE, attention, gated MLP)
+ACT_COEFF = {"fp32": (36, 12, 16), "low": (38, 10, 10)}
+LORA_INPUT_BYTES = {"fp32": 5, "low": 7}  # per adapted module's input feature: dropout output + mask (+ cast)
+ADAPTER_BYTES = 12  # per adapter and hidden feature: input, bottleneck in/out, residual
+# per label position and vocab entry: logits (fp32 copy), log-softmax, its gradient; fitted to the measured
+# tiny-llama cells (README matrix): ~12 bytes, less than the sum of the buffers (some are freed before the peak)
+LOGIT_BYTES = {"fp32": 12, "low": 12}
+TRAINING_RUNTIME = 40 * 2**20  # autograd engine, allocator arenas, the checkpoint write: measured, CPU
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 weights + fp32 per 256 absmax
+FP4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantization: an fp32 absmax per 64 weights
+
+
+@dataclass
+class Workload:
+    """The largest micro-batch of the run: tokens in it, positions that carry a loss, rows."""
+
+    tokens: int
+    label_positions: int
+    rows: int
+    seq_len: int  # the longest row
+
+
+def _activations_per_block(shape, counts, work, low: bool, lora_inputs_per_block: float, adapters_per_block: int):
+    kind = "low" if low else "fp32"
+    a_h, a_kv, a_i = ACT_COEFF[kind]
+    per_token = a_h * shape.hidden + a_kv * shape.kv_hidden + a_i * shape.intermediate
+    per_token += LORA_INPUT_BYTES[kind] * lora_inputs_per_block + ADAPTER_BYTES * shape.hidden * adapters_per_block
+    return per_token * work.tokens
+
+
+def breakdown(
+    shape,
+    counts,
+    cfg,
+    method,
+    precision: str,
+    work: Workload,
+    checkpointing: bool,
+    lora_inputs: int,
+    adapters: int,
+    quant_bits: int | None,
+    baseline: int,
+    nproc: int = 1,
+    strategy: str = "single",
+) -> dict:
+    """Peak memory terms in bytes (one process); `strategy` ddp/fsdp: per rank of `nproc`."""
+    low = precision != "fp32"
+    frozen = counts.total - counts.trainable
+    if quant_bits == 4:
+        per = NF4_BYTES if cfg.quant.double_quant else FP4_PLAIN_BYTES
+        frozen_bytes = counts.frozen_block_linear * per + (frozen - counts.frozen_block_linear) * 4
+    elif quant_bits == 8:
+        frozen_bytes = counts.frozen_block_linear * (1 + 4 / 4096) + (frozen - counts.frozen_block_linear) * 4
+    else:
+        frozen_bytes = frozen * 4
+    shard = nproc if strategy == "fsdp" else 1
+    terms = {
+        "frozen_weights": frozen_bytes / shard,
+        "trainable_weights": 4 * counts.trainable / shard,
+        "gradients": 4 * counts.trainable / shard,
+        "optimizer_states": 8 * counts.trainable / shard,
+    }
+    if strategy == "fsdp" and nproc > 1:  # one block gathered whole at a time, plus the prefetched next one
+        block = (counts.block_linear * 4) / max(shape.layers, 1)
+        terms["fsdp_gathered_blocks"] = 2 * block
+    # autocast holds a low-precision copy of every weight a forward used until its backward ran;
+    # bitsandbytes dequantizes its 4/8-bit weights per call instead
+    head = shape.vocab * shape.hidden
+    casts = 0
+    if low:
+        cast_blocks = 0 if quant_bits else counts.block_linear
+        if checkpointing:
+            cast_blocks /= max(shape.layers, 1)
+        casts = 2 * (cast_blocks + head)
+    terms["weight_casts"] = casts
+    per_block = _activations_per_block(
+        shape, counts, work, low, lora_inputs / max(shape.layers, 1), adapters // max(shape.layers, 1)
+    )
+    if checkpointing:
+        terms["activations"] = shape.layers * work.tokens * shape.hidden * 4 + per_block
+    else:
+        terms["activations"] = shape.layers * per_block
+    terms["activations"] += 3 * work.tokens * shape.hidden * 4  # embeddings, final norm
+    selected = shape.model_type in _PLAIN_HEAD_TYPES and not method.virtual_tokens and cfg.task != "classification"
+    positions = min(work.label_positions, CHUNK) if selected else work.tokens
+    vocab = len(cfg.data.labels or [0, 0]) if cfg.task == "classification" else shape.vocab
+    terms["logits_and_loss"] = positions * vocab * LOGIT_BYTES["low" if low else "fp32"]
+    terms["backward_transient"] = 2 * work.tokens * max(shape.hidden, shape.intermediate) * 4
+    terms["training_runtime"] = TRAINING_RUNTIME if baseline else 0
+    terms["runtime_baseline"] = baseline
+    terms = {k: int(v) for k, v in terms.items()}
+    terms["total"] = sum(terms.values())
+    return terms
