@@ -491,3 +491,50 @@ def test_serve_check_tells_whether_vllm_can_serve_the_adapter(served, capsys):
     assert not report["ready"] and "--max-lora-rank 32" in report["command"]
     assert any("DoRA" in p for p in report["problems"]) and any("modules_to_save" in p for p in report["problems"])
     assert out.err.startswith("error: ")
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_rows(served):
+    serving, url = served["serving"], served["url"]
+    registry, batcher = serving.registry, serving.batcher
+    handle = next(h for h in registry.handles() if h.name == "adapter-1")
+    paused = threading.Event()
+
+    def pause_after_the_first_step():
+        if not paused.is_set():
+            batcher.pause()
+            paused.set()
+
+    body = {
+        "model": "adapter-1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 64,
+        "temperature": 0,
+        "ignore_eos": True,  # left alone it would decode all 64 tokens
+        "stream": True,
+    }
+    batches, on_batch = [], batcher.on_batch
+    batcher.on_batch = lambda rows, tokens, seconds: batches.append(tokens)
+    batcher.step_hook = pause_after_the_first_step
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=_auth(), json=body) as response:
+            assert response.status_code == 200
+            assert paused.wait(timeout=120)
+        # the connection is closed: the server cancels the request (seen in its metrics) ...
+        for _ in range(600):
+            text = httpx.get(url + "/metrics", headers=_auth()).text
+            if _metric(text, "tunelab_requests_total", model="adapter-1", outcome="cancelled"):
+                break
+            threading.Event().wait(0.05)
+        assert _metric(text, "tunelab_requests_total", model="adapter-1", outcome="cancelled") == 1
+        batcher.step_hook = None
+        batcher.resume()
+        # ... and its row leaves the batch at the next step, long before 64 tokens
+        for _ in range(600):
+            if batches and not registry.inflight(handle):
+                break
+            threading.Event().wait(0.05)
+    finally:
+        batcher.step_hook, batcher.on_batch = None, on_batch
+        batcher.resume()
+    assert registry.inflight(handle) == 0
+    assert batches == [1]  # the one token decoded before the pause

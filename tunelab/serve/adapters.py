@@ -166,8 +166,9 @@ def check_lora_for_base(folder: Path, base: SharedBase, max_rank: int) -> dict:
         raise AdapterError(422, f"{folder}: init_lora_weights={facts['init']!r} rewrites the base weights on load")
     if facts["rank"] > max_rank:
         raise AdapterError(422, f"{folder}: rank {facts['rank']} is above the server's --max-lora-rank {max_rank}")
+    model = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
     try:
-        check_module_names(base.model, {"target_modules": facts["target_modules"]})
+        check_module_names(model, {"target_modules": facts["target_modules"]})
     except UserError as exc:
         raise AdapterError(422, f"{folder}: {exc}") from None
     # every LoRA matrix must fit the base layer it adapts (a LoRA of another base does not)

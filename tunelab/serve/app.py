@@ -241,15 +241,15 @@ def create_app(server: Server) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        outcome = "error"
+        outcome = "cancelled"  # unless the loop below ends
         try:
             while True:
                 update = await job.updates.get()
                 if update.done:
                     break
+            outcome = "error" if update.error else "ok"
             if update.error:
                 raise ApiError(500, f"generation failed: {update.error}")
-            outcome = "ok"
         finally:
             if not job.finished:
                 job.cancel()  # the client went away
@@ -312,12 +312,12 @@ def create_app(server: Server) -> FastAPI:
             raise
         job = Job(handle, classify_ids=ids, loop=asyncio.get_running_loop(), updates=asyncio.Queue())
         server.submit(job)
-        outcome = "error"
+        outcome = "cancelled"
         try:
             update = await job.updates.get()
+            outcome = "error" if update.error else "ok"
             if update.error:
                 raise ApiError(500, f"classification failed: {update.error}")
-            outcome = "ok"
         finally:
             if not job.finished:
                 job.cancel()
@@ -384,7 +384,7 @@ async def _stream(server: Server, job: Job, req, route, chat, ident, created, st
 
     sent = [""] * len(job.seqs)
     closed = [False] * len(job.seqs)
-    outcome, first = "error", True
+    outcome, first = "cancelled", True  # unless the stream ends
     try:
         if chat:
             yield event([choice(i, role=True) for i in range(len(job.seqs))])
@@ -406,6 +406,7 @@ async def _stream(server: Server, job: Job, req, route, chat, ident, created, st
             if update.done:
                 break
         if update.error:
+            outcome = "error"
             yield f"data: {json.dumps(error_body(f'generation failed: {update.error}', 'server_error'))}\n\n"
         else:
             outcome = "ok"
