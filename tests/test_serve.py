@@ -16,6 +16,7 @@ import torch
 from helpers import TINY_LR, train_tiny_run
 
 KEY = "test-key-0123456789"
+HTTP = httpx.Client(timeout=300)  # keep-alive: one connection for the raw HTTP calls
 PROMPTS = ["Say: red", "Say: 蓝色 please, in a few more words than the others", "x", "Tell me about the sea."]
 MAX_TOKENS = 8
 
@@ -55,7 +56,7 @@ def served(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     runs = {
-        name: train_tiny_run(tmp, val_fraction=0, rows=_rows(name), run_name=name, max_steps=10, lr=TINY_LR["lora"])
+        name: train_tiny_run(tmp, val_fraction=0, rows=_rows(name), run_name=name, max_steps=5, lr=TINY_LR["lora"])
         for name in ("repeat", "reverse")
     }
     randoms = make_random_adapters("tiny-llama", tmp / "random", count=2)
@@ -222,7 +223,7 @@ ROUTES = [
 def test_a_missing_or_wrong_key_is_401_on_every_route(served, headers):
     body = {"model": "repeat", "messages": [{"role": "user", "content": "hi"}], "name": "x", "path": "/tmp"}
     for method, path in ROUTES:
-        r = httpx.request(method, served["url"] + path, headers=headers, json=body if method == "POST" else None)
+        r = HTTP.request(method, served["url"] + path, headers=headers, json=body if method == "POST" else None)
         assert r.status_code == 401, (method, path)
         assert r.json()["error"]["code"] == "invalid_api_key"
     wrong = openai.OpenAI(base_url=served["url"] + "/v1", api_key="wrong", max_retries=0)
@@ -233,7 +234,7 @@ def test_a_missing_or_wrong_key_is_401_on_every_route(served, headers):
 
 def test_oversize_and_malformed_requests_are_4xx_never_500(served):
     url, client = served["url"], served["client"]
-    post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", content=body, headers=_auth() | kw)  # noqa: E731
+    post = lambda body, **kw: HTTP.post(url + "/v1/chat/completions", content=body, headers=_auth() | kw)  # noqa: E731
     assert post(b"x" * (65 * 1024)).status_code == 413
     assert post(b"{bad json", **{"content-type": "application/json"}).status_code == 400
     assert post(b"\xff\xfe{", **{"content-type": "application/json"}).status_code in (400, 422)
@@ -257,7 +258,7 @@ def test_oversize_and_malformed_requests_are_4xx_never_500(served):
         _chat(client, "repeat", "word " * 300)
     with pytest.raises(openai.UnprocessableEntityError, match="limit of 8"):
         client.completions.create(model="repeat", prompt=["a"] * 3, n=3, max_tokens=2)
-    assert httpx.get(url + "/health", headers=_auth()).json()["status"] == "ok"
+    assert HTTP.get(url + "/health", headers=_auth()).json()["status"] == "ok"
 
 
 def test_queue_and_concurrency_limits_are_429(served):
@@ -283,7 +284,7 @@ def test_queue_and_concurrency_limits_are_429(served):
 def test_an_adapter_unloaded_or_replaced_mid_stream_still_finishes_with_its_own(served):
     serving, client, url = served["serving"], served["client"], served["url"]
     runs, refs, registry = served["runs"], served["refs"], serving.registry
-    load = lambda name, path: httpx.post(url + "/admin/adapters", headers=_auth(), json={"name": name, "path": path})  # noqa: E731
+    load = lambda name, path: HTTP.post(url + "/admin/adapters", headers=_auth(), json={"name": name, "path": path})  # noqa: E731
     assert load("swap", str(runs["repeat"].run_dir)).status_code == 201
     old_slot = next(h for h in registry.handles() if h.name == "swap").slot
     paused = threading.Event()
@@ -301,7 +302,7 @@ def test_an_adapter_unloaded_or_replaced_mid_stream_still_finishes_with_its_own(
         reply = load("swap", str(runs["reverse"].run_dir))
         assert reply.status_code == 201
         assert old_slot in registry.slots()  # the old weights stay for the request in flight
-        assert httpx.delete(url + "/admin/adapters/swap", headers=_auth()).status_code == 200
+        assert HTTP.delete(url + "/admin/adapters/swap", headers=_auth()).status_code == 200
         assert "swap" not in [m.id for m in client.models.list()]
         with pytest.raises(openai.NotFoundError):
             _chat(client, "swap", PROMPTS[0])
@@ -327,7 +328,7 @@ def test_two_hundred_concurrent_requests_over_four_adapters_have_no_cross_talk(s
     answers = asyncio.run(run())
     wrong = [(job, answer) for job, answer in zip(jobs, answers) if answer != refs[job]]
     assert not wrong, wrong[:3]
-    metrics = httpx.get(served["url"] + "/metrics", headers=_auth()).text
+    metrics = HTTP.get(served["url"] + "/metrics", headers=_auth()).text
     batch_rows = _metric(metrics, "tunelab_batch_rows_sum") / _metric(metrics, "tunelab_batch_rows_count")
     assert batch_rows > 1  # the requests were batched together, not one at a time
 
@@ -353,7 +354,7 @@ def _metric(text: str, name: str, **labels) -> float:
 def test_metrics_per_adapter_and_access_log_without_prompts(served):
     secret = "a-distinctive-prompt-that-must-not-be-logged"
     _chat(served["client"], "reverse", secret)
-    text = httpx.get(served["url"] + "/metrics", headers=_auth()).text
+    text = HTTP.get(served["url"] + "/metrics", headers=_auth()).text
     assert _metric(text, "tunelab_requests_total", model="reverse", outcome="ok") >= 1
     assert _metric(text, "tunelab_completion_tokens_total", model="reverse") >= 1
     assert _metric(text, "tunelab_request_latency_seconds_count", model="reverse", route="chat") >= 1
@@ -394,12 +395,12 @@ def test_a_bad_adapter_is_a_4xx_with_the_reason_and_the_server_keeps_serving(ser
         ("tiny-llama", str(served["runs"]["repeat"].run_dir), 409, "base model"),
     ]
     for name, path, status, reason in cases:
-        r = httpx.post(url + "/admin/adapters", headers=_auth(), json={"name": name, "path": path})
+        r = HTTP.post(url + "/admin/adapters", headers=_auth(), json={"name": name, "path": path})
         assert r.status_code == status, (name, r.text)
         assert reason in r.json()["error"]["message"], (name, r.text)
-    assert httpx.post(url + "/admin/adapters", headers=_auth(), json={"name": "x"}).status_code == 422
-    assert httpx.delete(url + "/admin/adapters/never-loaded", headers=_auth()).status_code == 404
-    assert httpx.delete(url + "/admin/adapters/tiny-llama", headers=_auth()).status_code == 409
+    assert HTTP.post(url + "/admin/adapters", headers=_auth(), json={"name": "x"}).status_code == 422
+    assert HTTP.delete(url + "/admin/adapters/never-loaded", headers=_auth()).status_code == 404
+    assert HTTP.delete(url + "/admin/adapters/tiny-llama", headers=_auth()).status_code == 409
     assert (
         _chat(served["client"], "repeat", PROMPTS[0]).choices[0].message.content == served["refs"]["repeat", PROMPTS[0]]
     )
@@ -440,10 +441,10 @@ def test_classification_runs_answer_labels_and_probabilities(served, tmp_path):
     ).run_dir
     url = served["url"]
     assert (
-        httpx.post(url + "/admin/adapters", headers=_auth(), json={"name": "cls", "path": str(run)}).status_code == 201
+        HTTP.post(url + "/admin/adapters", headers=_auth(), json={"name": "cls", "path": str(run)}).status_code == 201
     )
     texts = ["good good", "bad day bad day bad"]
-    r = httpx.post(url + "/v1/classify", headers=_auth(), json={"model": "cls", "input": texts})
+    r = HTTP.post(url + "/v1/classify", headers=_auth(), json={"model": "cls", "input": texts})
     assert r.status_code == 200, r.text
     model, tokenizer = tunelab.load(run)
     for item, text in zip(r.json()["data"], texts):
@@ -452,7 +453,7 @@ def test_classification_runs_answer_labels_and_probabilities(served, tmp_path):
         assert set(item["probabilities"]) == {"bad", "good"}
         assert [item["probabilities"][label] for label in ("bad", "good")] == pytest.approx(expected, abs=1e-5)
         assert item["label"] == max(item["probabilities"], key=item["probabilities"].get)
-    assert httpx.post(url + "/v1/classify", headers=_auth(), json={"model": "repeat", "input": "x"}).status_code == 422
+    assert HTTP.post(url + "/v1/classify", headers=_auth(), json={"model": "repeat", "input": "x"}).status_code == 422
     with pytest.raises(openai.UnprocessableEntityError, match="classification"):
         _chat(served["client"], "cls", "hi")
 
@@ -521,7 +522,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_rows(served):
             assert paused.wait(timeout=120)
         # the connection is closed: the server cancels the request (seen in its metrics) ...
         for _ in range(600):
-            text = httpx.get(url + "/metrics", headers=_auth()).text
+            text = HTTP.get(url + "/metrics", headers=_auth()).text
             if _metric(text, "tunelab_requests_total", model="adapter-1", outcome="cancelled"):
                 break
             threading.Event().wait(0.05)
@@ -538,3 +539,16 @@ def test_a_client_that_goes_away_mid_stream_frees_its_rows(served):
         batcher.resume()
     assert registry.inflight(handle) == 0
     assert batches == [1]  # the one token decoded before the pause
+
+
+def test_serve_bench_reports_each_scenario(tmp_path):
+    from tunelab.serve.bench import run_serve_bench
+
+    report = run_serve_bench("tiny-llama", requests=4, concurrency=2, max_tokens=3, rounds=1, out=tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text()) == report
+    assert set(report["scenarios"]) == {"base", "one_adapter", "four_adapters_mixed", "four_adapters_one_per_batch"}
+    for scenario in report["scenarios"].values():
+        assert scenario["completion_tokens"] == 4 * 3  # ignore_eos: every request decodes max_tokens
+        assert scenario["requests_per_s"] > 0 and scenario["p95_latency_ms"] >= scenario["p50_latency_ms"] > 0
+    mixed = report["scenarios"]["four_adapters_mixed"]["tokens_per_s"]
+    assert report["mixed_vs_one_adapter"] == round(mixed / report["scenarios"]["one_adapter"]["tokens_per_s"], 3)

@@ -279,11 +279,10 @@ def _serve_options(args):
 def cmd_serve_bench(args) -> int:
     from .serve.bench import run_serve_bench
 
-    _print_json(
-        run_serve_bench(
-            args.model, requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens, out=args.out
-        )
+    report = run_serve_bench(
+        args.model, args.requests, args.concurrency, args.max_tokens, rounds=args.rounds, out=args.out
     )
+    _print_json(report)
     return 0
 
 
@@ -423,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32, help="requests per scenario")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="each scenario keeps its best of this many rounds")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(func=cmd_serve_bench)
     return parser
