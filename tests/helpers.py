@@ -55,16 +55,17 @@ def toy_rows(n=24, seed=0):
     return rows
 
 
-def train_tiny_run(tmp, val_fraction=0.2, **train):
-    """A short tiny-llama LoRA run on the toy task under `tmp`; returns the TrainResult."""
+def train_tiny_run(tmp, val_fraction=0.2, rows=None, run_name="tiny", **train):
+    """A short tiny-llama LoRA run on the toy task (or on `rows`) under `tmp`; returns the TrainResult."""
     import tunelab
 
-    data = tmp / "toy.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_rows()), encoding="utf-8")
+    data = tmp / ("toy.jsonl" if rows is None else f"{run_name}.jsonl")
+    rows = toy_rows() if rows is None else rows
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     cfg = {
         "model": "tiny-llama",
         "out_dir": str(tmp / "runs"),
-        "run_name": "tiny",
+        "run_name": run_name,
         "data": {"train": str(data), "val_fraction": val_fraction, "max_length": 64},
         "train": {"max_steps": 5, "batch_size": 4, "precision": "fp32"} | train,
     }

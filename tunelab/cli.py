@@ -323,6 +323,98 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    if args.check is not None:
+        from .serve.check import vllm_check
+
+        report = vllm_check(args.check)
+        _print_json(report)
+        if not report["ready"]:
+            print(f"error: {args.check}: not ready for vLLM: {'; '.join(report['problems'])}", file=sys.stderr)
+            return 2
+        print(report["command"], file=sys.stderr)
+        return 0
+    from .serve.server import Serving, run_server
+
+    run_server(Serving(_serve_options(args)))
+    return 0
+
+
+def _serve_options(args):
+    from .serve.app import Limits
+    from .serve.security import read_api_key
+    from .serve.server import ServeOptions
+
+    if args.api_key_file is None and not args.no_auth:
+        raise UserError("tunelab serve needs --api-key-file FILE (or --no-auth, to serve without a key)")
+    adapters = {}
+    for item in args.adapter:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run:
+            raise UserError(f"--adapter {item!r}: expected NAME=RUN")
+        if name in adapters:
+            raise UserError(f"--adapter {name}: given twice")
+        adapters[name] = run
+    for flag in ("port", "max_batch_size", "max_queue", "max_concurrency", "max_body_bytes", "max_tokens"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'port' else '>= 1'}")
+    if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} with --no-auth: anyone who can reach it can use it", file=sys.stderr)
+    return ServeOptions(
+        base=args.base,
+        adapters=adapters,
+        adapters_dir=args.adapters_dir,
+        host=args.host,
+        port=args.port,
+        api_key=None if args.no_auth else read_api_key(args.api_key_file),
+        limits=Limits(
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens,
+            max_concurrency=args.max_concurrency,
+        ),
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_lora_rank=args.max_lora_rank,
+        mixed_batching=not args.no_mixed_batching,
+    )
+
+
+def cmd_serve_bench(args) -> int:
+    from .serve.bench import run_serve_bench
+
+    report = run_serve_bench(
+        args.model, args.requests, args.concurrency, args.max_tokens, rounds=args.rounds, out=args.out
+    )
+    _print_json(report)
+    return 0
+
+
+def _add_serve_flags(p) -> None:
+    from .serve.app import Limits
+
+    limits = Limits()
+    p.add_argument("--base", metavar="MODEL_OR_RUN", help="the base model (default: the adapters' base, else smollm2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN", help="serve RUN's adapter as NAME")
+    p.add_argument("--adapters-dir", metavar="DIR", help="serve each sub-folder under its name; watched for changes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--api-key-file", metavar="F", help="clients send this key (Authorization: Bearer KEY)")
+    auth.add_argument("--no-auth", action="store_true", help="serve without an API key")
+    p.add_argument("--check", metavar="RUN", help="only check that RUN's adapter suits vLLM --lora-modules")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a batch (then 429)")
+    p.add_argument("--max-concurrency", type=int, default=limits.max_concurrency, help="requests in flight (then 429)")
+    p.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="request body size (then 413)")
+    p.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens, help="(then 422)")
+    p.add_argument("--max-tokens", type=int, default=limits.max_tokens, help="the largest max_tokens (then 422)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
+    p.add_argument("--no-mixed-batching", action="store_true", help="one adapter per batch (for comparison)")
+
+
 def _add_generation_flags(p) -> None:
     from .generation import SAMPLING_REPETITION_PENALTY, GenerationSettings
 
@@ -488,6 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per phase, the first one a warm-up")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: a base and many adapters, batched together")
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-bench", help="loopback load check of tunelab serve (base, 1 adapter, 4 mixed); JSON")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--requests", type=int, default=32, help="requests per scenario")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="each scenario keeps its best of this many rounds")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.set_defaults(func=cmd_serve_bench)
     return parser
 
 
