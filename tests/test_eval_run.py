@@ -125,7 +125,7 @@ def test_data_eval_writes_its_own_files_and_leaves_the_runs_alone(runs, tmp_path
 
 def test_rows_use_the_aggregates_exact_match_and_the_bar_shows_on_a_terminal(runs, tmp_path, monkeypatch):
     """A prediction that differs from its reference only in inner whitespace counts in its row as in the total."""
-    import tunelab.generation
+    import tunelab.eval.run
     from tunelab.config import load_config
     from tunelab.data.formats import Example
     from tunelab.eval.run import generation_eval
@@ -133,7 +133,7 @@ def test_rows_use_the_aggregates_exact_match_and_the_bar_shows_on_a_terminal(run
     answers = {"q1": "New   York", "q2": "Paris", "q3": "wrong"}
     asked = []
     monkeypatch.setattr(
-        tunelab.generation,
+        tunelab.eval.run,
         "generate_batch",
         lambda model, tok, prompts, settings, *batch: (
             asked.extend(prompts) or [answers[p[-1]["content"]] for p in prompts]

@@ -8,8 +8,11 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import apply_overrides, build_config
+from ..data.encode import resolve_chat_template
 from ..eval.metrics import exact_match
 from ..generation import GenerationSettings, generate_batch
+from ..io import atomic_write_json
+from ..models import load_causal_lm, load_tokenizer
 from .dates import write_dataset
 
 GREEDY = GenerationSettings.greedy(16)
@@ -35,8 +38,6 @@ def score_exact_match(model, tokenizer, rows: list[dict]) -> tuple[float, list[s
 def run_demo(out_dir: str = "runs", steps: int | None = None) -> dict:
     import tunelab
 
-    from ..models import load_causal_lm, load_tokenizer
-
     t_start = time.time()
     data_dir = Path(out_dir) / "demo-data"
     train_path, test_path = write_dataset(data_dir)
@@ -48,7 +49,6 @@ def run_demo(out_dir: str = "runs", steps: int | None = None) -> dict:
     base = load_causal_lm(cfg.model)
     base.eval()
     base.tunelab_config = cfg  # same system prompt as training
-    from ..data.encode import resolve_chat_template
 
     tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.data.chat_template)
     before, before_preds = score_exact_match(base, tokenizer, test_rows)
@@ -74,7 +74,6 @@ def run_demo(out_dir: str = "runs", steps: int | None = None) -> dict:
         "demo_wall_s": round(time.time() - t_start, 1),
         "run_dir": str(result.run_dir),
     }
-    from ..io import atomic_write_json
 
     atomic_write_json(Path(result.run_dir) / "demo.json", report)
     print(

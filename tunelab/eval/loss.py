@@ -10,12 +10,11 @@ import torch
 
 from ..data.collate import count_loss_tokens, pad_batch
 from ..losses import loss_sum
+from .metrics import classification_metrics
 
 
 def _classification_scores(model, y_true, y_pred, probs) -> dict:
     """Accuracy, macro/weighted P/R/F1, ROC AUC and the confusion matrix as eval_* entries."""
-    from .metrics import classification_metrics
-
     id2label = getattr(model.config, "id2label", None) or {}
     names = [str(id2label.get(i, i)) for i in range(probs.shape[1])]
     m = classification_metrics(y_true, y_pred, probs, names)

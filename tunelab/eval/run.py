@@ -16,11 +16,16 @@ import torch
 
 from ..config import apply_overrides, build_config, load_config
 from ..data import prepare_data
+from ..data.collate import pad_batch
+from ..data.formats import load_examples
 from ..device import peak_memory
 from ..errors import UserError
+from ..generation import GenerationSettings, generate_batch
 from ..io import atomic_write_json, atomic_write_jsonl
+from ..loading import is_run_dir, load
 from ..log import log
 from .loss import evaluate_loss
+from .metrics import exact_match, generation_metrics, latency_stats, rouge
 from .plots import plot_confusion_matrix, write_plots
 
 
@@ -67,8 +72,6 @@ def batched_answers(model, tokenizer, prompts: list, settings, batch_size: int, 
     greedy answers equal one-at-a-time ones (tested)."""
     from tqdm import tqdm
 
-    from ..generation import generate_batch
-
     order = sorted(range(len(prompts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
     answers: list = [None] * len(prompts)
     # on stderr, and only on a terminal: logs and piped output stay clean
@@ -94,9 +97,6 @@ def batched_answers(model, tokenizer, prompts: list, settings, batch_size: int, 
 def generation_eval(model, tokenizer, examples, cfg, predictions_path: Path | None, progress: bool = True) -> dict:
     """Greedy answers for each held-out conversation, scored against its last assistant turn; the
     per-example rows go to `predictions_path` when given."""
-    from ..generation import GenerationSettings, generate_batch
-    from .metrics import exact_match, generation_metrics, latency_stats, rouge
-
     items = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
     items = items[: cfg.eval.max_examples] if cfg.eval.max_examples else items
     if not items:
@@ -141,9 +141,6 @@ def generation_eval(model, tokenizer, examples, cfg, predictions_path: Path | No
 
 
 def _classification_latency(model, examples, pad_id) -> dict:
-    from ..data.collate import pad_batch
-    from .metrics import latency_stats
-
     seconds = []
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -161,8 +158,6 @@ def evaluate_run(
     """Evaluate and return the metrics. A single run also gets its files (see `output_names`): RUN/eval.json
     and predictions.jsonl for its validation split, RUN/eval-<stem>.json and predictions-<stem>.jsonl for
     `data`; `written` lists the paths. Scores are fractions in [0, 1] (`scale`)."""
-    from ..loading import is_run_dir, load
-
     targets = [t for t in str(run_or_model).split(",") if t]
     runs = [Path(t) for t in targets if is_run_dir(t)]
     if len(targets) > 1 and len(runs) != len(targets):
@@ -185,8 +180,6 @@ def evaluate_run(
     prepared = prepare_data(cfg, tokenizer)
     examples, raw = (prepared.train, None) if data else (prepared.val, prepared.val_examples)
     if data:
-        from ..data.formats import load_examples
-
         raw = load_examples(data, cfg.data.format, cfg.data.skip_invalid)[0]
     if not examples:
         raise UserError("the evaluation set is empty (the run has no validation split; pass --data FILE)")

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, did_you_mean
+from ..models import load_causal_lm, load_classifier, load_tokenizer
+from ..trust import check_adapter_folder
 
 
 class Method:
@@ -21,8 +23,6 @@ class Method:
 
     def load_base(self, cfg, device):
         """The base model this method trains on (fp32 master weights unless the method quantizes)."""
-        from ..models import load_causal_lm
-
         if cfg.task == "classification":
             return load_classification_base(cfg, device)
         return load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code, cfg.allow_pickle)
@@ -53,8 +53,6 @@ class Method:
 
 
 def load_classification_base(cfg, device, **kwargs):
-    from ..models import load_classifier, load_tokenizer
-
     if not cfg.data.labels:
         raise ValueError("classification needs cfg.data.labels (filled from the training data)")
     pad = load_tokenizer(cfg.model, cfg.trust_remote_code).pad_token_id
@@ -145,8 +143,6 @@ class PeftMethod(Method):
 
     def load(self, base_model, artifact_dir: Path, cfg):
         from peft import PeftModel
-
-        from ..trust import check_adapter_folder
 
         check_adapter_folder(artifact_dir, cfg.allow_pickle)  # peft itself would fall back to a pickle file
         return PeftModel.from_pretrained(base_model, artifact_dir, adapter_name=cfg.adapter_name, is_trainable=False)

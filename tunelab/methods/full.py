@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import load_causal_lm, load_classifier
 from ..sections import Section
 from .base import Method, classification_head
 
@@ -62,8 +63,6 @@ class FullMethod(Method):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def load(self, base_model, artifact_dir: Path, cfg):
-        from ..models import load_causal_lm, load_classifier
-
         if cfg.task == "classification":
             return load_classifier(
                 str(artifact_dir),

@@ -12,7 +12,9 @@ import torch
 from pydantic import Field, field_validator
 
 from ..device import cpu_has_native_bf16, dtype_of
+from ..errors import UserError
 from ..log import log
+from ..models import load_causal_lm
 from ..quant import use_generic_4bit_kernel
 from ..sections import Section, positive_values
 from .base import PeftMethod, load_classification_base, peft_task_type
@@ -137,14 +139,10 @@ class LoraMethod(PeftMethod):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            from ..errors import UserError
-
             raise UserError(
                 f"method '{cfg.method}' with quant.bits={bits} needs bitsandbytes: pip install 'bitsandbytes>=0.46.1'"
             ) from None
         from peft import prepare_model_for_kbit_training
-
-        from ..models import load_causal_lm
 
         quant = cfg.quant.model_copy(update={"bits": bits})
         if cfg.task == "classification":

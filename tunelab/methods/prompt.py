@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..models import resolve_model_path
 from ..sections import Section
 from .base import PeftMethod, peft_task_type
 
@@ -61,8 +62,6 @@ class PromptMethod(PeftMethod):
 
         kwargs = {}
         if cfg.prompt.init_text:
-            from ..models import resolve_model_path
-
             kwargs = {
                 "prompt_tuning_init": "TEXT",
                 "prompt_tuning_init_text": cfg.prompt.init_text,
