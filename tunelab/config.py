@@ -72,6 +72,11 @@ class TrainConfig(Section):
     group_by_length: bool = False  # without packing: batch examples of similar length (less padding)
     gradient_checkpointing: bool = False
     auto_batch_size: bool = False  # on out-of-memory, halve the micro-batch (more accumulation, same step)
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="over several processes: ddp keeps the whole model in each; fsdp shards parameters, gradients "
+        "and optimizer state (FSDP2), same numbers (`tunelab train --shard`)",
+    )
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
