@@ -38,7 +38,7 @@ def interrupted_copy(run_dir, dest, last_step):
     for name in ("summary.json", "eval.json"):
         (dest / name).unlink()
     shutil.rmtree(dest / "checkpoints" / f"step-{last_step}")
-    shutil.rmtree(dest / "adapter")
+    shutil.rmtree(dest / ("model" if (dest / "model").is_dir() else "adapter"))  # the method's artifact
     return dest
 
 

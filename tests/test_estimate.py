@@ -53,7 +53,6 @@ def test_parameter_counts_are_exact(method):
 )
 def test_predicted_peak_within_ten_percent_of_a_real_run(tmp_path, long_data, cell):
     from tunelab.estimate import estimate
-
     from tunelab.models import load_causal_lm, load_tokenizer
 
     # build the model and tokenizer caches first: a first build (GGUF conversion) in the measured process

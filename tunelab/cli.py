@@ -41,6 +41,8 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         return _relaunch(args.nproc)
     overrides = list(args.overrides)
+    if args.shard:  # after the config's own keys and the command line's: --shard wins
+        overrides.append("train.distributed=fsdp")
     if args.resume is not None and "=" in args.resume and not Path(args.resume).is_dir():
         overrides.insert(0, args.resume)  # `--resume key=value`: a bare --resume followed by an override
         args.resume = "latest"
@@ -466,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="data-parallel over N processes (torchrun; same as `accelerate launch -m tunelab train ...`)",
+    )
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the processes (FSDP): train.distributed=fsdp",
     )
     p.set_defaults(func=cmd_train)
 

@@ -94,6 +94,11 @@ class TrainConfig(Section):
     auto_batch_size: bool = Field(
         False, description="on out-of-memory, halve the micro-batch (more accumulation, the same step)"
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="over several processes: ddp keeps the whole model in each; fsdp shards parameters, gradients "
+        "and optimizer state (FSDP2), same numbers (`tunelab train --shard`)",
+    )
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl records")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations; unset: only at the end")
     save_every: int | None = Field(None, ge=1, description="steps between checkpoints (a final one is always written)")

@@ -17,6 +17,8 @@ from .data.encode import IGNORE_INDEX
 # model types whose logits are exactly lm_head(final hidden state): no soft-capping or scaling
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 CHUNK = 1024  # label positions per LM-head chunk
+# on an FSDP-sharded model: selected_loss_sum registered as a forward method, so the root's weights are gathered
+SHARDED_LOSS = "tunelab_selected_loss_sum"
 
 
 def _causal_lm(model):
@@ -89,9 +91,13 @@ def classification_loss_sum(model, batch) -> torch.Tensor:
 
 
 def loss_sum(model, batch, fast: bool = True) -> torch.Tensor:
-    """Summed loss of a batch: per answer token for LMs, per example for classification (1-D labels)."""
+    """Summed loss of a batch: per answer token for LMs, per example for classification (1-D labels).
+    A batch with `loss_weight` 0 is a filler pass (FSDP: ranks run as many passes); its loss counts zero."""
     if batch["labels"].dim() == 1:
-        return classification_loss_sum(model, batch)
-    if fast and supports_selected_loss(model):
-        return selected_loss_sum(model, batch)
-    return plain_loss_sum(model, batch)
+        total = classification_loss_sum(model, batch)
+    elif fast and supports_selected_loss(model):
+        sharded = getattr(model, SHARDED_LOSS, None)
+        total = sharded(batch) if sharded is not None else selected_loss_sum(model, batch)
+    else:
+        total = plain_loss_sum(model, batch)
+    return total * batch["loss_weight"] if "loss_weight" in batch else total

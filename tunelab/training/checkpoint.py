@@ -7,7 +7,9 @@ A checkpoint folder `checkpoints/step-N/` holds:
   rng.safetensors         torch RNG states; trainer_state.json: step, data position, python/numpy RNG,
                           scheduler state, early-stopping state
   COMPLETE                written last; a folder without it is ignored (a crash mid-write)
-It is written to a temporary folder, fsynced, then renamed into place.
+It is written to a temporary folder, fsynced, then renamed into place. A sharded (FSDP) run writes
+the same files: its tensors are gathered whole onto rank 0 first (sharding.py), so checkpoints move
+freely between sharded and unsharded runs and process counts.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..io import atomic_write_json, fsync_dir, read_json_object, read_safetensors
+from . import sharding
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable tensors on the CPU. Sharded: gathered whole on rank 0 ({} elsewhere; all ranks call)."""
+    if sharding.is_sharded(model):
+        return sharding.full_trainable_state(model)
     return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -41,13 +47,20 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
         raise UserError(
             f"checkpoint does not match the model: {len(missing)} trainable tensors missing, e.g. {missing[0]}"
         )
+    if sharding.is_sharded(model):
+        sharding.load_full_trainable_state(model, state)
+        return
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
-def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
-    sd = optimizer.state_dict()
+def _optimizer_state(optimizer, model) -> dict:
+    """optimizer.state_dict(); sharded: gathered whole on rank 0 ({} elsewhere; all ranks call)."""
+    return sharding.full_optimizer_state(model, optimizer) if sharding.is_sharded(model) else optimizer.state_dict()
+
+
+def _optimizer_to_files(sd: dict) -> tuple[dict, dict]:
     tensors, scalars = {}, {}
     for idx, pstate in sd["state"].items():
         for key, value in pstate.items():
@@ -108,16 +121,24 @@ def save_checkpoint(
     trainer_state: dict,
     save_total_limit: int | None = None,
     best_weights: dict | None = None,
-) -> Path:
-    """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit, except the best step's."""
+    write: bool = True,
+) -> Path | None:
+    """Write checkpoints/step-N atomically; prune the oldest beyond save_total_limit, except the best step's. Sharded, every
+    rank calls it (the tensors are gathered together) and only the one with `write` writes."""
+    if not write and not sharding.is_sharded(model):
+        return None
+    weights = trainable_state(model)
+    opt_state = _optimizer_state(optimizer, model)
+    if not write:
+        return None
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step}."))
     try:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        save_file(weights, tmp / "trainable.safetensors")
         if best_weights is not None:  # the best evaluated step's weights survive a resume
             save_file(best_weights, tmp / "best.safetensors")
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        opt_tensors, opt_meta = _optimizer_to_files(opt_state)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "optimizer.json", opt_meta)
         rng_tensors, rng_meta = _rng_state()
@@ -192,9 +213,11 @@ def load_best_weights(ckpt: Path) -> dict | None:
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG state; returns the trainer state."""
     load_trainable_state(model, _load_safetensors(ckpt / "trainable.safetensors"))
-    optimizer.load_state_dict(
-        _optimizer_from_files(_load_safetensors(ckpt / "optimizer.safetensors"), _load_json(ckpt / "optimizer.json"))
-    )
+    opt = _optimizer_from_files(_load_safetensors(ckpt / "optimizer.safetensors"), _load_json(ckpt / "optimizer.json"))
+    if sharding.is_sharded(model):
+        sharding.load_full_optimizer_state(model, optimizer, opt)
+    else:
+        optimizer.load_state_dict(opt)
     state = _load_json(ckpt / "trainer_state.json")
     sched = scheduler.state_dict()
     sched.update(state.pop("scheduler"))

@@ -5,7 +5,8 @@ after the step's backward passes one all-reduce sums the trainable gradients (DD
 during accumulation does the same, bucket by bucket). Each process scales its loss by the loss-token
 count of the whole global step, so the summed gradient equals the single-process one: the same run
 gives the same numbers on 1 or N processes, and a checkpoint resumes under any process count.
-Only rank 0 writes files.
+Only rank 0 writes files. With `train.distributed: fsdp` the model is sharded instead (sharding.py):
+FSDP reduces the gradients itself, and sum_gradients does nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"  # train.distributed: "ddp" (whole model per process) or "fsdp" (sharded)
+    owns_group: bool = False  # this run started the process group (else a caller did: it stays up)
 
     @property
     def is_main(self) -> bool:
@@ -33,19 +36,25 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world > 1
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP over several processes (one process with `fsdp` trains unsharded, as one process does)."""
+        return self.enabled and self.strategy == "fsdp"
+
     @classmethod
-    def from_env(cls) -> Distributed:
+    def from_env(cls, strategy: str = "ddp") -> Distributed:
         """Join the process group a launcher described in the environment (WORLD_SIZE > 1), else single."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return cls()
-        if not dist.is_initialized():
+            return cls(strategy=strategy)
+        owns = not dist.is_initialized()
+        if owns:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        return cls(dist.get_rank(), dist.get_world_size(), local)
+        return cls(dist.get_rank(), dist.get_world_size(), local, strategy, owns)
 
     def device(self, default: torch.device) -> torch.device:
         return torch.device("cuda", self.local_rank) if default.type == "cuda" and self.enabled else default
@@ -56,7 +65,7 @@ class Distributed:
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """One all-reduce (sum) over all trainable gradients; a parameter without a gradient counts as zero."""
-        if not self.enabled:
+        if not self.enabled or self.sharded:  # FSDP has reduce-scattered them already
             return
         for p in params:
             if p.grad is None:
@@ -72,6 +81,13 @@ class Distributed:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, *values: float) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
     def any(self, flag: bool) -> bool:
@@ -100,5 +116,5 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self.enabled and self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

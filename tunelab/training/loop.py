@@ -50,6 +50,7 @@ from .optim import build_optimizer, build_scheduler, param_groups
 from .resolve import resolve_run_config, resumed_grad_accum
 from .resume import rebase_schedule, record_resume, resume_changes
 from .run_dir import FAILURE_FILE, MetricsLog, check_out_dir, create_run_dir, save_artifact
+from .sharding import check_shardable, even_micro_batches, prepare_model, state_bytes_per_rank, unsharded_model
 from .signals import Interrupted, stop_on_signals
 from .watchdog import Watchdog
 
@@ -77,12 +78,13 @@ class Trainer:
         self, cfg: Config, resume_dir: Path | None = None, progress: bool = True, resume_changes: dict | None = None
     ):
         self.progress = progress
-        self.dist = Distributed.from_env()
+        self.dist = Distributed.from_env(cfg.train.distributed)
         self.lock = None
         self.run_dir = None
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.device = self.dist.device(pick_device())
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        check_shardable(cfg, self.precision)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -133,6 +135,7 @@ class Trainer:
         self.model.train()
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+        self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
 
         # 4. optimizer and schedule
         self.groups = param_groups(self.model, cfg, self.method)
@@ -230,6 +233,11 @@ class Trainer:
         batches = step_batches(
             examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout
         )
+        if self.dist.sharded:  # FSDP: as many forward/backward passes on every rank; a filler counts zero
+            filler = batches[:1] or step_batches(
+                [self.data.train[window[0]]], 1, self.pad_id, t.packing, self.cfg.data.max_length, self.layout
+            )
+            batches = even_micro_batches(batches, filler[0], self.dist)
         total = 0.0
         for batch in batches:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -293,7 +301,7 @@ class Trainer:
     def checkpoint(self) -> None:
         self.state["train_time"] = self.train_time
         self.saved_step = self.state["step"]
-        if self.dist.is_main:  # every rank holds the same weights and optimizer state
+        if self.dist.is_main or self.dist.sharded:  # rank 0 writes; sharded, every rank gathers its part first
             save_checkpoint(
                 self.run_dir / "checkpoints",
                 self.state["step"],
@@ -303,6 +311,7 @@ class Trainer:
                 self.state,
                 self.cfg.train.save_total_limit,
                 self.best_weights,
+                write=self.dist.is_main,
             )
         self.dist.barrier()
 
@@ -439,6 +448,9 @@ class Trainer:
         step = self.state["step"]
         if self.saved_step != step:
             self.checkpoint()
+        state_bytes = state_bytes_per_rank(self.model, self.optimizer, self.dist)
+        if self.dist.sharded:  # rank 0 evaluates and saves an unsharded copy, as one process would
+            self.model = unsharded_model(self.model, self.method, cfg, self.device, self.total_steps, self.dist)
         if not self.dist.is_main:
             return TrainResult(self.run_dir, {})
         # the final artifact is the best evaluated state when periodic eval ran
@@ -473,6 +485,7 @@ class Trainer:
             "peak_mem_bytes": peak,
             "peak_mem_kind": kind,
             **self.base_footprint,
+            **state_bytes,
             "final_train_loss": self.state["last_loss"],
             "eval": final_eval,
             "device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(),

@@ -25,6 +25,7 @@ RESUMABLE = {
     "train.precision": "from the next step",
     "train.packing": "exact either way: the same examples, the same numbers",
     "train.gradient_checkpointing": "the same numbers, less memory",
+    "train.distributed": "ddp or fsdp: checkpoints are whole tensors either way, the same numbers",
     "train.auto_batch_size": "",
     "train.log_every": "",
     "train.eval_every": "",
