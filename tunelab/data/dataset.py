@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from .classification import encode_classification, label_names
 from .encode import EncodeStats, encode_examples, resolve_chat_template
-from .formats import load_examples
+from .formats import PREFERENCE_FORMATS, load_examples
+from .preference import encode_pairs
 
 
 @dataclass
@@ -56,6 +57,15 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     if not d.train:
         raise ConfigError("data.train is not set: give a JSONL/JSON/CSV file (data.train=path/to/file.jsonl)")
     train_examples, fmt, skipped = load_examples(d.train, d.format, d.skip_invalid)
+    if (fmt in PREFERENCE_FORMATS) != (cfg.task == "preference"):
+        raise ConfigError(
+            f"{d.train}: {fmt} data does not fit task: {cfg.task} "
+            + (
+                "(chosen/rejected pairs need task: preference)"
+                if fmt in PREFERENCE_FORMATS
+                else "(task: preference needs prompt/chosen/rejected or conversations/chosen/rejected records)"
+            )
+        )
     if (fmt == "classification") != (cfg.task == "classification"):
         raise ConfigError(
             f"{d.train}: {fmt} data does not fit task: {cfg.task} "
@@ -78,12 +88,18 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         val, val_stats = encode_classification(val_examples, tokenizer, d.max_length, labels, d.eval or d.train)
         return PreparedData(train, val, fmt, "", train_stats, val_stats, skipped, val_examples, labels)
     template = resolve_chat_template(tokenizer, d.chat_template)
-    train, train_stats = encode_examples(
-        train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train
-    )
-    val, val_stats = encode_examples(
-        val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train
-    )
+    if cfg.task == "preference":
+        train, train_stats = encode_pairs(train_examples, tokenizer, template, d.max_length, d.system_prompt, d.train)
+        val, val_stats = encode_pairs(
+            val_examples, tokenizer, template, d.max_length, d.system_prompt, d.eval or d.train
+        )
+    else:
+        train, train_stats = encode_examples(
+            train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train
+        )
+        val, val_stats = encode_examples(
+            val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train
+        )
     if not train:
         raise ConfigError(
             f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length"

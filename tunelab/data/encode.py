@@ -57,11 +57,14 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
     return [{"role": "system", "content": system_prompt}] + messages
 
 
-def _completion_spans(tokenizer, template: str, messages: list[dict], full: str, where) -> list[tuple[int, int]]:
-    """Character spans of each assistant turn (content + end-of-turn marker) in the rendered text."""
+def _completion_spans(
+    tokenizer, template: str, messages: list[dict], full: str, where, first: int = 0
+) -> list[tuple[int, int]]:
+    """Character spans of each assistant turn from message `first` on (content + end-of-turn marker) in the
+    rendered text."""
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
         upto = render(tokenizer, template, messages[: i + 1])
@@ -84,18 +87,21 @@ def encode_example(
     loss_on: str = "completion",
     system_prompt: str | None = None,
     where=("<data>", None),
+    supervise_from: int = 0,
 ) -> tuple[dict, bool]:
-    """Tokenize one example. Returns ({input_ids, labels}, truncated)."""
+    """Tokenize one example. Returns ({input_ids, labels}, truncated). With `supervise_from`, only the
+    assistant turns from that message on are learned (a preference pair's answer after its prompt)."""
     eos = end_token_id(tokenizer)
     if example.messages is not None:
         messages = with_system_prompt(example.messages, system_prompt)
+        first = supervise_from + len(messages) - len(example.messages)  # a system prompt added in front
         full = render(tokenizer, template, messages)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         if loss_on == "all":
             labels = list(ids)
         else:
-            spans = _completion_spans(tokenizer, template, messages, full, where)
+            spans = _completion_spans(tokenizer, template, messages, full, where, first)
             # overlap, not start: a token straddling the span start (e.g. " the" after a prompt
             # ending in a space) carries the answer's first word and must be learned
             labels = [

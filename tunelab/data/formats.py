@@ -8,6 +8,8 @@ Formats (auto-detected from the first record's fields):
   sharegpt      conversations: [{from, value}, ...]
   text          text (plain language modelling)
   classification text, label
+  preference    prompt, chosen, rejected (+ optional system): answer pairs (tunelab.data.preference)
+  sharegpt_preference  conversations + chosen/rejected turns (LLaMA-Factory's preference layout)
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from ..errors import DataError, did_you_mean
 
-FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification")
+PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
+FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification", *PREFERENCE_FORMATS)
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_JSON_DEPTH = 64  # deeper nesting than any real record; guards the parser's recursion
@@ -213,6 +216,11 @@ def read_records(path: str | Path, problems: list | None = None) -> list[Record]
 
 
 def _format_of(keys: set) -> str | None:
+    if "chosen" in keys and "rejected" in keys:
+        if "conversations" in keys:
+            return "sharegpt_preference"
+        if "prompt" in keys:
+            return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -240,7 +248,8 @@ def detect_format(records: list[Record], path) -> str:
         path,
         record.line,
         f"cannot detect the data format from fields {sorted(keys)}; expected one of: "
-        "instruction/output (alpaca), input/target, messages, conversations (sharegpt), text, text/label",
+        "instruction/output (alpaca), input/target, messages, conversations (sharegpt), text, text/label, "
+        "prompt/chosen/rejected (preference), conversations/chosen/rejected (sharegpt_preference)",
     )
 
 
@@ -259,7 +268,9 @@ def _string(record: Record, key: str, path, required=True, allow_empty=False) ->
     return value
 
 
-def _turns(record: Record, key: str, path, role_key: str, content_key: str, role_map: dict) -> list[dict]:
+def _turns(
+    record: Record, key: str, path, role_key: str, content_key: str, role_map: dict, need_assistant: bool = True
+) -> list[dict]:
     turns = record.data.get(key)
     if not isinstance(turns, list) or not turns:
         raise DataError(path, record.line, "expected a non-empty list of turns", field=key)
@@ -280,7 +291,7 @@ def _turns(record: Record, key: str, path, role_key: str, content_key: str, role
         if not isinstance(content, str):
             raise DataError(path, record.line, "missing or not a string", field=f"{where}.{content_key}")
         messages.append({"role": role_map[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, record.line, "no assistant turn to learn from", field=key)
     return messages
 
@@ -288,6 +299,10 @@ def _turns(record: Record, key: str, path, role_key: str, content_key: str, role
 def to_example(record: Record, fmt: str, path) -> Example:
     """Normalise one record of a known format; raises DataError naming the field."""
     d = record.data
+    if fmt in PREFERENCE_FORMATS:
+        from .preference import to_pair  # preference.py builds on this module
+
+        return to_pair(record, fmt, path)
     if fmt == "alpaca":
         instruction = _string(record, "instruction", path)
         extra = _string(record, "input", path, required=False)
