@@ -228,3 +228,21 @@ def test_precomputed_reference_and_frozen_copy_match_the_adapter_switched_off(tm
     cfg["data"]["val_fraction"] = 0.0
     full = tunelab.train(cfg, progress=False)
     assert _metrics(full.run_dir)[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_hints_read_the_reward_curves():
+    from tunelab.training.hints import curve_hints
+
+    def run(accuracy, margin, fall=0.5):
+        return [
+            {"step": i + 1, "loss": 0.5, "reward_accuracy": a, "rewards_margin": m, "logps_chosen": -20 - fall * i}
+            for i, (a, m) in enumerate(zip(accuracy, margin))
+        ]
+
+    exploding = " ".join(curve_hints(run([0.7] * 20, [0.2 * 1.3**i for i in range(20)])))
+    assert "reward margins grew" in exploding and "over-optimisation" in exploding
+    assert "log-probability fell" in exploding  # -20 -> -29.5
+    assert "near chance" in " ".join(curve_hints(run([0.5] * 20, [0.01] * 20, fall=0.0)))
+    healthy = run([0.5 + 0.025 * i for i in range(20)], [0.1 * i for i in range(20)], fall=0.0)
+    assert not [h for h in curve_hints(healthy) if "reward" in h or "log-prob" in h]
+    assert curve_hints([{"step": 1, "loss": 1.0}]) == []  # not a preference run

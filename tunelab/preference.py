@@ -13,11 +13,13 @@ Rewards: beta x log-ratio (DPO, IPO), lambda x mean log-prob (ORPO), as TRL logs
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .attention import varlen_attention
 from .data.encode import IGNORE_INDEX
 from .losses import label_logps
 
@@ -98,3 +100,67 @@ def step_loss_sum(terms: PairTerms, step_pairs: int, step_chosen_tokens: int) ->
     if terms.nll_sum is not None:
         total = total + terms.nll_sum * (step_pairs / max(step_chosen_tokens, 1))
     return total
+
+
+class Reference:
+    """Where a batch's reference log-probs come from: precomputed in the batch (`ref_logps`), else a frozen
+    `model`, else the policy with its adapter switched off (no second copy of the weights)."""
+
+    def __init__(self, policy, model=None):
+        self.policy, self.model = policy, model
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        if self.model is None:
+            with self.policy.disable_adapter():
+                return sequence_logps(self.policy, batch)[0]
+        with varlen_attention(self.model, "cu_seq_lens_q" in batch):
+            return sequence_logps(self.model, batch)[0]
+
+
+def batch_terms(model, batch: dict, objective: str, options, reference: Reference | None) -> PairTerms:
+    """The objective's terms for one micro-batch of pairs (reference: for DPO/IPO)."""
+    logps, tokens = sequence_logps(model, batch)
+    ref = reference(batch) if objective in REFERENCE_OBJECTIVES else None
+    return pair_terms(objective, options, logps, tokens, ref)
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model,
+    pairs: list[dict],
+    objective: str,
+    options,
+    reference=None,
+    batch_size=8,
+    pad_id=0,
+    device=None,
+    autocast=None,
+) -> dict:
+    """eval_loss (the objective over all the pairs: mean pair term, + ORPO's NLL per chosen token) and the reward
+    metrics as eval_*; empty when there are no pairs."""
+    from .data.preference import pair_batches
+
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    sums = dict.fromkeys(METRICS, 0.0)
+    pair_loss = nll = 0.0
+    chosen_tokens = 0
+    for batch in pair_batches(pairs, batch_size, pad_id):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast or contextlib.nullcontext():
+            terms = batch_terms(model, batch, objective, options, reference)
+        pair_loss += float(terms.pair_losses.sum())
+        nll += float(terms.nll_sum) if terms.nll_sum is not None else 0.0
+        chosen_tokens += terms.chosen_tokens
+        for key, value in terms.metric_sums().items():
+            sums[key] += value
+    model.train(was_training)
+    n = len(pairs)
+    loss = pair_loss / n + (nll / max(chosen_tokens, 1) if objective == "orpo" else 0.0)
+    return {"eval_loss": loss, **{f"eval_{k}": v / n for k, v in sums.items()}, "eval_pairs": n}

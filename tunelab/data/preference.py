@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..errors import DataError
+from .collate import pack_rows, packed_batch, pad_batch, varlen_batch
 from .encode import IGNORE_INDEX, EncodeStats, encode_example
 from .formats import _SHAREGPT_ROLES, ROLES, Example, Record, _string, _turns
 
@@ -109,3 +112,47 @@ def encode_pairs(
 def pair_length(pair: dict) -> int:
     """Tokens of both sequences of an encoded pair (what one pair costs a step)."""
     return sum(len(pair[k]["input_ids"]) for k in ANSWERS)
+
+
+def pair_batches(
+    pairs: list[dict], batch_size: int, pad_id: int, packing: bool = False, capacity: int = 512, layout=None
+) -> list[dict]:
+    """Micro-batches of `batch_size` pairs (packed: rows), each holding its pairs' sequences in the order
+    chosen, rejected, chosen, ... with `seq_ids` (every token's sequence, -1 for padding), `n_seqs` and, where
+    the pairs carry them, precomputed `ref_logps`. Packed, a pair's two sequences share a row (rows of up to
+    2 x capacity tokens: a pair is two examples of up to `capacity`)."""
+    if packing:
+        rows = pack_rows([pair_length(p) for p in pairs], 2 * capacity)
+        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    else:
+        order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
+        groups = [[[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches = []
+    for group in groups:
+        members = [i for row in group for i in row]
+        seqs = [pairs[i][key] for i in members for key in ANSWERS]
+        lengths = [len(s["input_ids"]) for s in seqs]
+        if not packing:
+            batch = pad_batch(seqs, pad_id)
+            seq_ids = torch.arange(len(seqs))[:, None].expand_as(batch["labels"]).clone()
+        elif layout in ("varlen", "flash"):
+            batch = varlen_batch(seqs)
+            seq_ids = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths))[None]
+        else:
+            seq_rows, start = [], 0
+            for row in group:
+                seq_rows.append(list(range(start, start + 2 * len(row))))
+                start += 2 * len(row)
+            batch = packed_batch(seqs, seq_rows, pad_id, layout)
+            seq_ids = torch.full_like(batch["labels"], -1)
+            for r, row in enumerate(seq_rows):
+                at = 0
+                for s in row:
+                    seq_ids[r, at : at + lengths[s]] = s
+                    at += lengths[s]
+        batch["seq_ids"] = seq_ids
+        batch["n_seqs"] = len(seqs)
+        if "ref_logps" in pairs[members[0]]:
+            batch["ref_logps"] = torch.tensor([v for i in members for v in pairs[i]["ref_logps"]])
+        batches.append(batch)
+    return batches

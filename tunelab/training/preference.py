@@ -15,60 +15,22 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import varlen_attention
-from ..data.collate import pack_rows, packed_batch, pad_batch, varlen_batch
-from ..data.preference import ANSWERS, pair_length
+from ..data.preference import pair_batches, pair_length
 from ..errors import UserError
 from ..io import atomic_write_bytes, read_safetensors
 from ..log import log
-from ..preference import METRICS, REFERENCE_OBJECTIVES, pair_terms, sequence_logps, step_loss_sum
+from ..preference import (
+    METRICS,
+    REFERENCE_OBJECTIVES,
+    Reference,
+    batch_terms,
+    evaluate_pairs,
+    sequence_logps,
+    step_loss_sum,
+)
 from .loop import Trainer
 
 REFERENCE_FILE = "reference_logps.safetensors"
-
-
-def pair_batches(
-    pairs: list[dict], batch_size: int, pad_id: int, packing: bool = False, capacity: int = 512, layout=None
-) -> list[dict]:
-    """Micro-batches of `batch_size` pairs (packed: rows), each holding its pairs' sequences in the order
-    chosen, rejected, chosen, ... with `seq_ids` (every token's sequence, -1 for padding), `n_seqs` and, where
-    the pairs carry them, precomputed `ref_logps`. Packed, a pair's two sequences share a row (rows of up to
-    2 x capacity tokens: a pair is two examples of up to `capacity`)."""
-    if packing:
-        rows = pack_rows([pair_length(p) for p in pairs], 2 * capacity)
-        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    else:
-        order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-        groups = [[[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
-    batches = []
-    for group in groups:
-        members = [i for row in group for i in row]
-        seqs = [pairs[i][key] for i in members for key in ANSWERS]
-        lengths = [len(s["input_ids"]) for s in seqs]
-        if not packing:
-            batch = pad_batch(seqs, pad_id)
-            seq_ids = torch.arange(len(seqs))[:, None].expand_as(batch["labels"]).clone()
-        elif layout in ("varlen", "flash"):
-            batch = varlen_batch(seqs)
-            seq_ids = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths))[None]
-        else:
-            seq_rows, start = [], 0
-            for row in group:
-                seq_rows.append(list(range(start, start + 2 * len(row))))
-                start += 2 * len(row)
-            batch = packed_batch(seqs, seq_rows, pad_id, layout)
-            seq_ids = torch.full_like(batch["labels"], -1)
-            for r, row in enumerate(seq_rows):
-                at = 0
-                for s in row:
-                    seq_ids[r, at : at + lengths[s]] = s
-                    at += lengths[s]
-        batch["seq_ids"] = seq_ids
-        batch["n_seqs"] = len(seqs)
-        if "ref_logps" in pairs[members[0]]:
-            batch["ref_logps"] = torch.tensor([v for i in members for v in pairs[i]["ref_logps"]])
-        batches.append(batch)
-    return batches
 
 
 def adapter_starts_as_identity(model, cfg, method) -> bool:
@@ -88,17 +50,20 @@ class PreferenceTrainer(Trainer):
         cfg = self.cfg
         self.objective = cfg.train.objective
         self.options = cfg.preference
-        self.reference = None  # a separate frozen model; None: the adapter switched off, or precomputed / ORPO
+        self.reference = None  # ORPO has none
         self._sums: dict[str, float] = {}
         if self.objective not in REFERENCE_OBJECTIVES:
             return
         if cfg.train.precompute_ref:
-            self._precomputed_reference(resume_dir is not None)
+            self._precomputed_reference(resume_dir is not None)  # the pairs carry them: any Reference reads them
+            self.reference = Reference(self.model)
         elif adapter_starts_as_identity(self.model, cfg, self.method):
             log("reference model: the base with the adapter switched off")
+            self.reference = Reference(self.model)
         else:
             # the base as loaded is the initial policy (full/freeze before training, PiSSA's base + adapter)
-            self.reference = self.method.load_base(cfg, self.device).eval().requires_grad_(False)
+            frozen = self.method.load_base(cfg, self.device).eval().requires_grad_(False)
+            self.reference = Reference(self.model, frozen)
             log("reference model: a frozen copy of the base (train.precompute_ref: true avoids it)")
 
     # --- the reference ------------------------------------------------------------------------
@@ -141,16 +106,6 @@ class PreferenceTrainer(Trainer):
         self.model.train(was_training)
         return out
 
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
-        if "ref_logps" in batch:
-            return batch["ref_logps"]
-        with torch.no_grad():
-            if self.reference is None:
-                with self.model.disable_adapter():
-                    return sequence_logps(self.model, batch)[0]
-            with varlen_attention(self.reference, "cu_seq_lens_q" in batch):
-                return sequence_logps(self.reference, batch)[0]
-
     # --- the loop's hooks ---------------------------------------------------------------------
     def example_lengths(self, examples: list[dict]) -> list[int]:
         return [pair_length(p) for p in examples]
@@ -167,13 +122,8 @@ class PreferenceTrainer(Trainer):
         t = self.cfg.train
         return pair_batches(examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout)
 
-    def pair_terms_of(self, batch: dict):
-        logps, tokens = sequence_logps(self.model, batch)
-        ref = self._reference_logps(batch) if self.objective in REFERENCE_OBJECTIVES else None
-        return pair_terms(self.objective, self.options, logps, tokens, ref)
-
     def batch_loss(self, batch: dict) -> torch.Tensor:
-        terms = self.pair_terms_of(batch)
+        terms = batch_terms(self.model, batch, self.objective, self.options, self.reference)
         for key, value in terms.metric_sums().items():
             self._sums[key] += value
         return step_loss_sum(terms, self._step_pairs, self._step_chosen_tokens)
@@ -185,25 +135,38 @@ class PreferenceTrainer(Trainer):
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """eval_loss (the objective over every validation pair) and the reward metrics as eval_*."""
-        if not self.data.val:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        sums = dict.fromkeys(METRICS, 0.0)
-        pair_loss = nll = 0.0
-        chosen_tokens = 0
-        for batch in pair_batches(self.data.val, self.cfg.train.batch_size, self.pad_id):
-            with self.autocast():
-                terms = self.pair_terms_of(self._to_device(batch))
-            pair_loss += float(terms.pair_losses.sum())
-            nll += float(terms.nll_sum) if terms.nll_sum is not None else 0.0
-            chosen_tokens += terms.chosen_tokens
-            for key, value in terms.metric_sums().items():
-                sums[key] += value
-        self.model.train(was_training)
-        n = len(self.data.val)
-        loss = pair_loss / n + (nll / chosen_tokens if self.objective == "orpo" else 0.0)
-        return {"eval_loss": loss, **{f"eval_{k}": v / n for k, v in sums.items()}, "eval_pairs": n}
+        return evaluate_pairs(
+            self.model,
+            self.data.val,
+            self.objective,
+            self.options,
+            self.reference,
+            self.cfg.train.batch_size,
+            self.pad_id,
+            self.device,
+            self.autocast(),
+        )
+
+
+def eval_reference(model, cfg, run_dir, pairs: list[dict], own_split: bool) -> Reference | None:
+    """The reference for `tunelab eval` of a trained preference model: the run's cached log-probs (its own
+    validation split), the adapter switched off, or a fresh copy of the base."""
+    from ..methods import get_method
+    from ..models import load_causal_lm
+
+    if cfg.train.objective not in (*REFERENCE_OBJECTIVES, None):
+        return None
+    path = run_dir / REFERENCE_FILE if run_dir is not None else None
+    if own_split and cfg.train.precompute_ref and path is not None and path.exists():
+        cached = read_safetensors(path)["val"]
+        if cached.shape == (len(pairs), 2):
+            for pair, values in zip(pairs, cached.tolist()):
+                pair["ref_logps"] = tuple(values)
+            return Reference(model)
+    if adapter_starts_as_identity(model, cfg, get_method(cfg.method)):
+        return Reference(model)
+    device = next(model.parameters()).device
+    base = load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code, cfg.allow_pickle)
+    return Reference(model, base.eval().requires_grad_(False))
