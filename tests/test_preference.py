@@ -11,7 +11,7 @@ import torch
 
 from tunelab.config import build_config
 from tunelab.data.formats import load_examples
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, UserError
 
 
 def test_preference_layouts_are_detected_and_normalised(write_jsonl):
@@ -222,8 +222,14 @@ def test_precomputed_reference_and_frozen_copy_match_the_adapter_switched_off(tm
     assert losses["pre"] == pytest.approx(losses["off"], rel=1e-5)
     from safetensors.torch import load_file
 
-    cached = load_file(runs["pre"].run_dir / "reference_logps.safetensors")
+    cache = runs["pre"].run_dir / "reference_logps.safetensors"
+    cached = load_file(cache)
     assert cached["train"].shape == (36, 2) and cached["val"].shape == (12, 2)
+    resumed = tunelab.train(None, ["train.max_steps=4"], resume=runs["pre"].run_dir, progress=False)
+    assert resumed.summary["steps"] == 4  # the resumed run reads the cache: the model is no longer the initial one
+    cache.unlink()
+    with pytest.raises(UserError, match="reference log-probs cannot be recomputed"):
+        tunelab.train(None, ["train.max_steps=5"], resume=runs["pre"].run_dir, progress=False)
     cfg = _pref_config(tmp_path, write_jsonl, max_steps=1, lr=1e-4) | {"run_name": "full", "method": "full"}
     cfg["data"]["val_fraction"] = 0.0
     full = tunelab.train(cfg, progress=False)
