@@ -3,10 +3,10 @@
 The task is the dates demo's (free-form dates -> the ISO date and nothing else), learned in two stages:
 a short LoRA SFT run (merged into the base: the SFT model), then DPO with LoRA on pairs whose chosen
 answer is the bare ISO date and whose rejected one is a typical slip of a chatty model (a sentence
-around the date, chatter after it, day and month swapped, DD/MM/YYYY). The DPO reference is the SFT
+around the date, chatter after it, DD/MM/YYYY). The DPO reference is the SFT
 model itself (the adapter switched off). Held-out, before and after DPO: format accuracy (the answer is
 exactly one YYYY-MM-DD date), exact match, and the preference win rate (the model gives the chosen answer
-a higher log-probability than the rejected one).
+a higher log-probability per token than the rejected one).
 """
 
 from __future__ import annotations
@@ -32,14 +32,11 @@ ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 def _slips(d: dt.date) -> list[str]:
     """What a chatty or careless model answers instead of the bare date."""
     iso = d.isoformat()
-    slips = [
+    return [
         f"The date in ISO 8601 format is {iso}.",
         f"{iso}\n\nThis date is a {WEEKDAYS[d.weekday()]}.",
         f"{d.day:02d}/{d.month:02d}/{d.year}",
     ]
-    if d.day != d.month:
-        slips.append(f"{d.year}-{d.day:02d}-{d.month:02d}")
-    return slips
 
 
 def make_pairs(rows: list[dict], seed: int) -> list[dict]:
@@ -79,7 +76,8 @@ def demo_configs(paths: dict, out_dir: str, sft_model: Path, dpo_steps: int | No
 
 @torch.no_grad()
 def win_rate(model, tokenizer, cfg, pairs_path: Path) -> float:
-    """Share of held-out pairs whose chosen answer the model finds more likely than the rejected one."""
+    """Share of held-out pairs whose chosen answer the model finds more likely, per token, than the rejected one
+    (per token: a summed log-prob favours the shorter answer whatever the model prefers)."""
     from ..data.dataset import prepare_data
     from ..data.preference import pair_batches
     from ..preference import sequence_logps
@@ -91,8 +89,9 @@ def win_rate(model, tokenizer, cfg, pairs_path: Path) -> float:
     wins = 0
     device = next(model.parameters()).device
     for batch in pair_batches(pairs, 16, tokenizer.pad_token_id):
-        logps, _ = sequence_logps(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        wins += int((logps[0::2] > logps[1::2]).sum())
+        logps, tokens = sequence_logps(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        mean = logps / tokens
+        wins += int((mean[0::2] > mean[1::2]).sum())
     return wins / len(pairs)
 
 

@@ -47,7 +47,7 @@ def preference_hints(records: list[dict]) -> list[str]:
     """Hints from the reward curves of a preference run (DPO/IPO/ORPO); empty for other runs."""
     accuracy, margin = _series(records, "reward_accuracy"), _series(records, "rewards_margin")
     chosen = _series(records, "logps_chosen")
-    if len(accuracy) < 10 or len(margin) != len(accuracy):
+    if len(accuracy) < 6 or len(margin) != len(accuracy):
         return []
     n = max(3, len(accuracy) // 5)
     hints = []
