@@ -311,6 +311,11 @@ def cmd_demo(args) -> int:
 
         run_triage_benchmark(args.out_dir)
         return 0
+    if args.task == "preference":
+        from .demo.preference import run_preference_demo
+
+        run_preference_demo(out_dir=args.out_dir, steps=args.steps)
+        return 0
     from .demo.run import run_demo
 
     run_demo(out_dir=args.out_dir, steps=args.steps)
@@ -573,9 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument(
         "--task",
-        choices=["dates", "triage"],
+        choices=["dates", "triage", "preference"],
         default="dates",
-        help="dates: LoRA on smollm2 (causal LM); triage: LoRA q/v classification on minilm-l6",
+        help="dates: LoRA on smollm2 (causal LM); triage: LoRA q/v classification on minilm-l6; preference: DPO "
+        "on smollm2 from a small SFT adapter",
     )
     p.set_defaults(func=cmd_demo)
 

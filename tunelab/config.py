@@ -31,8 +31,20 @@ class DataConfig(Section):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of the training data held out for evaluation when data.eval is unset"
     )
-    format: Literal["auto", "alpaca", "input_target", "messages", "sharegpt", "text", "classification"] = Field(
-        "auto", description="record layout; auto detects it from the first records"
+    format: Literal[
+        "auto",
+        "alpaca",
+        "input_target",
+        "messages",
+        "sharegpt",
+        "text",
+        "classification",
+        "preference",
+        "sharegpt_preference",
+    ] = Field(
+        "auto",
+        description="record layout; auto detects it from the first records (preference: prompt/chosen/rejected; "
+        "sharegpt_preference: conversations + chosen/rejected, as LLaMA-Factory)",
     )
     max_length: int = Field(512, ge=8, description="tokens per example; longer prompts lose their middle")
     chat_template: str = Field(
@@ -122,11 +134,43 @@ class TrainConfig(Section):
         default_factory=dict,
         description="parameter-name pattern (glob, or substring) -> LR multiplier, as optimizer groups (logged at start)",
     )
+    objective: Literal["sft", "dpo", "ipo", "orpo"] | None = Field(
+        None,
+        description="what the loss optimises; unset: sft, or dpo for task: preference; dpo/ipo/orpo need task: "
+        "preference (the `preference` section holds their options)",
+    )
+    precompute_ref: bool = Field(
+        False,
+        description="dpo/ipo: the reference log-probs of every pair computed once before training (by the initial "
+        "model) and cached in the run (reference_logps.safetensors), instead of a reference forward each step",
+    )
 
     @field_validator("lr_groups")
     @classmethod
     def _positive_multipliers(cls, v):
         return positive_values(v, "multiplier")
+
+
+class PreferenceConfig(Section):
+    """Options of the preference objectives (task: preference)."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo: strength of the pull towards the reference (reward = beta x log-ratio); ipo: its tau",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo: assumed share of pairs whose labels are flipped (conservative DPO); 0: plain DPO",
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0, description="orpo: weight of the odds-ratio term next to the SFT loss on the chosen answers"
+    )
+
+
+OBJECTIVES = {"causal_lm": ("sft",), "classification": ("sft",), "preference": ("dpo", "ipo", "orpo")}
 
 
 class EvalConfig(Section):
@@ -152,6 +196,25 @@ class EvalConfig(Section):
         return v
 
 
+def _preference_section(data: dict) -> dict:
+    """task: preference gets its `preference` section (with defaults); any other task refuses one."""
+    if data.get("task") == "preference":
+        return data if data.get("preference") is not None else {**data, "preference": {}}
+    if data.get("preference") is not None:
+        raise PydanticCustomError(
+            "unused_section",
+            "the 'preference' section is for task: preference (this run has task: {task}); remove it or set "
+            "task: preference",
+            {"section": "preference", "task": str(data.get("task", "causal_lm"))},
+        )
+    return data
+
+
+def _rule(key: str, message: str):
+    """A rule across fields, reported at `key` (its YAML line) by build_config."""
+    raise PydanticCustomError("config_rule", "{key}: {message}", {"key": key, "message": message})
+
+
 def section_users(methods: dict) -> dict[str, list[str]]:
     """Method section name -> the methods reading it; one class per name across methods."""
     classes: dict[str, type] = {}
@@ -174,7 +237,10 @@ class CommonConfig(Section):
 
     model: str = Field("smollm2-135m-instruct", description="a registry name (tunelab models), a folder or a hub id")
     method: str = Field(DEFAULT_METHOD, description="the tuning method (tunelab methods)")
-    task: Literal["causal_lm", "classification"] = Field("causal_lm", description="what the model learns")
+    task: Literal["causal_lm", "classification", "preference"] = Field(
+        "causal_lm",
+        description="what the model learns; preference: from chosen/rejected answer pairs (train.objective)",
+    )
     run_name: str | None = Field(
         None,
         description="the run's folder inside out_dir (a suffix is added if taken); a plain name: no `/`, `\\`, `..` or "
@@ -195,6 +261,7 @@ class CommonConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    preference: PreferenceConfig | None = Field(None, description="options of task: preference")
     adapter_name: str = Field(
         "default", description="the task name when several adapters share a base (tunelab.load adapters=)"
     )
@@ -237,6 +304,7 @@ class CommonConfig(Section):
         """The method's own sections exist (with their defaults); another method's section is an error."""
         if not isinstance(data, dict):
             return data
+        data = _preference_section(data)
         method = data.get("method", DEFAULT_METHOD)
         if not isinstance(method, str) or method not in METHODS:
             return data  # the method field's own error says why
@@ -256,9 +324,24 @@ class CommonConfig(Section):
                 )
         return data
 
+    @model_validator(mode="after")
+    def _objective_fits_task(self):
+        """The objective, its reference-model options and the loss mask must fit the task."""
+        objective, allowed = self.train.objective, OBJECTIVES[self.task]
+        if objective is not None and objective not in allowed:
+            needs = "task: preference" if objective != "sft" else "task: causal_lm or classification"
+            _rule("train.objective", f"{objective} needs {needs} (task: {self.task} trains with {', '.join(allowed)})")
+        if self.train.precompute_ref and (self.task != "preference" or objective == "orpo"):
+            _rule("train.precompute_ref", "only dpo and ipo (task: preference) have a reference model")
+        if self.task == "preference" and self.data.loss_on == "all":
+            _rule("data.loss_on", "all does not fit task: preference (a pair is compared on its answers only)")
+        return self
+
     def to_dict(self) -> dict:
         """The config as plain data; only the sections the method reads."""
         d = self.model_dump(mode="json")
+        if d.get("preference") is None:
+            d.pop("preference", None)
         for name in SECTIONS:
             if d.get(name) is None:
                 d.pop(name, None)
@@ -447,6 +530,9 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
                 section = err["ctx"]["section"]
                 where = f"{source}:{lines[section]}" if section in lines else source
                 messages.append(f"{where}: {err['msg']}")
+            elif err["type"] == "config_rule":
+                key = err["ctx"]["key"]
+                messages.append(f"{source}:{lines[key]}: {err['msg']}" if key in lines else f"{source}: {err['msg']}")
             elif err["type"] == "extra_forbidden":
                 valid = _section_fields(loc[:-1])
                 hint = _suggest(loc[-1], valid)

@@ -71,6 +71,8 @@ def markdown() -> str:
     for name in ("data", "train", "eval"):
         model = CommonConfig.model_fields[name].annotation
         out += ["", f"### `{name}`", ""] + _table(section_rows(model, f"{name}."))
+    out += ["", "### `preference` (task: preference only)", ""]
+    out += _table(section_rows(_section_model(CommonConfig.model_fields["preference"].annotation), "preference."))
     out += [
         "",
         "### Method sections",

@@ -101,3 +101,31 @@ def loss_sum(model, batch, fast: bool = True) -> torch.Tensor:
     else:
         total = plain_loss_sum(model, batch)
     return total * batch["loss_weight"] if "loss_weight" in batch else total
+
+
+def _head_logps(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def label_logps(model, batch, fast: bool = True, chunk: int = CHUNK) -> torch.Tensor:
+    """Log-probability of every label token (labels shifted by one), in the order of
+    `batch["labels"][:, 1:] != -100` flattened row by row: the pieces of a sequence log-prob."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    targets = labels[mask]
+    if not (fast and supports_selected_loss(model)):
+        logits = model(input_ids=batch["input_ids"], **model_inputs(batch)).logits
+        logits = logits[:, -batch["input_ids"].shape[1] : -1][mask].float()  # virtual tokens first (prompt tuning)
+        return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state[:, :-1][mask]
+    head = lm.get_output_embeddings()
+    parts = []
+    for start in range(0, targets.numel(), chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and targets.numel() > chunk:
+            parts.append(checkpoint(_head_logps, h, head.weight, head.bias, t, use_reentrant=False))
+        else:
+            parts.append(_head_logps(h, head.weight, head.bias, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

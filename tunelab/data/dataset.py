@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from .classification import encode_classification, label_names
 from .encode import EncodeStats, encode_examples, resolve_chat_template
-from .formats import load_examples, unknown_field_lines
+from .formats import PREFERENCE_FORMATS, load_examples, unknown_field_lines
+from .preference import encode_pairs
 
 
 @dataclass
@@ -97,6 +98,15 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     if not d.train:
         raise ConfigError("data.train is not set: give a JSONL/JSON/CSV file (data.train=path/to/file.jsonl)")
     train_examples, fmt, skipped = load_examples(d.train, d.format, d.skip_invalid)
+    if (fmt in PREFERENCE_FORMATS) != (cfg.task == "preference"):
+        raise ConfigError(
+            f"{d.train}: {fmt} data does not fit task: {cfg.task} "
+            + (
+                "(chosen/rejected pairs need task: preference)"
+                if fmt in PREFERENCE_FORMATS
+                else "(task: preference needs prompt/chosen/rejected or conversations/chosen/rejected records)"
+            )
+        )
     if (fmt == "classification") != (cfg.task == "classification"):
         raise ConfigError(
             f"{d.train}: {fmt} data does not fit task: {cfg.task} "
@@ -141,12 +151,18 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         if value != "none":
             raise ConfigError(f"{key}: {value} is for task: classification (this run is {cfg.task})")
     template = resolve_chat_template(tokenizer, d.chat_template)
-    train, train_stats = encode_examples(
-        train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train
-    )
-    val, val_stats = encode_examples(
-        val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train
-    )
+    if cfg.task == "preference":
+        train, train_stats = encode_pairs(train_examples, tokenizer, template, d.max_length, d.system_prompt, d.train)
+        val, val_stats = encode_pairs(
+            val_examples, tokenizer, template, d.max_length, d.system_prompt, d.eval or d.train
+        )
+    else:
+        train, train_stats = encode_examples(
+            train_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.train
+        )
+        val, val_stats = encode_examples(
+            val_examples, tokenizer, template, d.max_length, d.loss_on, d.system_prompt, d.eval or d.train
+        )
     if not train:
         raise ConfigError(
             f"{d.train}: no training examples left after encoding (all truncated away?); raise data.max_length"

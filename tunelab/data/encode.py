@@ -108,12 +108,13 @@ def _check_template_renders_tools(example: Example, template: str, where) -> Non
 
 
 def _completion_spans(
-    tokenizer, template: str, messages: list[dict], full: str, where, tools=None
+    tokenizer, template: str, messages: list[dict], full: str, where, tools=None, first: int = 0
 ) -> list[tuple[int, int]]:
-    """Character spans of each assistant turn (content + end-of-turn marker) in the rendered text."""
+    """Character spans of each assistant turn from message `first` on (content + end-of-turn marker) in the
+    rendered text."""
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
         upto = render(tokenizer, template, messages[: i + 1], tools=tools)
@@ -145,9 +146,11 @@ def render_example(
     loss_on: str = "completion",
     system_prompt: str | None = None,
     where=("<data>", None),
+    supervise_from: int = 0,
 ) -> Rendered:
     """Render, tokenize and label one example (no truncation). loss_on: completion (every assistant turn),
-    last_turn (the last assistant turn only) or all (every token)."""
+    last_turn (the last assistant turn only) or all (every token). With `supervise_from`, only the assistant
+    turns from that message on are learned (a preference pair's answer after its prompt)."""
     eos = end_token_id(tokenizer)
     if example.messages is None:
         ids = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)
@@ -157,13 +160,14 @@ def render_example(
         )
     _check_template_renders_tools(example, template, where)
     messages = with_system_prompt(example.messages, system_prompt)
+    first = supervise_from + len(messages) - len(example.messages)  # a system prompt added in front
     full = render(tokenizer, template, messages, tools=example.tools)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     if loss_on == "all":
         labels = list(ids)
     else:
-        spans = _completion_spans(tokenizer, template, messages, full, where, example.tools)
+        spans = _completion_spans(tokenizer, template, messages, full, where, example.tools, first)
         if loss_on == "last_turn":
             spans = spans[-1:]
         # overlap, not start: a token straddling the span start (e.g. " the" after a prompt
@@ -194,9 +198,10 @@ def encode_example(
     loss_on: str = "completion",
     system_prompt: str | None = None,
     where=("<data>", None),
+    supervise_from: int = 0,
 ) -> tuple[dict, bool]:
-    """Tokenize one example. Returns ({input_ids, labels}, truncated)."""
-    rendered = render_example(example, tokenizer, template, loss_on, system_prompt, where)
+    """Tokenize one example. Returns ({input_ids, labels}, truncated); `supervise_from`: see render_example."""
+    rendered = render_example(example, tokenizer, template, loss_on, system_prompt, where, supervise_from)
     ids, labels = rendered.ids, rendered.labels
     truncated = len(ids) > max_length
     if truncated:

@@ -11,6 +11,8 @@ Formats (auto-detected from the first record's fields), with LLaMA-Factory's lay
   classification text, label
 A field the format does not read is not dropped silently: it is listed on the Example (`unknown_fields`),
 reported by `tunelab data check` and warned about once in training.
+  preference    prompt, chosen, rejected (+ optional system): answer pairs (tunelab.data.preference)
+  sharegpt_preference  conversations + chosen/rejected turns (LLaMA-Factory's preference layout)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from ..errors import DataError, did_you_mean
 
-FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification")
+PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
+FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification", *PREFERENCE_FORMATS)
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -42,6 +45,8 @@ KNOWN_FIELDS = {
     "sharegpt": {"conversations", "system", "tools"},
     "text": {"text"},
     "classification": {"text", "label"},
+    "preference": {"prompt", "chosen", "rejected", "system"},
+    "sharegpt_preference": {"conversations", "chosen", "rejected", "system", "tools"},
 }
 _TURN_FIELDS = {"messages": {"role", "content", "tool_calls", "name", "tool_call_id"}, "sharegpt": {"from", "value"}}
 MAX_JSON_DEPTH = 64  # deeper nesting than any real record; guards the parser's recursion
@@ -246,6 +251,11 @@ def read_records(path: str | Path, problems: list | None = None) -> list[Record]
 
 
 def _format_of(keys: set) -> str | None:
+    if "chosen" in keys and "rejected" in keys:
+        if "conversations" in keys:
+            return "sharegpt_preference"
+        if "prompt" in keys:
+            return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -273,7 +283,8 @@ def detect_format(records: list[Record], path) -> str:
         path,
         record.line,
         f"cannot detect the data format from fields {sorted(keys)}; expected one of: "
-        "instruction/output (alpaca), input/target, messages, conversations (sharegpt), text, text/label",
+        "instruction/output (alpaca), input/target, messages, conversations (sharegpt), text, text/label, "
+        "prompt/chosen/rejected (preference), conversations/chosen/rejected (sharegpt_preference)",
     )
 
 
@@ -313,7 +324,9 @@ def _tool_calls(record: Record, value: str, path, where: str) -> list[dict]:
     return out
 
 
-def _turns(record: Record, key: str, path, role_key: str, content_key: str, role_map: dict) -> list[dict]:
+def _turns(
+    record: Record, key: str, path, role_key: str, content_key: str, role_map: dict, need_assistant: bool = True
+) -> list[dict]:
     turns = record.data.get(key)
     if not isinstance(turns, list) or not turns:
         raise DataError(path, record.line, "expected a non-empty list of turns", field=key)
@@ -349,7 +362,7 @@ def _turns(record: Record, key: str, path, role_key: str, content_key: str, role
             if key == "messages" and isinstance(turn.get(extra), str):
                 message[extra] = turn[extra]
         messages.append(message)
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, record.line, "no assistant turn to learn from", field=key)
     return messages
 
@@ -408,6 +421,10 @@ def to_example(record: Record, fmt: str, path) -> Example:
 
 def _to_example(record: Record, fmt: str, path) -> Example:
     d = record.data
+    if fmt in PREFERENCE_FORMATS:
+        from .preference import to_pair  # preference.py builds on this module
+
+        return to_pair(record, fmt, path)
     if fmt == "alpaca":
         instruction = _string(record, "instruction", path)
         extra = _string(record, "input", path, required=False)

@@ -186,7 +186,19 @@ def evaluate_run(
     run_dir = runs[0] if len(runs) == 1 else None  # an ensemble or a bare model has no folder of its own
     eval_name, predictions_name = output_names(data)
     predictions_path = run_dir / predictions_name if run_dir is not None else None
-    metrics = evaluate_loss(model, examples, tokenizer.pad_token_id, cfg.train.batch_size)
+    if cfg.task == "preference":
+        if len(loaded) > 1:
+            raise UserError("a preference model is evaluated alone (no ensemble)")
+        from ..preference import evaluate_pairs
+        from ..training.preference import eval_reference
+
+        reference = eval_reference(model, cfg, run_dir, examples, own_split=not data)
+        objective = cfg.train.objective or "dpo"
+        metrics = evaluate_pairs(
+            model, examples, objective, cfg.preference, reference, cfg.train.batch_size, tokenizer.pad_token_id
+        )
+    else:
+        metrics = evaluate_loss(model, examples, tokenizer.pad_token_id, cfg.train.batch_size)
     if cfg.task == "classification":
         metrics.update(_classification_latency(model, examples, tokenizer.pad_token_id))
     elif cfg.eval.generate and len(loaded) == 1:

@@ -186,7 +186,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + self.state["step"])
         self.saved_step = self.state["step"] if resume_dir is not None else None
         self.pad_id = self.tokenizer.pad_token_id
-        self.lengths = [len(e["input_ids"]) for e in self.data.train]
+        self.lengths = self.example_lengths(self.data.train)
         self.micro_batch = cfg.train.batch_size  # auto_batch_size may lower it; the step stays the same
         vocab = len(cfg.data.labels) if cfg.task == "classification" else getattr(self.model.config, "vocab_size", None)
         self.watchdog = Watchdog(math.log(vocab) if vocab and vocab > 1 else None)
@@ -227,16 +227,10 @@ class Trainer:
 
     def _forward_backward(self, window: list[int]) -> tuple[float, int]:
         """This process's share of a step: (summed loss, loss tokens of the whole global step)."""
-        t = self.cfg.train
-        n_loss_tokens = sum(example_loss_tokens(self.data.train[i]) for i in window)
-        examples = [self.data.train[i] for i in self.dist.shard(window)]
-        batches = step_batches(
-            examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout
-        )
+        n_loss_tokens = self.loss_normaliser([self.data.train[i] for i in window])
+        batches = self.micro_batches([self.data.train[i] for i in self.dist.shard(window)])
         if self.dist.sharded:  # FSDP: as many forward/backward passes on every rank; a filler counts zero
-            filler = batches[:1] or step_batches(
-                [self.data.train[window[0]]], 1, self.pad_id, t.packing, self.cfg.data.max_length, self.layout
-            )
+            filler = batches[:1] or self.micro_batches([self.data.train[window[0]]])
             batches = even_micro_batches(batches, filler[0], self.dist)
         total = 0.0
         for batch in batches:
@@ -250,9 +244,27 @@ class Trainer:
             total += float(s.detach())
         return total, n_loss_tokens
 
+    # --- what an objective defines (tunelab.training.preference replaces these for answer pairs) ----------
+    def example_lengths(self, examples: list[dict]) -> list[int]:
+        """Tokens per training example (throughput, length grouping)."""
+        return [len(e["input_ids"]) for e in examples]
+
+    def loss_normaliser(self, step_examples: list[dict]) -> int:
+        """What a step's summed loss is divided by, from all its examples (every process's): loss tokens."""
+        return sum(example_loss_tokens(e) for e in step_examples)
+
+    def micro_batches(self, examples: list[dict]) -> list[dict]:
+        """This process's examples of a step as micro-batches."""
+        t = self.cfg.train
+        return step_batches(examples, self.micro_batch, self.pad_id, t.packing, self.cfg.data.max_length, self.layout)
+
     def batch_loss(self, batch: dict) -> torch.Tensor:
         """The summed token loss of one micro-batch (a subclass may observe or replace it: the benchmark does)."""
         return loss_sum(self.model, batch)
+
+    def step_metrics(self) -> dict:
+        """Extra metrics of the step just taken, for its metrics.jsonl record (the same call on every process)."""
+        return {}
 
     def optimizer_step(self) -> float:
         """Clip, step (unless the gradients are non-finite), schedule; returns the gradient norm."""
@@ -408,7 +420,7 @@ class Trainer:
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
                             "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                        }
+                        } | self.step_metrics()
                     if t.eval_every and step % t.eval_every == 0 and self.data.val:
                         last_eval = self.evaluate()
                         record = (record or {"step": step}) | last_eval
@@ -528,7 +540,12 @@ def train(
     else:
         data = config.to_dict() if isinstance(config, Config) else copy.deepcopy(dict(config))
         cfg = build_config(apply_overrides(data, overrides or []))
-    trainer = Trainer(cfg, resume_dir=resume, progress=progress, resume_changes=changes)
+    trainer_class = Trainer
+    if cfg.task == "preference":
+        from .preference import PreferenceTrainer
+
+        trainer_class = PreferenceTrainer
+    trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes)
     try:
         return trainer.run()
     except OSError as exc:  # a write into the run folder failed: read-only, disk full, permissions

@@ -1,7 +1,7 @@
 """A run's final config, computed once before anything is built.
 
 Everything a run derives from its config and its surroundings is filled here: the method's default
-LR, whether batches are packed, the label names of a classifier, gradient accumulation when resuming
+LR, the objective, whether batches are packed, the label names of a classifier, gradient accumulation when resuming
 under another process count, and absolute data paths (so the run resumes from any folder). The result
 is frozen: RUN/config.yaml is exactly what the run used, and nothing changes it afterwards.
 """
@@ -51,6 +51,8 @@ def resolve_run_config(cfg: Config, method, labels: list[str] | None = None, gra
     if train["lr"] is None:
         train["lr"] = method.default_lr
     train["packing"] = resolve_packing(cfg, method)
+    if cfg.task == "preference" and train["objective"] is None:
+        train["objective"] = "dpo"
     if grad_accum is not None:
         train["grad_accum"] = grad_accum
     if labels is not None:

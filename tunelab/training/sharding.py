@@ -47,6 +47,11 @@ def check_shardable(cfg, precision: str) -> None:
     quant_bits = getattr(get_method(cfg.method), "quant_bits", lambda _: None)(cfg)
     if reason is None and quant_bits:
         reason = f"quant.bits={quant_bits}: quantized base weights cannot be split into DTensor shards"
+    if reason is None and cfg.task == "preference":
+        what, reason = (
+            "task: preference",
+            "its sequence log-probs call the decoder past the sharded root; not done here",
+        )
     if reason is None and precision == "fp16":
         what, reason = "precision fp16", "it needs a gradient scaler over sharded gradients, not done here; use bf16"
     if reason:
