@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunelab
-from helpers import interrupted_copy, toy_rows
+from helpers import interrupted_copy, only_method_sections, toy_rows
 from tunelab.cli import main
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -49,12 +49,15 @@ def test_sharded_equals_one_process_and_checkpoints_cross(tmp_path, write_jsonl)
     configs = {}
     for method in ("full", "lora"):
         configs[method] = tmp_path / f"{method}.yaml"
-        configs[method].write_text(yaml.safe_dump(base | {"method": method}))
+        configs[method].write_text(yaml.safe_dump(only_method_sections(base | {"method": method})))
 
     # one process, the same global batch of 8
     one = {
         m: tunelab.train(
-            base | {"method": m, "run_name": f"{m}-one", "train": base["train"] | {"batch_size": 8}}, progress=False
+            only_method_sections(
+                base | {"method": m, "run_name": f"{m}-one", "train": base["train"] | {"batch_size": 8}}
+            ),
+            progress=False,
         )
         for m in ("full", "lora")
     }

@@ -1595,7 +1595,7 @@ def test_load_run_with_invalid_config(config, summary, artifact):
         if artifact:
             (run / "adapter").mkdir()
         try:
-            load_config(run / "config.yaml")
+            load_config(run / "config.yaml", saved_run=True)  # as a run's config is read
         except UserError:
             pass
         else:
