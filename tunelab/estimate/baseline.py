@@ -52,6 +52,10 @@ def runtime_baseline(model: str | None, bnb: bool = False) -> int:
     model = None if model in PRESETS else model
 
     def measure() -> int:
+        if model:  # a first load builds the tokenizer's cache (a GGUF conversion): not in the measured process
+            from ..models import load_tokenizer
+
+            load_tokenizer(model)
         cmd = [sys.executable, "-m", "tunelab.estimate.baseline", model or "", *(["--bnb"] if bnb else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
