@@ -54,10 +54,6 @@ def test_parameter_counts_are_exact(method):
     "cell",
     [{"method": "full", "batch": 4, "length": 256, "ckpt": True}],
 )
-@pytest.mark.skip(
-    reason="in a fresh TUNELAB_HOME the cached runtime baseline came out equal to a training run's peak "
-    "(1347604480 bytes both), so the prediction was 52% high: a cache bug under investigation; passes with a warm home"
-)
 def test_predicted_peak_within_ten_percent_of_a_real_run(tmp_path, long_data, cell):
     from tunelab.estimate import estimate
     from tunelab.models import load_causal_lm, load_tokenizer

@@ -86,6 +86,17 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak memory in bytes and what it measures: CUDA max allocated, else the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return peak_rss_bytes(), "rss"
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. On Linux, VmHWM of /proc/self/status: ru_maxrss survives exec, so a run
+    started by a large process (a test runner, a notebook) would report the parent's RSS at fork instead."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    return int(rss if sys.platform == "darwin" else rss * 1024), "rss"
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # KiB on Linux, bytes on macOS

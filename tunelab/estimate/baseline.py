@@ -18,7 +18,6 @@ from .cache import cached
 
 
 def _measure(model: str | None, bnb: bool) -> int:
-    import resource
     import tempfile
     from pathlib import Path
 
@@ -42,7 +41,9 @@ def _measure(model: str | None, bnb: bool) -> int:
     x = torch.randn(64, 64, requires_grad=True)  # autograd's and the matmul kernels' own state
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (x @ x).sum().backward()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    from tunelab.device import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def runtime_baseline(model: str | None, bnb: bool = False) -> int:
