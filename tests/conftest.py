@@ -6,6 +6,7 @@ import os
 import pytest
 from hypothesis import settings
 
+from browser import browser  # noqa: F401 - the headless Chromium fixture for the browser tests
 from helpers import toy_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
