@@ -11,11 +11,24 @@ class ConfigError(UserError):
     pass
 
 
+class Row(int):
+    """A record's position in a table (Parquet, a saved dataset): 0-based, as `table[N]` reads it, and shown as
+    'row N' where a text file's record shows its line."""
+
+
+def position(line) -> str:
+    """'line N' or 'row N' (a table's record), for messages that point at a record."""
+    return f"row {int(line)}" if isinstance(line, Row) else f"line {line}"
+
+
 class DataError(UserError):
-    """A problem in a data file; the message names the file, line and field."""
+    """A problem in a data file; the message names the file, line (a table's row) and field."""
 
     def __init__(self, path, line, message, field=None):
-        where = f"{path}:{line}" if line else str(path)
+        if isinstance(line, Row):
+            where = f"{path}: row {int(line)}"
+        else:
+            where = f"{path}:{line}" if line else str(path)
         field_part = f": field '{field}'" if field else ""
         super().__init__(f"{where}{field_part}: {message}")
         self.path, self.line, self.field = path, line, field

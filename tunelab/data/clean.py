@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..io import atomic_write_bytes, atomic_write_json
 from .doctor import record_text
 from .duplicates import find_duplicates, find_leaks
-from .formats import load_examples
+from .formats import is_table, load_examples
 from .pii import PLACEHOLDERS, find_pii, string_fields
 
 
@@ -52,7 +52,7 @@ def clean_file(
     if out.resolve() == path.resolve():
         raise UserError(f"{out}: data clean never writes over its input; choose another --out")
     examples, fmt, _ = load_examples(path)
-    jsonl = path.suffix.lower() not in (".json", ".csv")
+    jsonl = path.suffix.lower() not in (".json", ".csv") and not is_table(path)
     raw_lines = path.read_bytes().decode("utf-8").split("\n") if jsonl else None
     removed: dict[int, str] = {}
     if dedup:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Row
 from .classification import encode_classification, label_names
 from .encode import EncodeStats, encode_examples, resolve_chat_template
 from .formats import PREFERENCE_FORMATS, load_examples, unknown_field_lines
@@ -49,10 +49,11 @@ class PreparedData:
 
 def _lines(lines: list[int]) -> str:
     shown = ", ".join(map(str, lines[:5]))
+    unit = "row" if isinstance(lines[0], Row) else "line"
     return (
-        f"line {shown}"
+        f"{unit} {shown}"
         if len(lines) == 1
-        else f"{len(lines)} records, lines {shown}{', ...' if len(lines) > 5 else ''}"
+        else f"{len(lines)} records, {unit}s {shown}{', ...' if len(lines) > 5 else ''}"
     )
 
 
@@ -96,7 +97,9 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     """Load, validate, split and encode the data named by the config (nothing is written)."""
     d = cfg.data
     if not d.train:
-        raise ConfigError("data.train is not set: give a JSONL/JSON/CSV file (data.train=path/to/file.jsonl)")
+        raise ConfigError(
+            "data.train is not set: give a JSONL/JSON/CSV/Parquet file or a saved dataset folder (data.train=path/to/file.jsonl)"
+        )
     train_examples, fmt, skipped = load_examples(d.train, d.format, d.skip_invalid)
     if (fmt in PREFERENCE_FORMATS) != (cfg.task == "preference"):
         raise ConfigError(

@@ -1,6 +1,7 @@
-"""Reading data files (JSONL, JSON list, CSV) and turning records into conversations.
+"""Reading data files (JSONL, JSON list, CSV, Parquet, a folder saved by `datasets.save_to_disk`) and turning
+records into conversations.
 
-Every record keeps the line it started on, so an error names file, line and field.
+Every record keeps the line it started on (a table's: its 0-based row), so an error names file, line and field.
 Formats (auto-detected from the first record's fields), with LLaMA-Factory's layouts:
   alpaca        instruction, output (+ optional input, system, history: [[user, assistant], ...])
   input_target  input, target
@@ -22,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError, did_you_mean
+from ..errors import DataError, Row, did_you_mean
 
 PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
 FORMATS = ("alpaca", "input_target", "messages", "sharegpt", "text", "classification", *PREFERENCE_FORMATS)
@@ -220,17 +221,94 @@ def _read_csv(path: Path, raw: bytes) -> list[Record]:
     return records
 
 
+def _drop_nulls(value):
+    """Arrow gives every row every column (and every struct every field): null where the record had none.
+    Dropping those keys makes a row read like the JSON record it came from (a null list item stays)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _table_records(path: Path, rows: list[dict]) -> list[Record]:
+    records = []
+    for index, row in enumerate(rows):
+        record = Record(Row(index), _drop_nulls(row))
+        _check_depth(record.data, path, record.line)
+        records.append(record)
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(path, None, f"not a readable Parquet file ({' '.join(str(exc).split())[:200]})") from None
+    return _table_records(path, table.to_pylist())
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets` `save_to_disk` (a Dataset, or a DatasetDict of splits)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _read_saved_dataset(path: Path) -> list[Record]:
+    if not is_saved_dataset(path):
+        raise DataError(
+            path, None, "is a folder, but not one saved by datasets.save_to_disk (no state.json or dataset_dict.json)"
+        )
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged folder raises (missing shard, bad JSON, Arrow)
+        raise DataError(path, None, f"cannot load the saved dataset ({' '.join(str(exc).split())[:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            splits = ", ".join(ds) or "none"
+            raise DataError(
+                path,
+                None,
+                f"a DatasetDict with splits {splits}: name one split's folder (e.g. {path / next(iter(ds), 'train')})",
+            )
+        ds = next(iter(ds.values()))
+    return _table_records(path, ds.to_list())
+
+
+def is_table(path) -> bool:
+    """Records stored as a table (Parquet, a saved dataset): they are addressed by row, not by line."""
+    path = Path(path)
+    return path.suffix.lower() == ".parquet" or path.is_dir()
+
+
 def read_records(path: str | Path, problems: list | None = None) -> list[Record]:
-    """Read a JSONL / JSON / CSV file into records with their line numbers.
+    """Read a JSONL / JSON / CSV / Parquet file or a saved dataset folder into records with their line numbers
+    (a table's: their rows).
 
     With a `problems` list, unparseable JSONL lines are skipped and described there."""
     path = Path(path)
+    if path.is_dir():
+        records = _read_saved_dataset(path)
+    elif path.suffix.lower() == ".parquet" and path.is_file():
+        records = _read_parquet(path)
+    else:
+        records = _read_text_records(path, problems)
+    if not records:
+        if problems:
+            raise NoValidRecords(path, problems)
+        raise DataError(path, None, "no records found")
+    return records
+
+
+def _read_text_records(path: Path, problems: list | None) -> list[Record]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
-    except IsADirectoryError:
-        raise DataError(path, None, "is a directory, expected a data file") from None
     except OSError as exc:  # no permission, a symlink loop, an I/O error
         raise DataError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
     # checked first: an empty .json would otherwise be reported as invalid JSON
@@ -238,16 +316,10 @@ def read_records(path: str | Path, problems: list | None = None) -> list[Record]
         raise DataError(path, None, "no records found (the file is empty)")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        records = _read_csv(path, raw)
-    elif suffix == ".json":
-        records = _read_json(path, raw)
-    else:
-        records = _read_jsonl(path, raw, problems)
-    if not records:
-        if problems:
-            raise NoValidRecords(path, problems)
-        raise DataError(path, None, "no records found")
-    return records
+        return _read_csv(path, raw)
+    if suffix == ".json":
+        return _read_json(path, raw)
+    return _read_jsonl(path, raw, problems)
 
 
 def _format_of(keys: set) -> str | None:

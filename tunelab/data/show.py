@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import position
 from .encode import IGNORE_INDEX, render_example, resolve_chat_template, system_prompt_of, template_default_system
 from .formats import load_examples
 
@@ -58,7 +59,7 @@ def show_file(
         spans = loss_char_spans(rendered)
         appended = [s for s, e in rendered.offsets if s == e]
         supervised = sum(1 for lab in rendered.labels if lab != IGNORE_INDEX)
-        head = f"--- line {ex.line}: {len(rendered.ids)} tokens, {supervised} in the loss"
+        head = f"--- {position(ex.line)}: {len(rendered.ids)} tokens, {supervised} in the loss"
         if ex.messages is not None:
             source, _ = system_prompt_of(ex, system_prompt, default)
             head += f", system prompt: {source}"
