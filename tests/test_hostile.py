@@ -204,7 +204,7 @@ def test_run_folder_turning_read_only_mid_run(tiny_config, monkeypatch):
     assert resumed.summary["steps"] == 6 and not (run / "failure.json").exists()
 
 
-def test_tensorboard_failure_is_one_note_and_metrics_go_on(tiny_config, monkeypatch, capsys):
+def test_tensorboard_failure_is_one_warning_and_metrics_go_on(tiny_config, monkeypatch, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
     def broken(self, *args, **kwargs):
@@ -213,7 +213,7 @@ def test_tensorboard_failure_is_one_note_and_metrics_go_on(tiny_config, monkeypa
     monkeypatch.setattr(SummaryWriter, "add_scalar", broken)
     result = tunelab.train(tiny_config, progress=False)
     err = capsys.readouterr().err
-    assert err.count("note: TensorBoard logging stopped") == 1 and "Traceback" not in err
+    assert err.count("warning: TensorBoard logging stopped") == 1 and "Traceback" not in err
     assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 5
 
 

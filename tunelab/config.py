@@ -20,12 +20,14 @@ from pydantic_core import PydanticCustomError
 from .errors import ConfigError, did_you_mean
 from .methods import METHODS
 from .sections import Section, positive_values
+from .tracking import MlflowConfig, WandbConfig
 
 
 class DataConfig(Section):
     train: str | None = Field(
         None,
-        description="training data: a JSONL, JSON or CSV file (relative: to the config file's folder, else the working dir)",
+        description="training data: a JSONL, JSON, CSV or Parquet file, or a folder written by datasets' save_to_disk "
+        "(relative: to the config file's folder, else the working dir)",
     )
     eval: str | None = Field(None, description="evaluation data; unset: data.val_fraction of the training data")
     val_fraction: float = Field(
@@ -210,6 +212,29 @@ def _preference_section(data: dict) -> dict:
     return data
 
 
+def _tracking_sections(data: dict) -> dict:
+    """report_to: mlflow / wandb get their sections (with defaults); a section of a tracker not reported to is an
+    error. A single name is taken as a list of one."""
+    report_to = data.get("report_to", ["tensorboard"])
+    if isinstance(report_to, str):
+        data = {**data, "report_to": [report_to]}
+        report_to = data["report_to"]
+    if not isinstance(report_to, list):
+        return data  # the field's own error says why
+    for name in ("mlflow", "wandb"):
+        if name in report_to:
+            if data.get(name) is None:
+                data = {**data, name: {}}
+        elif data.get(name) is not None:
+            raise PydanticCustomError(
+                "unused_section",
+                "the '{section}' section is for report_to: [{section}] (this run reports to: {report_to}); remove it "
+                "or add {section} to report_to",
+                {"section": name, "report_to": ", ".join(map(str, report_to)) or "nothing"},
+            )
+    return data
+
+
 def _rule(key: str, message: str):
     """A rule across fields, reported at `key` (its YAML line) by build_config."""
     raise PydanticCustomError("config_rule", "{key}: {message}", {"key": key, "message": message})
@@ -262,6 +287,14 @@ class CommonConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     preference: PreferenceConfig | None = Field(None, description="options of task: preference")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers the run's params, metrics per step, summary and artifact go to (besides "
+        "metrics.jsonl): tensorboard (RUN/tb), mlflow (a local SQLite store by default), wandb (offline by "
+        "default); []: none; a tracker that fails warns and training goes on",
+    )
+    mlflow: MlflowConfig | None = Field(None, description="options of report_to: mlflow")
+    wandb: WandbConfig | None = Field(None, description="options of report_to: wandb")
     adapter_name: str = Field(
         "default", description="the task name when several adapters share a base (tunelab.load adapters=)"
     )
@@ -271,6 +304,14 @@ class CommonConfig(Section):
     def _known_method(cls, v):
         if v not in METHODS:
             raise ValueError(f"unknown method '{v}'{_suggest(v, METHODS)}; choose from {', '.join(METHODS)}")
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, v):
+        repeated = sorted({name for name in v if v.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each tracker once, repeated: {repeated}")
         return v
 
     @field_validator("run_name", "adapter_name")
@@ -304,7 +345,7 @@ class CommonConfig(Section):
         """The method's own sections exist (with their defaults); another method's section is an error."""
         if not isinstance(data, dict):
             return data
-        data = _preference_section(data)
+        data = _tracking_sections(_preference_section(data))
         method = data.get("method", DEFAULT_METHOD)
         if not isinstance(method, str) or method not in METHODS:
             return data  # the method field's own error says why
@@ -340,8 +381,9 @@ class CommonConfig(Section):
     def to_dict(self) -> dict:
         """The config as plain data; only the sections the method reads."""
         d = self.model_dump(mode="json")
-        if d.get("preference") is None:
-            d.pop("preference", None)
+        for name in ("preference", "mlflow", "wandb"):
+            if d.get(name) is None:
+                d.pop(name, None)
         for name in SECTIONS:
             if d.get(name) is None:
                 d.pop(name, None)

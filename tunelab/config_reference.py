@@ -73,6 +73,9 @@ def markdown() -> str:
         out += ["", f"### `{name}`", ""] + _table(section_rows(model, f"{name}."))
     out += ["", "### `preference` (task: preference only)", ""]
     out += _table(section_rows(_section_model(CommonConfig.model_fields["preference"].annotation), "preference."))
+    for name in ("mlflow", "wandb"):
+        out += ["", f"### `{name}` (report_to: {name} only)", ""]
+        out += _table(section_rows(_section_model(CommonConfig.model_fields[name].annotation), f"{name}."))
     out += [
         "",
         "### Method sections",

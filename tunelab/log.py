@@ -12,3 +12,13 @@ def is_rank0() -> bool:
 def log(msg: str) -> None:
     if is_rank0():
         print(msg, file=sys.stderr, flush=True)
+
+
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr, once per process for the same message."""
+    if message not in _warned and is_rank0():
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -14,25 +14,16 @@ A damaged safetensors file is caught by `tunelab.io.check_safetensors` / `read_s
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from .errors import UserError
 from .io import check_safetensors, read_json_object
+from .log import warn
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # pickle files a training framework leaves next to the weights; not weights, never read
 _NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the PEFT layout's weights file
-
-_warned: set[str] = set()
-
-
-def warn(message: str) -> None:
-    """One `warning:` line on stderr, once per process for the same message."""
-    if message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def pickle_weight_files(folder: Path) -> list[str]:

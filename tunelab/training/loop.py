@@ -32,6 +32,7 @@ from ..losses import loss_sum
 from ..methods import get_method
 from ..models import load_tokenizer
 from ..reproducible import seed_everything, versions
+from ..tracking import Tracking, check_available
 from .accounting import count_params
 from .batching import epoch_windows, packing_layout, step_batches
 from .checkpoint import (
@@ -81,6 +82,8 @@ class Trainer:
         self.dist = Distributed.from_env(cfg.train.distributed)
         self.lock = None
         self.run_dir = None
+        self.tracking = None
+        check_available(cfg.report_to)  # a tracker's missing package fails before any work
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.device = self.dist.device(pick_device())
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -168,7 +171,11 @@ class Trainer:
             rebase_schedule(self.optimizer, self.scheduler, base_lrs)  # a new train.lr or total applies from here
             self.best_weights = load_best_weights(ckpt)
             log(f"resuming {self.run_dir} from {ckpt.name}")
-            self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"]) if self.dist.is_main else None
+            if self.dist.is_main:  # only rank 0 writes and tracks
+                self.tracking = Tracking(cfg, self.run_dir, resume_step=self.state["step"])
+                self.metrics = MetricsLog(self.run_dir, resume_step=self.state["step"], tracking=self.tracking)
+            else:
+                self.metrics = None
             if resume_changes and self.dist.is_main:
                 record_resume(self.run_dir, self.state["step"], resume_changes)
                 atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
@@ -180,7 +187,8 @@ class Trainer:
                 self.run_dir = create_run_dir(cfg)
                 self.lock = RunLock(self.run_dir).acquire()
                 atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-                self.metrics = MetricsLog(self.run_dir)
+                self.tracking = Tracking(cfg, self.run_dir)
+                self.metrics = MetricsLog(self.run_dir, tracking=self.tracking)
             self.run_dir = Path(self.dist.broadcast_str(str(self.run_dir) if self.dist.is_main else ""))
         if self.dist.rank > 0:  # dropout differs between ranks; rank 0 keeps the single-process stream
             torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + self.state["step"])
@@ -342,9 +350,12 @@ class Trainer:
                 pass  # the folder refuses writes: the message below still says it
         return UserError(reason + (where if self.run_dir else ""))
 
-    def close(self) -> None:
+    def close(self, status: str = "FAILED") -> None:
+        """Release the run; `status` ends its tracking runs where finish() did not (FAILED, KILLED)."""
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracking is not None:
+            self.tracking.close(status)
         if self.lock is not None:
             self.lock.release()
         self.dist.close()
@@ -510,6 +521,7 @@ class Trainer:
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         write_plots(self.run_dir)
+        self.tracking.finish(summary, artifact)
         log(
             f"done: {step} steps, final train loss {summary['final_train_loss']:.4f}"
             + (f", eval loss {final_eval['eval_loss']:.4f}" if final_eval else "")
@@ -546,8 +558,12 @@ def train(
 
         trainer_class = PreferenceTrainer
     trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes)
+    status = "FAILED"  # what the trackers record when the run does not finish
     try:
         return trainer.run()
+    except Interrupted:
+        status = "KILLED"
+        raise
     except OSError as exc:  # a write into the run folder failed: read-only, disk full, permissions
         raise trainer.failed(
             f"{exc.filename or trainer.run_dir}: {exc.strerror or exc} (writing the run); "
@@ -556,4 +572,4 @@ def train(
     except UserError as exc:
         raise trainer.failed(str(exc)) from None
     finally:
-        trainer.close()
+        trainer.close(status)

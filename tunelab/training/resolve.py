@@ -2,7 +2,7 @@
 
 Everything a run derives from its config and its surroundings is filled here: the method's default
 LR, the objective, whether batches are packed, the label names of a classifier, gradient accumulation when resuming
-under another process count, and absolute data paths (so the run resumes from any folder). The result
+under another process count, absolute data paths (so the run resumes from any folder) and the MLflow store. The result
 is frozen: RUN/config.yaml is exactly what the run used, and nothing changes it afterwards.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import Config, build_config
 from ..errors import ConfigError, UserError
+from ..tracking import default_mlflow_uri
 from .checkpoint import read_trainer_state
 
 
@@ -60,4 +61,6 @@ def resolve_run_config(cfg: Config, method, labels: list[str] | None = None, gra
     for key in ("train", "eval"):
         if data[key]:
             data[key] = str(Path(data[key]).resolve())
+    if d.get("mlflow") is not None and d["mlflow"]["tracking_uri"] is None:
+        d["mlflow"]["tracking_uri"] = default_mlflow_uri(cfg.out_dir)
     return build_config(d).make_read_only()

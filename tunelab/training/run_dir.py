@@ -14,7 +14,6 @@ from pathlib import Path
 from ..config import plain_name_problem
 from ..errors import UserError
 from ..io import atomic_write_text, read_metrics
-from ..log import log
 
 FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
 
@@ -84,59 +83,32 @@ def save_artifact(method, model, run_dir: Path, tokenizer=None) -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON object per logging step to metrics.jsonl (and mirrors scalars to TensorBoard).
+    """Appends one JSON object per logging step to metrics.jsonl, and mirrors its numbers to the run's trackers
+    (tunelab.tracking: TensorBoard, MLflow, W&B; a failing one is switched off with a warning).
 
-    On resume the log is cut back to the checkpoint's step (a torn last line is dropped). TensorBoard
-    is a mirror: if it cannot write, it is switched off with a note and metrics.jsonl goes on."""
+    On resume the log is cut back to the checkpoint's step (a torn last line is dropped)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tracking=None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            quiet_tensorboard_thread()
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=(resume_step + 1) if resume_step else None)
+        self.tracking = tracking
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            try:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                        self.tb.add_scalar(tag, value, record["step"])
-            except Exception as exc:  # noqa: BLE001 - whatever its writer thread hit
-                self._drop_tensorboard(exc)
-
-    def _drop_tensorboard(self, exc: Exception) -> None:
-        log(f"note: TensorBoard logging stopped ({' '.join(str(exc).split())[:200]}); metrics.jsonl goes on")
-        tb, self.tb = self.tb, None
-        try:
-            tb.close()
-        except Exception:  # noqa: BLE001 - the same failure again
-            pass
+        if self.tracking is not None:
+            self.tracking.log(record)
 
     def close(self) -> None:
         self.file.close()
-        tb, self.tb = self.tb, None
-        if tb is not None:
-            try:
-                tb.close()
-            except Exception as exc:  # noqa: BLE001 - its writer thread's failure, surfaced at close
-                log(
-                    f"note: TensorBoard logging stopped ({' '.join(str(exc).split())[:200]}); metrics.jsonl is complete"
-                )
 
 
 def quiet_tensorboard_thread() -> None:
     """TensorBoard writes from a thread that prints its own traceback when a write fails; that
-    failure reaches MetricsLog on the next write and is reported there, once, as one line."""
+    failure reaches the tracker on the next write and is reported there, once, as one line."""
     if getattr(threading.excepthook, "tunelab_quiet", False):
         return
     previous = threading.excepthook
