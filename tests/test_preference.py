@@ -76,6 +76,7 @@ def test_preference_config_rules():
         ({"task": "preference", "train": {"objective": "sft"}}, "train.objective: sft needs task: causal_lm"),
         ({"preference": {"beta": 0.5}}, "the 'preference' section is for task: preference"),
         ({"task": "preference", "train": {"objective": "orpo", "precompute_ref": True}}, "train.precompute_ref"),
+        ({"task": "preference", "train": {"objective": "simpo", "precompute_ref": True}}, "train.precompute_ref"),
         ({"task": "preference", "data": {"loss_on": "all"}}, "data.loss_on: all does not fit task: preference"),
         ({"task": "preference", "preference": {"label_smoothing": 0.5}}, "preference.label_smoothing"),
     ]:
@@ -127,7 +128,7 @@ def _step(model, batches, objective, n_pairs, chosen_tokens, varlen=False):
     from tunelab.attention import varlen_attention
     from tunelab.preference import pair_terms, sequence_logps, step_loss_sum
 
-    opts = types.SimpleNamespace(beta=0.2, label_smoothing=0.1, orpo_lambda=0.3)
+    opts = types.SimpleNamespace(beta=0.2, label_smoothing=0.1, orpo_lambda=0.3, simpo_gamma=0.3)
     model.zero_grad()
     total = 0.0
     for batch in batches:
@@ -141,7 +142,7 @@ def _step(model, batches, objective, n_pairs, chosen_tokens, varlen=False):
     return total / n_pairs, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
 def test_micro_batches_and_packing_give_the_same_step(lora_pairs, objective):
     """One padded micro-batch, four accumulated ones of one pair, and both sequences of every pair packed in
     one row: the same loss and gradients (fp32; only summation order differs, hence 1e-5 relative)."""

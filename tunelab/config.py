@@ -136,9 +136,9 @@ class TrainConfig(Section):
         default_factory=dict,
         description="parameter-name pattern (glob, or substring) -> LR multiplier, as optimizer groups (logged at start)",
     )
-    objective: Literal["sft", "dpo", "ipo", "orpo"] | None = Field(
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] | None = Field(
         None,
-        description="what the loss optimises; unset: sft, or dpo for task: preference; dpo/ipo/orpo need task: "
+        description="what the loss optimises; unset: sft, or dpo for task: preference; dpo/ipo/orpo/simpo need task: "
         "preference (the `preference` section holds their options)",
     )
     precompute_ref: bool = Field(
@@ -159,20 +159,27 @@ class PreferenceConfig(Section):
     beta: float = Field(
         0.1,
         gt=0,
-        description="dpo: strength of the pull towards the reference (reward = beta x log-ratio); ipo: its tau",
+        description="dpo: strength of the pull towards the reference (reward = beta x log-ratio); ipo: its tau; "
+        "simpo: the scale of the mean log-prob margin (the SimPO paper's values are around 2, far above DPO's)",
     )
     label_smoothing: float = Field(
         0.0,
         ge=0.0,
         lt=0.5,
-        description="dpo: assumed share of pairs whose labels are flipped (conservative DPO); 0: plain DPO",
+        description="dpo, simpo: assumed share of pairs whose labels are flipped (conservative DPO); 0: plain DPO",
     )
     orpo_lambda: float = Field(
         0.1, gt=0, description="orpo: weight of the odds-ratio term next to the SFT loss on the chosen answers"
     )
+    simpo_gamma: float = Field(
+        0.5,
+        ge=0,
+        description="simpo: target reward margin gamma: the loss pushes beta x (mean log-prob chosen - rejected) "
+        "above it (0.5: TRL's default)",
+    )
 
 
-OBJECTIVES = {"causal_lm": ("sft",), "classification": ("sft",), "preference": ("dpo", "ipo", "orpo")}
+OBJECTIVES = {"causal_lm": ("sft",), "classification": ("sft",), "preference": ("dpo", "ipo", "orpo", "simpo")}
 
 
 class EvalConfig(Section):
@@ -372,7 +379,7 @@ class CommonConfig(Section):
         if objective is not None and objective not in allowed:
             needs = "task: preference" if objective != "sft" else "task: causal_lm or classification"
             _rule("train.objective", f"{objective} needs {needs} (task: {self.task} trains with {', '.join(allowed)})")
-        if self.train.precompute_ref and (self.task != "preference" or objective == "orpo"):
+        if self.train.precompute_ref and (self.task != "preference" or objective in ("orpo", "simpo")):
             _rule("train.precompute_ref", "only dpo and ipo (task: preference) have a reference model")
         if self.task == "preference" and self.data.loss_on == "all":
             _rule("data.loss_on", "all does not fit task: preference (a pair is compared on its answers only)")

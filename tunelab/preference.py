@@ -1,4 +1,4 @@
-"""Preference objectives: sequence log-probs of answer pairs, the DPO / IPO / ORPO losses, reward metrics.
+"""Preference objectives: sequence log-probs of answer pairs, the DPO / IPO / ORPO / SimPO losses, reward metrics.
 
 A micro-batch holds the sequences of its pairs in the order chosen_0, rejected_0, chosen_1, ...; every
 label token carries its sequence's index (`seq_ids`), so padded rows and packed rows give the same sums.
@@ -8,7 +8,9 @@ Per pair, with log-probs summed over the answer's tokens (policy l, reference r,
   IPO  (Azar et al. 2023)      loss = ((l_c - r_c) / |c| - (l_w - r_w) / |w| - 1 / (2 beta))^2  (per-token ratios, as TRL)
   ORPO (Hong et al. 2024)      mean per-token log-probs m; log odds = (m_c - m_w) - (log(1 - e^m_c) - log(1 - e^m_w))
        loss = NLL of the chosen answers' tokens - lambda logsig(log odds); no reference model
-Rewards: beta x log-ratio (DPO, IPO), lambda x mean log-prob (ORPO), as TRL logs them.
+  SimPO (Meng et al. 2024)     h = beta (m_c - m_w) - gamma (mean per-token log-probs m, a target margin gamma),
+       loss = -(1 - eps) logsig(h) - eps logsig(-h) (TRL's CPOTrainer loss_type="simpo"); no reference model
+Rewards: beta x log-ratio (DPO, IPO), lambda x mean log-prob (ORPO), beta x mean log-prob (SimPO), as TRL logs them.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def pair_terms(objective: str, options, logps: torch.Tensor, tokens: torch.Tensor, ref_logps=None) -> PairTerms:
     """The objective's per-pair terms from interleaved sequence log-probs (chosen, rejected, ...).
-    `options`: the config's preference section (beta, label_smoothing, orpo_lambda)."""
+    `options`: the config's preference section (beta, label_smoothing, orpo_lambda, simpo_gamma)."""
     chosen, rejected = logps[0::2].float(), logps[1::2].float()
     n_chosen, n_rejected = tokens[0::2].clamp(min=1), tokens[1::2].clamp(min=1)
     if objective == "orpo":
@@ -78,6 +80,13 @@ def pair_terms(objective: str, options, logps: torch.Tensor, tokens: torch.Tenso
         losses = -options.orpo_lambda * F.logsigmoid(log_odds)
         rewards = (options.orpo_lambda * mean_c.detach(), options.orpo_lambda * mean_r.detach())
         return PairTerms(losses, -chosen.sum(), int(tokens[0::2].sum()), *rewards, mean_c.detach(), mean_r.detach())
+    if objective == "simpo":  # length-normalised, reference-free
+        mean_c, mean_r = chosen / n_chosen, rejected / n_rejected
+        h = options.beta * (mean_c - mean_r) - options.simpo_gamma
+        eps = options.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+        rewards = (options.beta * mean_c.detach(), options.beta * mean_r.detach())
+        return PairTerms(losses, None, int(tokens[0::2].sum()), *rewards, mean_c.detach(), mean_r.detach())
     ref_c, ref_r = ref_logps[0::2].float(), ref_logps[1::2].float()
     ratio_c, ratio_r = chosen - ref_c, rejected - ref_r
     if objective == "dpo":
