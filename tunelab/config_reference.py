@@ -37,6 +37,8 @@ def type_name(annotation) -> str:
 
 
 def default_text(field) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         value = field.default_factory()
     else:
@@ -73,6 +75,8 @@ def markdown() -> str:
         out += ["", f"### `{name}`", ""] + _table(section_rows(model, f"{name}."))
     out += ["", "### `preference` (task: preference only)", ""]
     out += _table(section_rows(_section_model(CommonConfig.model_fields["preference"].annotation), "preference."))
+    out += ["", "### `distill` (a distillation run: `tunelab distill`)", ""]
+    out += _table(section_rows(_section_model(CommonConfig.model_fields["distill"].annotation), "distill."))
     out += [
         "",
         "### Method sections",
