@@ -68,6 +68,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill import distill
+    from .training.signals import Interrupted
+
+    if args.resume is None and args.config is None:
+        raise UserError("tunelab distill needs a CONFIG.yaml with a distill section (or --resume RUN)")
+    overrides = list(args.overrides)
+    if args.resume is not None and args.config:
+        overrides.insert(0, args.config)  # `distill --resume RUN key=value`: the first override lands in `config`
+    config = None if args.resume is not None else args.config
+    try:
+        result = distill(config, overrides, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
+    print(result.run_dir)
+    return 0
+
+
 def _relaunch(nproc: int) -> int:
     """`tunelab train --nproc N ...`: the same command under torchrun, N data-parallel processes."""
     import signal
@@ -480,6 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard parameters, gradients and optimizer state over the processes (FSDP): train.distributed=fsdp",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "distill", help="train a student from a teacher (KD: distill.temperature, distill.alpha); prints the run"
+    )
+    p.add_argument("config", nargs="?", help="CONFIG.yaml with a distill section (distill.teacher: a run or model)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--resume", metavar="RUN", help="continue the distillation run RUN from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("generate", help="one completion from a run or a model")
     p.add_argument("run_or_model")

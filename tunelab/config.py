@@ -179,6 +179,44 @@ class PreferenceConfig(Section):
     )
 
 
+class DistillConfig(Section):
+    """Knowledge distillation (`tunelab distill`): the run's model, the student, also learns the teacher's outputs."""
+
+    teacher: str = Field(
+        ...,
+        description="the teacher: a finished run folder (its trained model), a registry name or a model folder; "
+        "same tokenizer and vocabulary as the student",
+    )
+    keep_every: int | None = Field(
+        None,
+        ge=1,
+        description="the student is the teacher with blocks 0, k, 2k, ... kept (weights copied), built once into "
+        "$TUNELAB_HOME/models; leave `model` unset then. Unset: the student is `model`",
+    )
+    temperature: float = Field(
+        4.0, gt=0, description="T: both distributions are softened by it; the KL term is scaled by T^2"
+    )
+    alpha: float = Field(
+        0.7,
+        ge=0.0,
+        le=1.0,
+        description="loss = alpha x T^2 x KL(teacher || student) + (1 - alpha) x CE(labels); per completion token "
+        "(causal LM) or example (classification); 0: plain fine-tuning",
+    )
+    cache: bool = Field(
+        False,
+        description="the teacher's logits of every training example computed once before training (without "
+        "gradients) and stored in the run (teacher-logits/), instead of a teacher forward each step",
+    )
+    top_k: int = Field(
+        64,
+        ge=1,
+        description="with cache, causal LM: the k largest teacher logits per token are stored (the teacher "
+        "distribution is renormalised over them); classification stores every class",
+    )
+    cache_chunk: int = Field(256, ge=1, description="with cache: examples per cache file")
+
+
 OBJECTIVES = {"causal_lm": ("sft",), "classification": ("sft",), "preference": ("dpo", "ipo", "orpo", "simpo")}
 
 
@@ -302,6 +340,9 @@ class CommonConfig(Section):
     )
     mlflow: MlflowConfig | None = Field(None, description="options of report_to: mlflow")
     wandb: WandbConfig | None = Field(None, description="options of report_to: wandb")
+    distill: DistillConfig | None = Field(
+        None, description="knowledge distillation from a teacher (`tunelab distill`); unset: none"
+    )
     adapter_name: str = Field(
         "default", description="the task name when several adapters share a base (tunelab.load adapters=)"
     )
@@ -383,12 +424,16 @@ class CommonConfig(Section):
             _rule("train.precompute_ref", "only dpo and ipo (task: preference) have a reference model")
         if self.task == "preference" and self.data.loss_on == "all":
             _rule("data.loss_on", "all does not fit task: preference (a pair is compared on its answers only)")
+        if self.distill is not None and self.task == "preference":
+            _rule("distill", "distillation is for task: causal_lm or classification (not preference)")
+        if self.distill is not None and self.train.distributed == "fsdp":
+            _rule("distill", "a distillation run does not shard (train.distributed: fsdp); use ddp")
         return self
 
     def to_dict(self) -> dict:
         """The config as plain data; only the sections the method reads."""
         d = self.model_dump(mode="json")
-        for name in ("preference", "mlflow", "wandb"):
+        for name in ("preference", "mlflow", "wandb", "distill"):
             if d.get(name) is None:
                 d.pop(name, None)
         for name in SECTIONS:

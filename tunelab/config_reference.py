@@ -37,6 +37,8 @@ def type_name(annotation) -> str:
 
 
 def default_text(field) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         value = field.default_factory()
     else:
@@ -76,6 +78,8 @@ def markdown() -> str:
     for name in ("mlflow", "wandb"):
         out += ["", f"### `{name}` (report_to: {name} only)", ""]
         out += _table(section_rows(_section_model(CommonConfig.model_fields[name].annotation), f"{name}."))
+    out += ["", "### `distill` (a distillation run: `tunelab distill`)", ""]
+    out += _table(section_rows(_section_model(CommonConfig.model_fields["distill"].annotation), "distill."))
     out += [
         "",
         "### Method sections",

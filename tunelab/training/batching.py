@@ -49,6 +49,16 @@ def packing_layout(model):
     )
 
 
+def step_groups(examples: list[dict], batch_size: int, packing: bool, capacity: int) -> list[list[int]]:
+    """Which of `examples` (by position) each micro-batch of step_batches holds, in the order their tokens
+    appear in it (row by row)."""
+    if packing:
+        rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+        return [[i for row in rows[g : g + batch_size] for i in row] for g in range(0, len(rows), batch_size)]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def step_batches(
     examples: list[dict], batch_size: int, pad_id: int, packing: bool, capacity: int, layout=None
 ) -> list[dict]:
@@ -63,5 +73,6 @@ def step_batches(
         if layout in ("varlen", "flash"):
             return [varlen_batch([examples[i] for row in group for i in row]) for group in groups]
         return [packed_batch(examples, group, pad_id, layout) for group in groups]
-    examples = sorted(examples, key=lambda e: -len(e["input_ids"]))
-    return [pad_batch(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+    return [
+        pad_batch([examples[i] for i in group], pad_id) for group in step_groups(examples, batch_size, False, capacity)
+    ]

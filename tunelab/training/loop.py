@@ -557,6 +557,12 @@ def train(
         from .preference import PreferenceTrainer
 
         trainer_class = PreferenceTrainer
+    if cfg.distill is not None:
+        from ..distill import with_student
+        from .distill import DistillTrainer
+
+        cfg = with_student(cfg) if resume is None else cfg
+        trainer_class = DistillTrainer
     trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes)
     status = "FAILED"  # what the trackers record when the run does not finish
     try:

@@ -2,8 +2,8 @@
 
 Everything a run derives from its config and its surroundings is filled here: the method's default
 LR, the objective, whether batches are packed, the label names of a classifier, gradient accumulation when resuming
-under another process count, absolute data paths (so the run resumes from any folder) and the MLflow store. The result
-is frozen: RUN/config.yaml is exactly what the run used, and nothing changes it afterwards.
+under another process count, absolute data and teacher paths (so the run resumes from any folder) and the MLflow
+store. The result is frozen: RUN/config.yaml is exactly what the run used, and nothing changes it afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import Config, build_config
 from ..errors import ConfigError, UserError
+from ..models import REGISTRY
 from ..tracking import default_mlflow_uri
 from .checkpoint import read_trainer_state
 
@@ -63,4 +64,9 @@ def resolve_run_config(cfg: Config, method, labels: list[str] | None = None, gra
             data[key] = str(Path(data[key]).resolve())
     if d.get("mlflow") is not None and d["mlflow"]["tracking_uri"] is None:
         d["mlflow"]["tracking_uri"] = default_mlflow_uri(cfg.out_dir)
+    teacher = (d.get("distill") or {}).get("teacher")
+    if (
+        teacher and teacher not in REGISTRY and Path(teacher).is_dir()
+    ):  # a run or model folder: found again from any working directory
+        d["distill"]["teacher"] = str(Path(teacher).resolve())
     return build_config(d).make_read_only()

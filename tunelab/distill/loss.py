@@ -1,0 +1,135 @@
+"""The knowledge-distillation loss (Hinton et al. 2015), as a sum the training loop normalises like any loss.
+
+Per label position (causal LM: every completion token; classification: every example), with teacher logits
+t, student logits s, temperature T and weight alpha:
+
+    loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, label)
+
+T^2 keeps the soft term's gradient on the scale of the hard one's as T grows. A cached teacher is its k
+largest logits per position (values, vocabulary ids): its distribution is renormalised over those k, and the
+KL sums over them against the student's full-vocabulary log-probs.
+
+For causal LMs the LM heads run only at label positions, in chunks (each student chunk recomputed in
+backward), as the plain fine-tuning loss does (tunelab.losses): full-vocabulary logits of every position are
+never held, neither the teacher's nor the student's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..data.encode import IGNORE_INDEX
+from ..losses import CHUNK, _causal_lm, model_inputs, supports_selected_loss
+
+TopK = tuple[torch.Tensor, torch.Tensor]  # (values, vocabulary ids), each (positions, k)
+
+
+@dataclass
+class KDSums:
+    """A micro-batch's summed terms: `total` (what backward runs on) and, detached, the KL and CE sums."""
+
+    total: torch.Tensor
+    kl_sum: float
+    ce_sum: float
+
+
+def kd_terms(student_logits: torch.Tensor, teacher, targets: torch.Tensor, temperature: float):
+    """(KL sum, CE sum) over positions; `teacher` is full logits like the student's or a TopK pair.
+    KL is KL(teacher_T || student_T) at temperature T, CE the student's plain cross-entropy (T = 1)."""
+    s = student_logits.float()
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    if isinstance(teacher, tuple):
+        values, ids = teacher
+        log_p = F.log_softmax(values.float() / temperature, dim=-1)
+        log_q = log_q.gather(-1, ids.long())
+    else:
+        log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    ce = F.cross_entropy(s, targets, reduction="sum")
+    return kl, ce
+
+
+def _combine(kl, ce, temperature: float, alpha: float):
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
+def label_features(model, batch: dict):
+    """What becomes the logits at every label position (labels shifted by one, row-major): on the fast path
+    (hidden states [N, H], LM head); else (logits [N, V], None) from the model's full forward."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    if supports_selected_loss(model):
+        lm = _causal_lm(model)
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state
+        return hidden[:, :-1][mask], lm.get_output_embeddings()
+    logits = model(input_ids=batch["input_ids"], **model_inputs(batch)).logits
+    return logits[:, -batch["input_ids"].shape[1] : -1][mask], None  # prompt tuning: virtual tokens first
+
+
+def _logits(features, head):
+    return features if head is None else F.linear(features, head.weight, head.bias)
+
+
+def _student_chunk(features, weight, bias, teacher, targets, temperature, alpha):
+    logits = features if weight is None else F.linear(features, weight, bias)
+    kl, ce = kd_terms(logits, teacher, targets, temperature)
+    return torch.stack([_combine(kl, ce, temperature, alpha), kl, ce])
+
+
+def lm_kd_sums(student, batch: dict, teacher, temperature: float, alpha: float, chunk: int = CHUNK) -> KDSums:
+    """The KD loss summed over a causal-LM micro-batch's label tokens. `teacher`: a model (run here without
+    gradients, on the same batch), or cached logits (a TopK pair, or full logits) of the batch's label positions."""
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
+    features, head = label_features(student, batch)
+    if isinstance(teacher, torch.nn.Module):
+        with torch.no_grad():
+            t_features, t_head = label_features(teacher, batch)
+    else:
+        t_features, t_head = teacher, None
+    weight, bias = (head.weight, head.bias) if head is not None else (None, None)
+    sums = features.new_zeros(3, dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        part = slice(start, start + chunk)
+        if isinstance(t_features, tuple):
+            t_part = (t_features[0][part], t_features[1][part])
+        else:
+            with torch.no_grad():
+                t_part = _logits(t_features[part], t_head)
+        args = (features[part], weight, bias, t_part, targets[part], temperature, alpha)
+        if torch.is_grad_enabled() and targets.numel() > chunk:
+            sums = sums + checkpoint(_student_chunk, *args, use_reentrant=False)
+        else:
+            sums = sums + _student_chunk(*args)
+    return KDSums(sums[0], float(sums[1].detach()), float(sums[2].detach()))
+
+
+def classification_kd_sums(student, batch: dict, teacher, temperature: float, alpha: float) -> KDSums:
+    """The KD loss summed over a classification micro-batch's examples (`teacher`: a model, or its cached
+    logits of these examples); with `weights` (train.class_weights)
+    each example's CE term is weighted, as in plain training."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = student(**inputs).logits.float()
+    if isinstance(teacher, torch.nn.Module):
+        with torch.no_grad():
+            t_logits = teacher(**inputs).logits
+    else:
+        t_logits = teacher
+    kl, ce = kd_terms(logits, t_logits, batch["labels"], temperature)
+    if "weights" in batch:
+        ce = (F.cross_entropy(logits, batch["labels"], reduction="none") * batch["weights"].to(logits.device)).sum()
+    return KDSums(_combine(kl, ce, temperature, alpha), float(kl.detach()), float(ce.detach()))
+
+
+def kd_sums(student, batch: dict, teacher, temperature: float, alpha: float) -> KDSums:
+    """Causal LM (2-D labels) or classification (1-D labels); a filler pass (`loss_weight` 0) counts zero."""
+    if batch["labels"].dim() == 1:
+        sums = classification_kd_sums(student, batch, teacher, temperature, alpha)
+    else:
+        sums = lm_kd_sums(student, batch, teacher, temperature, alpha)
+    if "loss_weight" in batch:
+        sums.total = sums.total * batch["loss_weight"]
+    return sums
