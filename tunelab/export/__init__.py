@@ -140,7 +140,9 @@ def export_run(
             kind = "magnitude-pruned"
         exported, load_s, kind = _write(model, tokenizer, cfg, out, fmt, quantize, kind, info)
 
-    report = compare(trained, exported, tokenizer, convs, cfg.data.system_prompt, kind)
+    report = compare(
+        trained, exported, tokenizer, convs, cfg.data.system_prompt, kind, min(cfg.eval.max_new_tokens, 32)
+    )
     report.update(
         {
             "prompts": source,
