@@ -341,6 +341,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    export_run(
+        args.run,
+        args.out,
+        fmt=args.format,
+        merge=args.merge,
+        quantize=args.quantize,
+        prune_layers=args.prune_layers,
+        prune=args.prune,
+        heal_steps=args.heal_steps,
+        prompts=args.prompts,
+        max_prompts=args.max_prompts,
+        progress=not args.no_progress,
+    )
+    print(args.out)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench.run import run_bench
 
@@ -612,6 +632,21 @@ def build_parser() -> argparse.ArgumentParser:
         "on smollm2 from a small SFT adapter",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="the trained model as an adapter, a merged model, GGUF/Ollama, int8; parity")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "ollama"])
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base: a plain transformers model")
+    p.add_argument("--quantize", choices=["int8", "q8_0", "f16", "nf4"], help="int8/nf4 (hf), q8_0/f16 (gguf)")
+    prune = p.add_mutually_exclusive_group()
+    prune.add_argument("--prune-layers", type=int, metavar="N", help="remove the N least important decoder blocks")
+    prune.add_argument("--prune", type=float, metavar="AMOUNT", help="zero this fraction of each linear weight")
+    p.add_argument("--heal-steps", type=int, default=0, metavar="N", help="a short LoRA run on the pruned model")
+    p.add_argument("--prompts", metavar="FILE", help="parity conversations (default: the run's validation split)")
+    p.add_argument("--max-prompts", type=int, default=16, metavar="N", help="parity uses at most N conversations")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "bench", help="tunelab's fast path vs a transformers Trainer + peft baseline, measured in the same run; JSON"
