@@ -60,15 +60,6 @@ def ui(tmp_path_factory):
     )
     write_run(runs, "b", 3e-3, 16, [2.2 - 0.15 * i for i in range(8)], evals={8: {"eval_loss": 1.5}})
     write_run(runs, "c", 1e-1, 8, [2.0, 9.0, 40.0], status="failed")
-    (runs / "a" / "predictions.jsonl").write_text(
-        "".join(
-            json.dumps({"line": i, "prompt": [{"role": "user", "content": f"q{i}"}], "reference": "x"} | row) + "\n"
-            for i, row in enumerate(
-                [{"prediction": "x", "exact_match": 1.0, "rougeL": 1.0}] * 3
-                + [{"prediction": "wrong", "exact_match": 0.0, "rougeL": 0.0}]
-            )
-        )
-    )
     (runs / "compare-ab").mkdir()
     (runs / "compare-ab" / "report.html").write_text("<h1>a vs b</h1>")
     tiny = train_tiny_run(tmp, val_fraction=0, run_name="tiny", max_steps=2, lr=TINY_LR["lora"]).run_dir
@@ -205,7 +196,7 @@ def _client(runs, key=None, host="127.0.0.1"):
 
 def test_no_file_outside_the_runs_directory_is_served(tmp_path):
     runs = tmp_path / "runs"
-    write_run(runs, "a", 1e-3, 8, [1.0, 0.5])
+    write_run(runs, "a", 1e-3, 8, [1.0, float("nan")])  # a diverged step: NaN in the log
     (tmp_path / "secret.txt").write_text("TOP-SECRET-CONTENT")
     (runs / "a" / "link.txt").symlink_to(tmp_path / "secret.txt")
     (runs / "escape").symlink_to(tmp_path)
@@ -225,6 +216,28 @@ def test_no_file_outside_the_runs_directory_is_served(tmp_path):
         assert response.status_code == 404, path
         assert "TOP-SECRET" not in response.text
     assert [r["id"] for r in client.get("/api/runs").json()["runs"]] == ["0/a"]  # the symlink out is no run
+    assert [r["loss"] for r in client.get("/api/run/0/a/metrics").json()["records"]] == [1.0, None]  # valid JSON
+
+
+def test_predictions_come_worst_first_and_the_confusion_matrix_is_labelled(tmp_path):
+    runs = tmp_path / "runs"
+    run = write_run(runs, "a", 1e-3, 8, [1.0, 0.5])
+    scores = [(1.0, 1.0), (0.0, 0.5), (1.0, 0.9), (0.0, 0.1)]  # (exact match, ROUGE-L) of lines 0-3
+    rows = [
+        {"line": i, "prediction": "p", "reference": "r", "exact_match": e, "rougeL": r}
+        for i, (e, r) in enumerate(scores)
+    ]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "eval.json").write_text(json.dumps({"eval_accuracy": 0.5, "eval_confusion_matrix": [[1, 1], [0, 2]]}))
+    config = yaml.safe_load((run / "config.yaml").read_text()) | {"data": {"labels": ["spam", "ham"]}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    client = _client(runs)
+    page = client.get("/api/run/0/a/predictions", params={"limit": 3}).json()
+    assert page["total"] == 4 and [r["line"] for r in page["rows"]] == [3, 1, 2]
+    details = client.get("/api/run/0/a").json()
+    assert details["confusion"] == {"matrix": [[1, 1], [0, 2]], "labels": ["spam", "ham"]}
+    assert details["predictions"] == ["predictions.jsonl"] and details["eval"] == {"eval_accuracy": 0.5}
+    assert client.get("/api/run/0/a/predictions", params={"file": "../summary.json"}).status_code == 404
 
 
 def test_api_key_login_cookie_and_cross_site_requests(tmp_path):

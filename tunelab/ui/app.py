@@ -8,6 +8,8 @@ index of their runs directory and the folder name. Files are served from inside 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -84,6 +86,22 @@ class Dashboard:
         return path
 
 
+def _finite(value):
+    """JSON without NaN or Infinity (a diverged run logs them; browsers' JSON.parse refuses them): null instead."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+class JSON(JSONResponse):
+    def render(self, content) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=status)
 
@@ -139,7 +157,7 @@ def run_details(dash: Dashboard, run_id: str, run: Path) -> dict:
 
 
 def create_app(dash: Dashboard) -> FastAPI:
-    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None, default_response_class=JSON)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     shell = (STATIC / "index.html").read_text(encoding="utf-8")
 
@@ -200,14 +218,15 @@ def create_app(dash: Dashboard) -> FastAPI:
     @app.get("/api/runs")
     async def api_runs():
         rows = await asyncio.to_thread(dash.index.rows)
-        return {"dirs": [str(d) for d in dash.index.dirs], "runs": rows, "reports": dash.index.reports()}
+        # plain JSON already: returning the response skips FastAPI's (slow, per value) encoder for hundreds of rows
+        return JSON({"dirs": [str(d) for d in dash.index.dirs], "runs": rows, "reports": dash.index.reports()})
 
     @app.get("/api/run/{run_id:path}/metrics")
     async def api_metrics(run_id: str, since: int = 0):
         run = dash.run(run_id)
         records = dash.index.metrics.records(run / "metrics.jsonl")
         status = run_status(run)[0]
-        return {"status": status, "count": len(records), "records": records[max(since, 0) :]}
+        return JSON({"status": status, "count": len(records), "records": records[max(since, 0) :]})
 
     @app.get("/api/run/{run_id:path}/predictions")
     async def api_predictions(run_id: str, file: str = "predictions.jsonl", offset: int = 0, limit: int = 50):
@@ -256,7 +275,7 @@ def create_app(dash: Dashboard) -> FastAPI:
                 summary = _read_object(run / "summary.json")
                 records = with_x_axes(dash.index.metrics.records(run / "metrics.jsonl"), summary)
                 out.append({"id": run_id, "row": dash.index.row(run, run_id), "records": records})
-            return {"runs": out, "diff": diff_run_folders(list(paths.values()))}
+            return JSON({"runs": out, "diff": diff_run_folders(list(paths.values()))})
 
         return await asyncio.to_thread(build)
 

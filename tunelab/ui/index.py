@@ -50,16 +50,18 @@ class MetricsTail:
             return records
 
 
-def _stat_key(path: Path) -> tuple:
+def _stat_key(path: str) -> tuple:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return (None,)
     return (st.st_mtime_ns, st.st_size)
 
 
-def run_signature(run: Path) -> tuple:
-    return (_stat_key(run), _stat_key(run / "checkpoints"), _stat_key(run / "metrics.jsonl"))
+def run_signature(run: str) -> tuple:
+    """What changes when the trainer (or `tunelab eval`) writes into the run folder (plain os calls: this
+    runs for every run on every request)."""
+    return (_stat_key(run), _stat_key(os.path.join(run, "checkpoints")), _stat_key(os.path.join(run, "metrics.jsonl")))
 
 
 def best_value(records: list[dict], metric: str) -> float | None:
@@ -76,7 +78,7 @@ class RunsIndex:
     def __init__(self, dirs: list[Path]):
         self.dirs = [Path(d).resolve() for d in dirs]
         self.metrics = MetricsTail()
-        self._rows: dict[Path, tuple[tuple, dict]] = {}
+        self._rows: dict[str, tuple[tuple, dict]] = {}  # run folder -> (signature, row)
         self._lock = threading.Lock()
         self.rebuilt = 0  # rows built from the files (not the cache) since the start: the cache's test
 
@@ -97,27 +99,33 @@ class RunsIndex:
             except OSError:
                 continue
             for entry in entries:
-                run = Path(entry.path)
-                if not entry.is_dir() or not is_run_folder(run) or run.resolve().parent != root:
-                    continue  # a symlink to a folder elsewhere is not served
-                seen.add(run)
-                out.append(self.row(run, f"{index}/{entry.name}"))
+                # a symlink (perhaps to a folder elsewhere) is never served; a folder without a config is no run
+                if entry.is_symlink() or not entry.is_dir():
+                    continue
+                row = self.row(Path(entry.path), f"{index}/{entry.name}")
+                if row is not None:
+                    seen.add(entry.path)
+                    out.append(row)
         with self._lock:
             for gone in set(self._rows) - seen:
                 del self._rows[gone]
         return out
 
-    def row(self, run: Path, run_id: str) -> dict:
-        signature = run_signature(run)
+    def row(self, run: Path, run_id: str) -> dict | None:
+        """The run's row, from the cache while its signature is unchanged; None if it is not a run folder."""
+        key = str(run)
+        signature = run_signature(key)
         with self._lock:
-            cached = self._rows.get(run)
+            cached = self._rows.get(key)
         if cached is not None and cached[0] == signature:
             row = cached[1]
             if row["status"] != "running" or run_status(run)[0] == "running":
                 return row
+        if not is_run_folder(run):
+            return None
         row = self._build(run, run_id)
         with self._lock:
-            self._rows[run] = (signature, row)
+            self._rows[key] = (signature, row)
             self.rebuilt += 1
         return row
 

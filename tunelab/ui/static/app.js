@@ -244,7 +244,7 @@ async function comparePage() {
   function draw() {
     const [k, x] = [metricPick.value, axisPick.value];
     const series = data.runs.map((r) => ({ name: r.row.run, points: r.records.filter((rec) => isNum(rec[k]) && isNum(rec[x])).map((rec) => [rec[x], rec[k]]) }));
-    put(chart, lineChart(series, { xLabel: axisPick.selectedOptions[0].textContent, yLabel: k, height: 320 }));
+    put(chart, lineChart(series, { xLabel: axisPick.selectedOptions[0].textContent, yLabel: k, width: 1100, height: 360 }));
   }
   const names = data.runs.map((r) => r.row.run);
   const diffRows = Object.entries(data.diff.config).map(([key, values]) => [h("span", { class: "diff-key" }, key), ...values.map((v) => (v === null ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v)))]);
