@@ -427,6 +427,20 @@ def _serve_options(args):
     )
 
 
+def cmd_ui(args) -> int:
+    from .serve.security import read_api_key
+    from .ui.security import LOOPBACK
+    from .ui.server import UiOptions, UiServing, run_ui
+
+    if args.host not in LOOPBACK and args.api_key_file is None and not args.no_auth:
+        raise UserError(f"tunelab ui --host {args.host} needs --api-key-file FILE (or --no-auth)")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port}: not a port number (0-65535)")
+    key = read_api_key(args.api_key_file) if args.api_key_file else None
+    run_ui(UiServing(UiOptions(runs=args.runs or ["runs"], host=args.host, port=args.port, api_key=key)))
+    return 0
+
+
 def cmd_serve_bench(args) -> int:
     from .serve.bench import run_serve_bench
 
@@ -660,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: a base and many adapters, batched together")
     _add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="local web dashboard: runs, live curves, comparison, playground, start a run")
+    p.add_argument("--runs", action="append", metavar="DIR", help="a runs directory (repeatable; default: runs)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--api-key-file", metavar="F", help="the key the login page asks for (needed off loopback)")
+    auth.add_argument("--no-auth", action="store_true", help="no key on a non-loopback address")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("serve-bench", help="loopback load check of tunelab serve (base, 1 adapter, 4 mixed); JSON")
     p.add_argument("--model", default="smollm2-135m-instruct")

@@ -44,6 +44,11 @@ def read_jsonl_objects(path) -> list[dict]:
         text = Path(path).read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return []
+    return jsonl_objects(text)
+
+
+def jsonl_objects(text: str) -> list[dict]:
+    """The JSON objects of JSON Lines text, lines that do not parse skipped (see `read_jsonl_objects`)."""
     records = []
     for line in text.splitlines():
         try:
@@ -57,9 +62,12 @@ def read_jsonl_objects(path) -> list[dict]:
 
 def read_metrics(path) -> list[dict]:
     """A run's metrics.jsonl records (those with an integer step), so a torn log never blocks a resume or a plot."""
-    return [
-        r for r in read_jsonl_objects(path) if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)
-    ]
+    return metric_records(read_jsonl_objects(path))
+
+
+def metric_records(objects: list[dict]) -> list[dict]:
+    """The objects that are metrics records: those with an integer step."""
+    return [r for r in objects if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
 
 
 def fsync_dir(path) -> None:

@@ -88,38 +88,47 @@ def _parent(run: Path, config: dict, summary: dict) -> str | None:
     return None
 
 
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.yaml").exists() or (path / "summary.json").exists())
+
+
 def list_runs(root="runs") -> list[dict]:
     """One row per run folder (a folder holding config.yaml or summary.json) under `root`."""
     root = Path(root)
     if not root.is_dir():
         return []
-    rows = []
-    for run in sorted(
-        p for p in root.iterdir() if p.is_dir() and ((p / "config.yaml").exists() or (p / "summary.json").exists())
-    ):
-        status, s, detail = run_status(run)
-        if not s.get("method"):  # not finished (or an empty summary): the config still says what it trains
-            s = {**_config_fields(run), **s}
-        evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
-        config = _dotted(_config(run))
-        when = (run / "config.yaml") if (run / "config.yaml").exists() else (run / "summary.json")
-        rows.append(
-            {
-                "run": run.name,
-                "date": datetime.datetime.fromtimestamp(when.stat().st_mtime).isoformat(timespec="seconds"),
-                "status": status,
-                "method": _text(s.get("method")),
-                "model": _text(s.get("model")),
-                "hyperparameters": {k: config[k] for k in KEY_HYPERPARAMETERS if config.get(k) is not None},
-                "final_train_loss": _number(s.get("final_train_loss")),
-                "eval_loss": _number(evals.get("eval_loss")),
-                "config_hash": _text(s.get("config_hash")),
-                "parent": _parent(run, config, s),
-                "disk_bytes": dir_bytes(run),
-                "detail": detail,
-            }
-        )
-    return rows
+    return [run_row(run) for run in sorted(p for p in root.iterdir() if is_run_folder(p))]
+
+
+def run_row(run: Path) -> dict:
+    """The registry's row of one run folder: status, what it trains, its key numbers (None where unknown)."""
+    status, s, detail = run_status(run)
+    if not s.get("method"):  # not finished (or an empty summary): the config still says what it trains
+        s = {**_config_fields(run), **s}
+    evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
+    config = _dotted(_config(run))
+    when = (run / "config.yaml") if (run / "config.yaml").exists() else (run / "summary.json")
+    metric = _text(config.get("train.metric_for_best")) or "eval_loss"
+    return {
+        "run": run.name,
+        "date": datetime.datetime.fromtimestamp(when.stat().st_mtime).isoformat(timespec="seconds"),
+        "status": status,
+        "method": _text(s.get("method")),
+        "model": _text(s.get("model")),
+        "hyperparameters": {k: config[k] for k in KEY_HYPERPARAMETERS if config.get(k) is not None},
+        "final_train_loss": _number(s.get("final_train_loss")),
+        "eval_loss": _number(evals.get("eval_loss")),
+        "metric_for_best": metric,
+        "eval_metric": _number(evals.get(metric)),  # the saved artifact's (the best step's with eval_every)
+        "steps": _number(s.get("steps")),
+        "peak_mem_bytes": _number(s.get("peak_mem_bytes")),
+        "train_tokens_per_s": _number(s.get("train_tokens_per_s")),
+        "artifact_bytes": _number(s.get("artifact_bytes")),
+        "config_hash": _text(s.get("config_hash")),
+        "parent": _parent(run, config, s),
+        "disk_bytes": dir_bytes(run),
+        "detail": detail,
+    }
 
 
 def filter_runs(rows: list[dict], method=None, model=None, since=None) -> list[dict]:
@@ -152,12 +161,17 @@ def find_run(root, name: str) -> Path:
 
 def diff_runs(root, run_a: str, run_b: str) -> dict:
     """Config keys and summary metrics that differ between two runs: {key: [a, b]}."""
-    a, b = find_run(root, run_a), find_run(root, run_b)
+    return diff_run_folders([find_run(root, run_a), find_run(root, run_b)])
+
+
+def diff_run_folders(runs: list[Path]) -> dict:
+    """Config keys and summary metrics that are not the same in all `runs`: {key: [value in each run]}."""
     out = {}
     for kind, read in (("config", lambda r: _dotted(_config(r))), ("metrics", _metrics)):
-        va, vb = read(a), read(b)
-        out[kind] = {k: [va.get(k), vb.get(k)] for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)}
-    out["runs"] = [a.name, b.name]
+        values = [read(run) for run in runs]
+        keys = sorted(set().union(*values))
+        out[kind] = {k: [v.get(k) for v in values] for k in keys if any(v.get(k) != values[0].get(k) for v in values)}
+    out["runs"] = [run.name for run in runs]
     return out
 
 

@@ -84,7 +84,7 @@ def plot_loss_curves(run_dir) -> Path | None:
     return _save(fig, run_dir / "plots" / "loss.png")
 
 
-def _label_names(run_dir: Path, n: int) -> list[str]:
+def label_names(run_dir: Path, n: int) -> list[str]:
     import yaml
 
     try:
@@ -134,7 +134,7 @@ def plot_confusion_matrix(run_dir, name: str | None = None) -> Path | None:
         return None
     counts = np.nan_to_num(counts)
     n = len(counts)
-    labels = _label_names(run_dir, n)
+    labels = label_names(run_dir, n)
     font = {"fontfamily": family} if (family := _font_family(labels)) else {}
 
     plt = _pyplot()

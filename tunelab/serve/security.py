@@ -48,19 +48,30 @@ class ApiKeyMiddleware:
         self.app, self.key = app, api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.key is None:
+        if scope["type"] != "http" or self.key is None or self.is_public(scope):
             return await self.app(scope, receive, send)
+        given = self.credential(scope)
+        if not hmac.compare_digest(given, self.key):
+            return await self.refuse(scope, send, given)
+        return await self.app(scope, receive, send)
+
+    def is_public(self, scope) -> bool:
+        """Paths served without the key (none here; the dashboard's login page)."""
+        return False
+
+    def credential(self, scope) -> bytes:
         given = b""
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 given = value[7:].strip()
             elif name == b"x-api-key" and not given:
                 given = value.strip()
-        if not hmac.compare_digest(given, self.key):
-            message = "Incorrect API key provided." if given else "Missing API key (Authorization: Bearer KEY)."
-            body = error_body(message, "invalid_request_error", code="invalid_api_key")
-            return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
-        return await self.app(scope, receive, send)
+        return given
+
+    async def refuse(self, scope, send, given: bytes) -> None:
+        message = "Incorrect API key provided." if given else "Missing API key (Authorization: Bearer KEY)."
+        body = error_body(message, "invalid_request_error", code="invalid_api_key")
+        await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
 
 
 class BodyLimitMiddleware:

@@ -120,7 +120,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app):
+def uvicorn_server(app):
     import uvicorn
 
     # our access log (no prompt text) replaces uvicorn's
@@ -138,7 +138,7 @@ def run_server(serving: Serving) -> None:
     log(f"serving {names} on http://{host}:{port}/v1 ({auth})")
     serving.start()
     try:
-        _uvicorn_server(serving.app).run(sockets=[sock])
+        uvicorn_server(serving.app).run(sockets=[sock])
     finally:
         serving.stop()
         sock.close()
@@ -153,7 +153,7 @@ class ServerThread:
     def __enter__(self) -> str:
         self.sock = bind(self.host, self.port)
         self.serving.start()
-        self.uvicorn = _uvicorn_server(self.serving.app)
+        self.uvicorn = uvicorn_server(self.serving.app)
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         while not self.uvicorn.started:

@@ -431,6 +431,9 @@ class Trainer:
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
                             "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                            # cumulative: the x-axes a comparison of runs can choose (tokens seen, training time)
+                            "tokens_seen": self.state["tokens"],
+                            "train_s": round(self.train_time, 3),
                         } | self.step_metrics()
                     if t.eval_every and step % t.eval_every == 0 and self.data.val:
                         last_eval = self.evaluate()
