@@ -2,7 +2,6 @@
 
 import collections
 import json
-import time
 
 from tunelab.demo.triage import LABELS, make_triage, run_triage_benchmark, write_triage
 
@@ -38,10 +37,9 @@ def test_write_triage_disjoint_and_atomic(tmp_path):
 
 
 def test_triage_benchmark_learns_from_chance(tmp_path):
-    # measured on 2 CPU cores: ~20 s in all; macro-F1 0.12-0.16 before (seeds 0-2), 0.99-1.0 after 60 steps
-    t0 = time.time()
+    # measured on 2 CPU cores: ~20 s in all (no timed assertion: a loaded machine is slower, not wrong);
+    # macro-F1 0.12-0.16 before (seeds 0-2), 0.99-1.0 after 60 steps
     report = run_triage_benchmark(tmp_path)
-    assert time.time() - t0 < 240
     assert report["steps"] == 60
     assert report["macro_f1_before"] <= 0.4  # chance is 0.2 for 5 balanced labels
     assert report["accuracy_before"] <= 0.4
