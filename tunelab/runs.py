@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import read_yaml
+from .config import flatten_dotted, read_yaml
 from .errors import UserError
 from .io import dir_bytes, read_json_object
 from .training.checkpoint import latest_checkpoint
 from .training.lock import is_locked
-from .training.run_dir import FAILURE_FILE
+from .training.run_dir import FAILURE_FILE, PARENT_FILE
 
 
 def _number(value):
@@ -68,18 +68,17 @@ def _config_fields(run: Path) -> dict:
 KEY_HYPERPARAMETERS = ("train.lr", "train.batch_size", "train.grad_accum", "train.max_steps", "train.epochs", "lora.r")
 
 
-def _dotted(d, prefix="") -> dict:
-    out = {}
-    for key, value in (d or {}).items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _parent(run: Path, config: dict, summary: dict) -> str | None:
-    """Where a run came from: the run it was distilled/exported from (its summary says), or itself when resumed."""
+    """Where a run came from: the sweep that started it (RUN/parent.json), the run it was distilled/exported from
+    (its summary says), or itself when resumed."""
+    if (run / PARENT_FILE).exists():
+        try:
+            started_by = read_json_object(run / PARENT_FILE)
+        except UserError:
+            started_by = {}
+        if isinstance(started_by.get("parent"), str):
+            trial = started_by.get("trial")
+            return started_by["parent"] + (f" (trial {trial})" if isinstance(trial, int) else "")
     for key in ("parent", "teacher", "source_run"):
         if isinstance(summary.get(key), str):
             return summary[key]
@@ -101,7 +100,7 @@ def list_runs(root="runs") -> list[dict]:
         if not s.get("method"):  # not finished (or an empty summary): the config still says what it trains
             s = {**_config_fields(run), **s}
         evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
-        config = _dotted(_config(run))
+        config = flatten_dotted(_config(run))
         when = (run / "config.yaml") if (run / "config.yaml").exists() else (run / "summary.json")
         rows.append(
             {
@@ -116,7 +115,8 @@ def list_runs(root="runs") -> list[dict]:
                 "config_hash": _text(s.get("config_hash")),
                 "parent": _parent(run, config, s),
                 "disk_bytes": dir_bytes(run),
-                "detail": detail,
+                # a finished run that stopped early says why (early stopping, pruned by its sweep)
+                "detail": detail or _text(s.get("stop_reason")) or "",
             }
         )
     return rows
@@ -154,7 +154,7 @@ def diff_runs(root, run_a: str, run_b: str) -> dict:
     """Config keys and summary metrics that differ between two runs: {key: [a, b]}."""
     a, b = find_run(root, run_a), find_run(root, run_b)
     out = {}
-    for kind, read in (("config", lambda r: _dotted(_config(r))), ("metrics", _metrics)):
+    for kind, read in (("config", lambda r: flatten_dotted(_config(r))), ("metrics", _metrics)):
         va, vb = read(a), read(b)
         out[kind] = {k: [va.get(k), vb.get(k)] for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)}
     out["runs"] = [a.name, b.name]
@@ -166,7 +166,7 @@ def _metrics(run: Path) -> dict:
         s = read_json_object(run / "summary.json")
     except UserError:
         return {}
-    flat = _dotted({k: v for k, v in s.items() if k not in ("versions", "hints", "resumes")})
+    flat = flatten_dotted({k: v for k, v in s.items() if k not in ("versions", "hints", "resumes")})
     return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 

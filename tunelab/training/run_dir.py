@@ -17,6 +17,7 @@ from ..io import atomic_write_text, read_metrics
 from ..log import log
 
 FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
+PARENT_FILE = "parent.json"  # what started the run, written by it (a sweep): {"parent", ...}
 
 
 def default_run_name(cfg) -> str:
