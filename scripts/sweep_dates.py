@@ -1,6 +1,6 @@
 """The sweep on the date demo: 8 trials of LoRA on smollm2-135m (a small step budget), scored on eval_loss.
 
-    python scripts/sweep_dates.py [--out-dir runs-sweep] [--trials 8] [--steps 12] [--eval-every 3]
+    python scripts/sweep_dates.py [--out-dir runs-sweep] [--trials 8] [--steps 12] [--eval-every 3] [--batch-size 8]
 
 Trial 0 is the demo's config as written (with the smaller budget); the others draw train.lr, lora.r and
 train.warmup_ratio. Prints JSON: the default's and the best trial's eval_loss, how many trials were pruned (and at
@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--eval-every", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="auto", help="train.precision (the demo's: auto)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="the demo's; fewer: cheaper evaluations")
     args = p.parse_args()
 
     out = Path(args.out_dir)
@@ -46,7 +49,9 @@ def main() -> int:
     config["data"]["train"] = str(train_path.resolve())
     config["out_dir"] = str(out.resolve())
     config["run_name"] = None
-    config["train"].update(max_steps=args.steps, eval_every=args.eval_every, log_every=1)
+    config["train"].update(max_steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size, log_every=1)
+    config["train"]["precision"] = args.precision
+    config["data"]["val_fraction"] = args.val_fraction
     (out / "dates-sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     (out / "dates-space.yaml").write_text(SPACE, encoding="utf-8")
 
@@ -66,6 +71,9 @@ def main() -> int:
         "trials": args.trials,
         "max_steps": args.steps,
         "eval_every": args.eval_every,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "val_fraction": args.val_fraction,
         "states": results["states"],
         "default_eval_loss": summary["baseline"]["value"],
         "best_eval_loss": summary["best"]["value"],

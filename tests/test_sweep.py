@@ -175,3 +175,20 @@ def test_a_trial_of_another_method_keeps_only_its_sections(tmp_path):
     # the baseline trial: the config's own values (an unset lr is the method's default)
     assert space.baseline(None) == (None, "the config's train.lr=None is outside the space")
     assert space.baseline(3e-3) == ({"method": "lora", "lora.r": 8, "train.lr": 3e-3}, None)
+
+
+def test_a_generation_metric_is_scored_by_eval_after_the_trial(sweep_files):
+    """eval_exact_match is not in the periodic evaluation: `tunelab eval RUN` scores the finished trial (maximised)."""
+    options = SweepOptions(
+        config=str(sweep_files / "config.yaml"),
+        space=str(sweep_files / "space.yaml"),
+        trials=1,
+        overrides=["train.max_steps=2", "eval.max_new_tokens=4", "eval.latency_examples=1"],
+        metric="eval_exact_match",
+        progress=False,
+    )
+    summary = run_sweep(options)
+    study = _study(sweep_files / "runs" / "sweep-config")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE and summary["direction"] == "max"
+    run_eval = json.loads((sweep_files / "runs" / "sweep-config-t000" / "eval.json").read_text())
+    assert study.trials[0].value == run_eval["eval_exact_match"] and run_eval["eval_generated_examples"] > 0

@@ -46,14 +46,14 @@ def open_study(sweep_dir: Path, name: str, direction: str, identity: dict, seed:
     existing = [s.study_name for s in optuna.study.get_all_study_summaries(storage)]
     done = 0
     if name in existing:
-        stored = optuna.load_study(study_name=name, storage=storage).user_attrs
-        changed = [key for key in identity if stored.get(key) != identity[key]]
+        stored = optuna.load_study(study_name=name, storage=storage)
+        changed = [key for key in identity if stored.user_attrs.get(key) != identity[key]]
         if changed:
             raise UserError(
                 f"{sweep_dir}: this sweep's study was run with another {', '.join(changed)}; "
                 "keep them to continue it, or start a new sweep (--name NAME, or delete the folder)"
             )
-        done = len(optuna.load_study(study_name=name, storage=storage).trials)
+        done = len(stored.trials)
     study = optuna.create_study(
         storage=storage,
         study_name=name,
