@@ -304,6 +304,33 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import SweepOptions, run_sweep
+    from .training.signals import Interrupted
+
+    options = SweepOptions(
+        config=args.config,
+        space=args.space,
+        trials=args.trials,
+        overrides=list(args.overrides),
+        metric=args.metric,
+        direction=args.direction,
+        jobs=args.jobs,
+        pruner=args.pruner,
+        name=args.name,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = run_sweep(options)
+    except Interrupted as stop:
+        print(f"{stop}; run the same command again to continue the sweep", file=sys.stderr)
+        return stop.exit_code
+    best = summary["best"]
+    print(f"best: trial {best['trial']} {summary['metric']} {best['value']:.6g} ({best['run']})", file=sys.stderr)
+    print(Path(summary["sweep_dir"]) / "best.yaml")
+    return 0
+
+
 def cmd_estimate(args) -> int:
     from .config import load_config
     from .estimate import estimate, method_variant, probe
@@ -621,6 +648,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(action="list")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("sweep", help="hyperparameter search (Optuna): every trial a run; writes best.yaml")
+    p.add_argument("config", help="CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
+    p.add_argument("--space", required=True, metavar="SPACE.yaml", help="dotted key: [choices] or {low, high, log}")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials in the study (run again: continues)")
+    p.add_argument("--metric", default="eval_loss", help="what a trial is scored on (eval_loss, eval_exact_match, ...)")
+    p.add_argument("--direction", choices=["min", "max"], help="default: min for losses and perplexities, else max")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="trials trained at once (worker processes)")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"], help="stops bad trials early")
+    p.add_argument("--name", help="the sweep's folder inside out_dir (default: sweep-<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar per trial")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "estimate", help="parameters, peak memory, time, energy and cost of a run, without loading weights"

@@ -523,7 +523,7 @@ def _section_fields(path: tuple) -> dict:
     return model.model_fields
 
 
-def _yaml_lines(text: str) -> dict:
+def yaml_lines(text: str) -> dict:
     """Map dotted key -> 1-based line number in the YAML text."""
     lines: dict = {}
 
@@ -596,16 +596,31 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def set_dotted(data: dict, key: str, value) -> None:
+    """data['a']['b'] = value for key 'a.b', creating (or replacing non-mapping) parents."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def flatten_dotted(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: nested mappings as dotted keys (set_dotted's inverse)."""
+    out = {}
+    for key, value in (d or {}).items():
+        if isinstance(value, dict):
+            out.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
-        key, value = parse_override(item)
-        parts = key.split(".")
-        node = data
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        set_dotted(data, *parse_override(item))
     return data
 
 
@@ -640,9 +655,9 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
 
 
-def _drop_unused_sections(data: dict) -> None:
-    """Drop the valid sections of other methods (an older tunelab saved them all); an invalid one stays, so
-    its error is reported."""
+def drop_unused_sections(data: dict) -> None:
+    """Drop the valid sections of other methods (an older tunelab saved them all; a sweep switches methods);
+    an invalid one stays, so its error is reported."""
     method = data.get("method", DEFAULT_METHOD)
     if not isinstance(method, str) or method not in METHODS:
         return
@@ -681,9 +696,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values")
-        lines = _yaml_lines(text)
+        lines = yaml_lines(text)
         if saved_run:
-            _drop_unused_sections(data)
+            drop_unused_sections(data)
         # relative data paths are relative to the config file's folder
         for key in ("train", "eval"):
             value = (data.get("data") or {}).get(key) if isinstance(data.get("data"), dict) else None

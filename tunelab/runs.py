@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import read_yaml
+from .config import flatten_dotted, read_yaml
 from .errors import UserError
 from .io import dir_bytes, read_json_object
 from .training.checkpoint import latest_checkpoint
 from .training.lock import is_locked
-from .training.run_dir import FAILURE_FILE
+from .training.run_dir import FAILURE_FILE, PARENT_FILE
 
 
 def _number(value):
@@ -68,18 +68,17 @@ def _config_fields(run: Path) -> dict:
 KEY_HYPERPARAMETERS = ("train.lr", "train.batch_size", "train.grad_accum", "train.max_steps", "train.epochs", "lora.r")
 
 
-def _dotted(d, prefix="") -> dict:
-    out = {}
-    for key, value in (d or {}).items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _parent(run: Path, config: dict, summary: dict) -> str | None:
-    """Where a run came from: the run it was distilled/exported from (its summary says), or itself when resumed."""
+    """Where a run came from: the sweep that started it (RUN/parent.json), the run it was distilled/exported from
+    (its summary says), or itself when resumed."""
+    if (run / PARENT_FILE).exists():
+        try:
+            started_by = read_json_object(run / PARENT_FILE)
+        except UserError:
+            started_by = {}
+        if isinstance(started_by.get("parent"), str):
+            trial = started_by.get("trial")
+            return started_by["parent"] + (f" (trial {trial})" if isinstance(trial, int) else "")
     for key in ("parent", "teacher", "source_run"):
         if isinstance(summary.get(key), str):
             return summary[key]
@@ -106,7 +105,7 @@ def run_row(run: Path) -> dict:
     if not s.get("method"):  # not finished (or an empty summary): the config still says what it trains
         s = {**_config_fields(run), **s}
     evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
-    config = _dotted(_config(run))
+    config = flatten_dotted(_config(run))
     when = (run / "config.yaml") if (run / "config.yaml").exists() else (run / "summary.json")
     metric = _text(config.get("train.metric_for_best")) or "eval_loss"
     return {
@@ -127,7 +126,8 @@ def run_row(run: Path) -> dict:
         "config_hash": _text(s.get("config_hash")),
         "parent": _parent(run, config, s),
         "disk_bytes": dir_bytes(run),
-        "detail": detail,
+        # a finished run that stopped early says why (early stopping, pruned by its sweep)
+        "detail": detail or _text(s.get("stop_reason")) or "",
     }
 
 
@@ -167,7 +167,7 @@ def diff_runs(root, run_a: str, run_b: str) -> dict:
 def diff_run_folders(runs: list[Path]) -> dict:
     """Config keys and summary metrics that are not the same in all `runs`: {key: [value in each run]}."""
     out = {}
-    for kind, read in (("config", lambda r: _dotted(_config(r))), ("metrics", _metrics)):
+    for kind, read in (("config", lambda r: flatten_dotted(_config(r))), ("metrics", _metrics)):
         values = [read(run) for run in runs]
         keys = sorted(set().union(*values))
         out[kind] = {k: [v.get(k) for v in values] for k in keys if any(v.get(k) != values[0].get(k) for v in values)}
@@ -180,7 +180,7 @@ def _metrics(run: Path) -> dict:
         s = read_json_object(run / "summary.json")
     except UserError:
         return {}
-    flat = _dotted({k: v for k, v in s.items() if k not in ("versions", "hints", "resumes")})
+    flat = flatten_dotted({k: v for k, v in s.items() if k not in ("versions", "hints", "resumes")})
     return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 

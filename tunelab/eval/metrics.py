@@ -21,6 +21,11 @@ _CJK_TOKEN_RE = re.compile(f"[{_CJK_CHAR}]|[a-z0-9]+")
 _ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
+def lower_is_better(metric: str) -> bool:
+    """Losses and perplexities fall as a model improves; every other metric here (a fraction) rises."""
+    return metric.endswith("loss") or metric.endswith("ppl")
+
+
 def _require_nonempty_pairs(first: list, second: list, first_name: str, second_name: str) -> None:
     if len(first) == 0:
         raise UserError("the evaluation set is empty")

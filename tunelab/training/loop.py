@@ -25,6 +25,7 @@ from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
 from ..errors import UserError
 from ..eval.loss import evaluate_loss
+from ..eval.metrics import lower_is_better
 from ..eval.plots import write_plots
 from ..io import atomic_write_json, atomic_write_text, dir_bytes, read_jsonl_objects, read_metrics
 from ..log import log
@@ -46,6 +47,7 @@ from .checkpoint import (
 from .distributed import Distributed
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
+from .observer import RunObserver
 from .oom import is_out_of_memory, oom_advice
 from .optim import build_optimizer, build_scheduler, param_groups
 from .resolve import resolve_run_config, resumed_grad_accum
@@ -76,9 +78,15 @@ class Trainer:
     """Holds what the loop needs; `run()` is the loop."""
 
     def __init__(
-        self, cfg: Config, resume_dir: Path | None = None, progress: bool = True, resume_changes: dict | None = None
+        self,
+        cfg: Config,
+        resume_dir: Path | None = None,
+        progress: bool = True,
+        resume_changes: dict | None = None,
+        observer: RunObserver | None = None,
     ):
         self.progress = progress
+        self.observer = observer or RunObserver()
         self.dist = Distributed.from_env(cfg.train.distributed)
         self.lock = None
         self.run_dir = None
@@ -308,9 +316,8 @@ class Trainer:
         if key not in metrics:
             return False
         value = metrics[key]
-        lower_is_better = key.endswith("loss") or key.endswith("ppl")
         best = self.state["best_metric"]
-        if best is None or (value < best if lower_is_better else value > best):
+        if best is None or (value < best if lower_is_better(key) else value > best):
             self.state.update(best_metric=value, best_step=self.state["step"], evals_since_best=0)
             self.best_weights = trainable_state(self.model)
             return False
@@ -381,6 +388,8 @@ class Trainer:
         )
 
         self.train_time = self.state["train_time"]
+        if self.dist.is_main:
+            self.observer.started(self.run_dir)
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -440,6 +449,7 @@ class Trainer:
                         record = (record or {"step": step}) | last_eval
                         if self._track_best(last_eval):
                             stop_reason = f"early stopping: {t.metric_for_best} did not improve for {t.early_stopping_patience} evaluations"
+                        stop_reason = stop_reason or self.observer.evaluated(step, last_eval)
                     if record and self.metrics:
                         self.metrics.write(record)
                     stopped = self.watchdog.check(step, loss, grad_norm)
@@ -467,9 +477,9 @@ class Trainer:
                     self.state["window"] = 0
         if stop_reason:
             log(stop_reason)
-        return self.finish(trainable, total, last_eval)
+        return self.finish(trainable, total, last_eval, stop_reason)
 
-    def finish(self, trainable: int, total: int, last_eval: dict) -> TrainResult:
+    def finish(self, trainable: int, total: int, last_eval: dict, stop_reason: str | None = None) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         step = self.state["step"]
         if self.saved_step != step:
@@ -505,6 +515,7 @@ class Trainer:
             "skipped_steps": self.state["skipped_steps"],
             "micro_batch_size": self.micro_batch,
             "best_step": self.state["best_step"],
+            "stop_reason": stop_reason,  # why it ended before train.max_steps (early stopping, pruned); None: it did not
             "train_wall_s": self.train_time,
             "train_tokens": self.state["tokens"],
             "train_tokens_per_s": self.state["tokens"] / self.train_time if self.train_time > 0 else 0.0,
@@ -536,12 +547,16 @@ class Trainer:
 
 
 def train(
-    config, overrides: list[str] | None = None, resume: str | Path | None = None, progress: bool = True
+    config,
+    overrides: list[str] | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    observer: RunObserver | None = None,
 ) -> TrainResult:
     """Train from a Config, a dict, or a YAML path (plus dotted overrides). Returns the run dir and summary.
 
     With `resume`, the run's saved config.yaml is used (overrides still apply) and training continues from
-    its latest complete checkpoint.
+    its latest complete checkpoint. `observer` hears of the run's folder and its evaluations (and may stop it).
     """
     changes = None
     if resume is not None:
@@ -566,7 +581,7 @@ def train(
 
         cfg = with_student(cfg) if resume is None else cfg
         trainer_class = DistillTrainer
-    trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes)
+    trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes, observer=observer)
     status = "FAILED"  # what the trackers record when the run does not finish
     try:
         return trainer.run()

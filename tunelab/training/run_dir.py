@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..io import atomic_write_text, read_metrics
 
 FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
+PARENT_FILE = "parent.json"  # what started the run, written by it (a sweep): {"parent", ...}
 
 
 def default_run_name(cfg) -> str:
