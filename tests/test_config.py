@@ -321,6 +321,9 @@ def test_a_saved_run_of_an_older_version_with_every_section_still_loads(tmp_path
         load_config(path)
     cfg = load_config(path, saved_run=True)
     assert cfg.prefix.num_virtual_tokens == 20 and cfg.lora is None
+    # an older version's field in another method's section (the demo run of 0.x saved prefix.init_text) never applied
+    path.write_text(yaml.safe_dump({"model": "tiny-llama", "method": "lora", "prefix": {"init_text": None}}))
+    assert load_config(path, saved_run=True).prefix is None
 
 
 def test_bad_value_in_yaml_names_key_and_line(tmp_path):

@@ -655,18 +655,20 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
 
 
-def drop_unused_sections(data: dict) -> None:
-    """Drop the valid sections of other methods (an older tunelab saved them all; a sweep switches methods);
-    an invalid one stays, so its error is reported."""
+def drop_unused_sections(data: dict, keep_invalid: bool = True) -> None:
+    """Drop the sections of other methods (an older tunelab saved them all; a sweep switches methods). With
+    `keep_invalid` an invalid one stays, so its error is reported; a saved run drops them all (they never applied,
+    and an older tunelab's fields, such as prefix.init_text, are no longer valid)."""
     method = data.get("method", DEFAULT_METHOD)
     if not isinstance(method, str) or method not in METHODS:
         return
     for name, cls in SECTIONS.items():
         if name not in METHODS[method].sections and isinstance(data.get(name), dict):
-            try:
-                cls.model_validate(data[name])
-            except ValidationError:
-                continue
+            if keep_invalid:
+                try:
+                    cls.model_validate(data[name])
+                except ValidationError:
+                    continue
             del data[name]
 
 
@@ -698,7 +700,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the config must be a mapping of keys to values")
         lines = yaml_lines(text)
         if saved_run:
-            drop_unused_sections(data)
+            drop_unused_sections(data, keep_invalid=False)
         # relative data paths are relative to the config file's folder
         for key in ("train", "eval"):
             value = (data.get("data") or {}).get(key) if isinstance(data.get("data"), dict) else None
