@@ -643,7 +643,7 @@ def field_token(section: str, key: str):
         if choices:
             plausible.append(st.sampled_from(choices).map(flow))
             plausible.append(misspelled(tuple(str(c) for c in choices)).map(flow))
-        default = field.get_default(call_default_factory=True)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             default = None
         if default is not None:
@@ -1470,10 +1470,20 @@ def make_run(run: Path, spec: dict, stack: ExitStack) -> None:
 
 
 def json_object_file(path: Path) -> bool:
+    """A JSON object within tunelab's documented nesting limit (io.JSON_MAX_DEPTH levels)."""
+    from tunelab.io import JSON_MAX_DEPTH
+
     try:
-        return isinstance(json.loads(path.read_bytes().decode("utf-8")), dict)
-    except (OSError, ValueError, RecursionError):
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: far deeper than the limit
         return False
+    deepest, stack = 0, [(obj, 1)]
+    while stack:  # nesting counted without recursion
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            stack += [(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return isinstance(obj, dict) and deepest <= JSON_MAX_DEPTH
 
 
 def has_complete_checkpoint(run: Path) -> bool:

@@ -1,8 +1,10 @@
 """File I/O in one place: atomic writes (temporary file in the same folder, fsync, rename), and
 safetensors reads that turn a missing, corrupted or truncated file into a UserError naming it."""
 
+import itertools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -84,11 +86,31 @@ def dir_bytes(path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+# JSON nested deeper than this is refused before parsing: json's decoder recurses, so whether a deep file parses
+# would otherwise depend on how deep the caller's stack already is (the same summary.json readable or "broken")
+JSON_MAX_DEPTH = 200
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays/objects in JSON text (brackets inside strings do not count)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+
+
+def loads_json(text: str):
+    """json.loads with a nesting limit that does not depend on the caller's stack depth."""
+    if json_depth(text) > JSON_MAX_DEPTH:
+        raise ValueError(f"nested deeper than {JSON_MAX_DEPTH} levels")
+    return json.loads(text)
+
+
 def read_json_object(path, missing: str = "missing") -> dict:
     """A JSON file that must hold an object; missing, unreadable, invalid or another type is a UserError."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = loads_json(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: {missing}") from None
     except OSError as exc:

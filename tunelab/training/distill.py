@@ -102,8 +102,8 @@ class DistillTrainer(Trainer):
             out |= {"eval_forward_s": seconds, "eval_forward_tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
         return out
 
-    def finish(self, trainable: int, total: int, last_eval: dict):
-        result = super().finish(trainable, total, last_eval)
+    def finish(self, trainable: int, total: int, last_eval: dict, stop_reason: str | None = None):
+        result = super().finish(trainable, total, last_eval, stop_reason)
         if not self.dist.is_main:
             return result
         teacher = self.teacher if self.teacher is not None else load_teacher(self.cfg, self.device)
