@@ -106,7 +106,8 @@ class TrainConfig(Section):
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile each decoder block (inductor: fused kernels; the first steps pay the compile "
-        "time); auto: on CUDA, off on CPU (measured slower there, see the README's bench section); single process only",
+        "time); auto: on CUDA, off on CPU (inductor's C++ compile is minutes on a small CPU, no gain measured there: "
+        "see the bench section); single process only",
     )
     auto_batch_size: bool = Field(
         False, description="on out-of-memory, halve the micro-batch (more accumulation, the same step)"

@@ -15,7 +15,8 @@ from ..log import log
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
-    """auto: on CUDA only (on CPU the bench measured no gain over the eager bf16 path, see README)."""
+    """auto: on CUDA only (on the shared 2-core CPU, inductor's C++ compile of even the tiny test model took
+    over 10 minutes, and no gain was measured: see README)."""
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)
