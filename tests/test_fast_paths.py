@@ -105,20 +105,28 @@ def test_bf16_frozen_base_equals_autocast_over_fp32_weights(smol_tokenizer):
         torch.testing.assert_close(grads_b[name], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, precision):
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto-avx2"])
+def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, precision, monkeypatch):
+    """auto-avx2: precision auto on a CPU without native bf16 (TUNELAB_CPU_BF16=0) trains in fp32, base too."""
     import warnings
 
     from tunelab.config import build_config
+    from tunelab.device import CPU_BF16_ENV
     from tunelab.training.loop import Trainer
 
-    tiny_config["train"]["precision"] = precision
+    if precision == "auto-avx2":
+        monkeypatch.setenv(CPU_BF16_ENV, "0")
+        precision = "fp32"
+        tiny_config["train"]["precision"] = "auto"
+    else:
+        tiny_config["train"]["precision"] = precision
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an AVX2-only CPU warns that bf16 is slow
         trainer = Trainer(build_config(tiny_config), progress=False)
     frozen = {p.dtype for n, p in trainer.model.named_parameters() if "base_layer" in n}
     assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}  # fp32 masters
+    assert trainer.precision == precision
     trainer.close()
 
 
