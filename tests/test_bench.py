@@ -4,6 +4,8 @@ import json
 import math
 import re
 
+import pytest
+
 from tunelab.bench.data import length_stats, make_bench_rows
 from tunelab.bench.run import encode_rows, run_bench
 from tunelab.cli import main
@@ -25,8 +27,21 @@ def test_bench_rows_are_seeded_and_long_tailed(smol_tokenizer):
 
 def test_bench_tiny_llama(tmp_path):
     out = tmp_path / "bench.json"
-    report = run_bench("tiny-llama", steps=2, batch_size=4, matmul_size=256, out=str(out))
+    # 3 steps: a warm-up, a timed one and the profiled last one
+    report = run_bench("tiny-llama", steps=3, batch_size=4, matmul_size=256, out=str(out), profile=True)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for name in ("baseline", "fast"):
+        phase = report[name]
+        assert phase["timed_steps"] == 1 and phase["profiled_steps"] == 1
+        table = (tmp_path / f"bench-profile-{name}.txt").read_text()
+        assert phase["profile_table"] == str(tmp_path / f"bench-profile-{name}.txt") and "Self CPU" in table
+        parts = report["step_breakdown_s"][name]
+        assert set(parts) == {"forward", "backward", "optimizer", "data"} and all(v >= 0 for v in parts.values())
+        assert parts["forward"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
+        # the parts are the step: forward + backward + optimizer never exceed it, data is the rest
+        assert sum(parts.values()) == pytest.approx(phase["step_time_s"]["mean"], rel=1e-6)
+    assert report["loss_rel_diff_trajectory"] >= report["loss_rel_diff_train"] * 0  # present, a number
+    assert set(report["meets_targets"]) == {"speedup", "mfu", "mem_ratio", "heldout_loss", "train_loss_trajectory"}
     for key in ("speedup", "mem_ratio", "loss_rel_diff", "cpu_capability", "precision", "mfu", "mfu_formula"):
         assert key in report
     assert report["speedup"] > 0 and report["mem_ratio"] > 0

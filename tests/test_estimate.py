@@ -88,7 +88,9 @@ def test_predicted_peak_within_ten_percent_of_a_real_run(tmp_path, long_data, ce
 def test_llama_3_8b_breakdown_per_rank(tmp_path):
     path = tmp_path / "big.yaml"
     path.write_text(
-        "model: llama-3-8b\nmethod: lora\ndata: {max_length: 2048}\ntrain: {batch_size: 4, max_steps: 10}\n"
+        # fp32: the frozen base is fp32 on every machine (bf16 stores the block linears in 2 bytes, below)
+        "model: llama-3-8b\nmethod: lora\ndata: {max_length: 2048}\n"
+        "train: {batch_size: 4, max_steps: 10, precision: fp32}\n"
     )
     proc = run_cli(["estimate", str(path), "--nproc", "8", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-500:]
@@ -98,6 +100,13 @@ def test_llama_3_8b_breakdown_per_rank(tmp_path):
     fsdp, ddp = r["per_rank"]["fsdp"]["total"], r["per_rank"]["ddp"]["total"]
     assert fsdp < ddp == r["memory"]["total"]
     assert r["memory"]["frozen_weights"] == pytest.approx(4 * 8_030_261_248, rel=1e-3)
+    path.write_text(path.read_text().replace("precision: fp32", "precision: bf16"))
+    proc = run_cli(["estimate", str(path), "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    # bf16: the 7.0B block-linear weights in 2 bytes, embeddings, head and norms (1.05B) in 4
+    blocks = 32 * (4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336)
+    frozen = json.loads(proc.stdout)["memory"]["frozen_weights"]
+    assert frozen == pytest.approx(2 * blocks + 4 * (8_030_261_248 - blocks), rel=1e-3)
 
 
 def _fake_run(root, name, method="lora", loss=1.0, lr=1e-3):

@@ -391,7 +391,9 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from .bench.run import run_bench
 
-    report = run_bench(model=args.model, steps=args.steps, quick=args.quick, out=args.out)
+    report = run_bench(
+        model=args.model, steps=args.steps, quick=args.quick, out=args.out, profile=args.profile, compile=args.compile
+    )
     _print_json(report)
     return 0
 
@@ -709,6 +711,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per phase, the first one a warm-up")
     p.add_argument("--out", help="also write the JSON report to this file")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile each phase's last step with torch.profiler; tables in bench-profile-PHASE.txt next to --out "
+        "(or here); that step is not timed",
+    )
+    p.add_argument(
+        "--compile",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="the fast phase's train.compile (torch.compile); its compile time is in the warm-up step, reported apart",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: a base and many adapters, batched together")

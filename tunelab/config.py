@@ -105,6 +105,12 @@ class TrainConfig(Section):
     )
     group_by_length: bool = Field(False, description="without packing: batch examples of similar length")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder block (inductor: fused kernels; the first steps pay the compile "
+        "time); auto: on CUDA, off on CPU (inductor's C++ compile is minutes on a small CPU, no gain measured there: "
+        "see the bench section); single process only",
+    )
     auto_batch_size: bool = Field(
         False, description="on out-of-memory, halve the micro-batch (more accumulation, the same step)"
     )

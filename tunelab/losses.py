@@ -57,9 +57,92 @@ def plain_loss_sum(model, batch) -> torch.Tensor:
     )
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick here (the tensor's own dtype outside autocast)."""
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T + b, target_i), chunk by chunk, with the gradients computed in the forward
+    (Liger's fused linear cross-entropy): per chunk the logits are made, turned into the loss and into
+    d(loss)/d(logits) = softmax - onehot, and dropped; only d(loss)/d(hidden) (N x hidden) is kept for the
+    backward. So no (N x vocab) tensor outlives a chunk and nothing is recomputed in backward. Logits,
+    log-sum-exp and softmax are fp32; the matmuls run in `dtype` (the autocast dtype: bf16 on native CPUs),
+    a trainable head's gradient accumulates in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+        w = frozen_cast(weight, dtype)
+        b = frozen_cast(bias, dtype) if bias is not None else None
+        train_head = weight.requires_grad
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if train_head else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if train_head and b is not None else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            t = targets[start : start + chunk]
+            logits = F.linear(h, w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d(sum CE)/d(logits), in place: softmax minus the one-hot target
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            grad = grad.to(dtype)
+            grad_hidden[start : start + chunk] = grad @ w
+            if grad_w is not None:
+                grad_w += (grad.t() @ h).float()
+                if grad_b is not None:
+                    grad_b += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_w, grad_b = ctx.saved_tensors
+        gw = (grad_w * grad_out) if grad_w is not None else None
+        gb = (grad_b * grad_out) if grad_b is not None else None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), gw, gb, None, None, None
+
+
+def frozen_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`; a frozen tensor's cast is made once and kept (on the tensor) while it is
+    unchanged, so a tied fp32 embedding serving as a bf16 LM head is not cast again every step."""
+    if tensor.dtype == dtype:
+        return tensor
+    if tensor.requires_grad:
+        return tensor.to(dtype)
+    key = (tensor._version, dtype)
+    cached = getattr(tensor, "_tunelab_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, tensor.detach().to(dtype))
+        tensor._tunelab_cast = cached
+    return cached[1]
+
+
 def _head_ce_sum(hidden, weight, bias, targets):
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def head_ce_sum(hidden, head, targets, chunk: int = CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of lm_head(hidden) against targets, never all the logits at once: fused per
+    chunk when gradients flow, plain chunks otherwise (evaluation)."""
+    dtype = _compute_dtype(hidden)
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        with torch.autocast(hidden.device.type, enabled=False):  # the Function casts by itself, once per call
+            return FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
+    weight = frozen_cast(head.weight, dtype)
+    bias = frozen_cast(head.bias, dtype) if head.bias is not None else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        total = total + _head_ce_sum(
+            hidden[start : start + chunk].to(dtype), weight, bias, targets[start : start + chunk]
+        )
+    return total
 
 
 def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
@@ -69,17 +152,7 @@ def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], **kwargs).last_hidden_state
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    hidden = hidden[:, :-1][mask]
-    targets = labels[mask]
-    head = lm.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled() and targets.numel() > chunk:
-            total = total + checkpoint(_head_ce_sum, h, head.weight, head.bias, t, use_reentrant=False)
-        else:
-            total = total + _head_ce_sum(h, head.weight, head.bias, t)
-    return total
+    return head_ce_sum(hidden[:, :-1][mask], lm.get_output_embeddings(), labels[mask], chunk)
 
 
 def classification_loss_sum(model, batch) -> torch.Tensor:

@@ -33,11 +33,23 @@ class OrderedTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         useful, slots = int(inputs["attention_mask"].sum()), int(inputs["input_ids"].numel())
+        t0 = time.perf_counter()
+        self._forward_s = 0.0
         loss = super().training_step(model, inputs, num_items_in_batch)
         # the micro-batch loss is already divided by the window's loss tokens (num_items_in_batch),
         # so a step's loss is the sum over its micro-batches
         self.step_log.add_micro(float(loss), useful, slots)
+        # training_step = compute_loss (the forward) + backward
+        self.step_log.add_time("backward", time.perf_counter() - t0 - self._forward_s)
+        self.step_log.micro_end = time.perf_counter()
         return loss
+
+    def compute_loss(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        with self.step_log.section("forward"):
+            out = super().compute_loss(*args, **kwargs)
+        self._forward_s += time.perf_counter() - t0
+        return out
 
 
 class StepTimes(TrainerCallback):
@@ -50,6 +62,8 @@ class StepTimes(TrainerCallback):
         self.step_log.begin()
 
     def on_step_end(self, args, state, control, **kwargs):
+        # after the last backward: clipping, optimizer and scheduler steps, zeroing the gradients
+        self.step_log.add_time("optimizer", time.perf_counter() - self.step_log.micro_end)
         self.step_log.end()
 
 

@@ -40,6 +40,7 @@ def fast_config(spec: dict) -> dict:
             "max_grad_norm": 1.0,
             "precision": "auto",
             "packing": True,
+            "compile": spec.get("compile", "auto"),
             "log_every": 1,
         },
         "lora": dict(spec["lora"]),
@@ -78,6 +79,9 @@ class TimedTrainer(Trainer):
         self.step_log.end(indices=indices, loop_tokens=int(result[2]))
         return result
 
+    def section(self, name):
+        return self.step_log.section(name)
+
     def batch_loss(self, batch):
         """Count the token positions each micro-batch runs on (rows x width) and whether it was packed
         (position ids restart inside rows), whatever the loop's batching does."""
@@ -96,8 +100,18 @@ def train_fast(spec: dict, step_log: StepLog):
     step_log.init_checksum = adapter_checksum(trainer.model)
     step_log.notes["precision"] = trainer.precision
     step_log.notes["packing"] = trainer.cfg.train.packing  # as the loop resolved it
+    step_log.notes["compiled_blocks"] = trainer.compiled_blocks
     step_log.mark_train_start()
     t0 = time.perf_counter()
-    trainer.run()
+    result = trainer.run()
     step_log.notes["train_wall_s"] = time.perf_counter() - t0
+    step_log.notes["run_dir"] = str(result.run_dir)
     return trainer.model
+
+
+def trained_model(step_log: StepLog):
+    """The fast phase's saved adapter on a fresh fp32 base: what a user loads (training held the frozen
+    base in bf16; the held-out loss is measured on the fp32 base, as the baseline's is)."""
+    from ..loading import load
+
+    return load(step_log.notes.pop("run_dir"))[0]

@@ -6,7 +6,9 @@ python -m tunelab.bench.phase baseline|fast --spec SPEC.json --out RESULT.json
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+from pathlib import Path
 
 import torch
 
@@ -28,11 +30,18 @@ def run_phase(name: str, spec: dict) -> dict:
     # the machine's speed before and after this phase: on a shared machine it drifts, and a drift
     # between the phases moves the speedup without either trainer changing
     probe_before = matmul_peak_flops("fp32", device, size=1024)
-    step_log = StepLog(name, spec["steps"])
+    profile = str(Path(spec["profile_dir"]) / f"bench-profile-{name}.txt") if spec.get("profile_dir") else None
+    step_log = StepLog(name, spec["steps"], profile_path=profile)
     model = train(spec, step_log)
     # the peak of training, before the held-out evaluation can add to it
     peak, kind = peak_memory(next(model.parameters()).device)
     probe_after = matmul_peak_flops("fp32", device, size=1024)
+    if name == "fast":
+        from .fast import trained_model
+
+        del model
+        gc.collect()
+        model = trained_model(step_log)
     result = step_log.summary(spec["warmup_steps"], torch.get_num_threads())
     # the trained model's mean token loss on a fixed held-out set: the same evaluation code for both phases
     result["heldout_loss"] = evaluate_loss(model, spec["heldout"], spec["pad_id"], batch_size=1)["eval_loss"]
@@ -49,6 +58,7 @@ def run_phase(name: str, spec: dict) -> dict:
         init_adapter_checksum=step_log.init_checksum,
         matmul_probe_flops_per_s={"before": probe_before, "after": probe_after},
         notes=step_log.notes,
+        profile_table=profile,
     )
     if name == "fast":  # what tunelab's loop itself reported: its examples per step and its token count
         result["step_indices"] = [s["indices"] for s in step_log.steps]

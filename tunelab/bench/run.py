@@ -37,7 +37,15 @@ QUICK_STEPS, FULL_STEPS = 5, 30
 HELDOUT_EXAMPLES = 8
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out batch comes from a different stream of the generator
 MIN_CPU_UTILISATION = 0.75  # measured on the idle 2-core machine: 0.95-0.99 per phase
-TARGETS = {"speedup_min": 2.0, "mem_ratio_max": 0.7, "loss_rel_diff_max": 0.03}
+# issue #13's acceptance: the speed and MFU targets depend on the fast phase's precision (a native-bf16 CPU or
+# an AVX2-only one, where it trains in fp32); MFU is against the peak of that precision measured in the run
+TARGETS = {
+    "speedup_min": {"bf16": 4.0, "fp32": 3.0},
+    "mfu_min": {"bf16": 0.25, "fp32": 0.6},
+    "mem_ratio_max": 0.4,
+    "heldout_loss_rel_diff_max": 0.01,
+    "train_loss_trajectory_rel_diff_max": 0.03,
+}
 MFU_FORMULA = (
     "mfu = (4 * N * useful_tokens / seconds) / matmul_peak: N = base model parameters (a tied embedding "
     "counted once, as the LM head); 4N FLOPs per useful token = forward 2N + backward through the frozen "
@@ -114,6 +122,14 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
     loss_heldout = rel_diff(fast["heldout_loss"], base["heldout_loss"])
     report = {
         "speedup": fast["useful_tokens_per_s"] / base["useful_tokens_per_s"],
+        # per CPU second each phase got (not wall time): on a shared machine, the ratio other load moves least
+        "speedup_cpu_time": fast["useful_tokens_per_cpu_s"] / base["useful_tokens_per_cpu_s"]
+        if base["useful_tokens_per_cpu_s"]
+        else None,
+        # the same with the warm-up steps counted (first-call costs, compile time) over this run's length
+        "speedup_incl_warmup": fast["useful_tokens_per_s_incl_warmup"] / base["useful_tokens_per_s_incl_warmup"],
+        "step_breakdown_s": {"baseline": base["step_breakdown_s"], "fast": fast["step_breakdown_s"]},
+        "compiled_blocks": fast["notes"].get("compiled_blocks", 0),
         "mem_ratio": fast["peak_mem_bytes"] / base["peak_mem_bytes"],
         # what training adds on top of the loaded model (the part packing and the fast loss can change)
         "mem_ratio_training": (
@@ -123,6 +139,10 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
         "loss_rel_diff": max(loss_train, loss_heldout),
         "loss_rel_diff_train": loss_train,
         "loss_rel_diff_heldout": loss_heldout,
+        # the largest per-step difference of the training losses (same batches, same start: numerics only)
+        "loss_rel_diff_trajectory": max(
+            rel_diff(a, b) for a, b in zip(fast["step_losses"], base["step_losses"], strict=True)
+        ),
         "mfu": {"baseline": base["mfu"], "fast": fast["mfu"]},
         "mfu_formula": MFU_FORMULA,
         "peak_flops_per_s": peak_flops,
@@ -144,11 +164,19 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
             ),
         },
     }
-    report["targets"] = TARGETS
+    precision = fast["precision"] if fast["precision"] in TARGETS["speedup_min"] else "bf16"
+    report["targets"] = {
+        "speedup_min": TARGETS["speedup_min"][precision],
+        "mfu_min": TARGETS["mfu_min"][precision],
+        **{k: v for k, v in TARGETS.items() if k not in ("speedup_min", "mfu_min")},
+    }
+    t = report["targets"]
     report["meets_targets"] = {
-        "speedup": report["speedup"] >= TARGETS["speedup_min"],
-        "mem_ratio": report["mem_ratio"] <= TARGETS["mem_ratio_max"],
-        "loss_rel_diff": report["loss_rel_diff"] <= TARGETS["loss_rel_diff_max"],
+        "speedup": report["speedup"] >= t["speedup_min"],
+        "mfu": fast["mfu"] >= t["mfu_min"],
+        "mem_ratio": report["mem_ratio"] <= t["mem_ratio_max"],
+        "heldout_loss": loss_heldout <= t["heldout_loss_rel_diff_max"],
+        "train_loss_trajectory": report["loss_rel_diff_trajectory"] <= t["train_loss_trajectory_rel_diff_max"],
     }
     return report
 
@@ -196,17 +224,25 @@ def run_bench(
     max_length: int = 512,
     seed: int = 0,
     matmul_size: int = 2048,
+    profile: bool = False,
+    compile: str = "auto",
 ) -> dict:
     """Run the benchmark; returns the report (and writes it to `out` when given). Progress goes to stderr."""
     steps = steps or (QUICK_STEPS if quick else FULL_STEPS)
-    if steps <= warmup_steps:
-        raise UserError(f"--steps must be more than the {warmup_steps} warm-up step(s)")
+    if steps <= warmup_steps + profile:
+        raise UserError(
+            f"--steps must be more than the {warmup_steps} warm-up step(s)"
+            + (" and the profiled one" if profile else "")
+        )
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     device = pick_device()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         workdir = Path(tmp)
         spec = build_spec(workdir, model, steps, warmup_steps, batch_size, max_length, seed)
+        spec["compile"] = {"auto": "auto", "true": True, "false": False}.get(str(compile).lower(), compile)
+        if profile:
+            spec["profile_dir"] = str(Path(out).resolve().parent if out else Path.cwd())
         spec_path = workdir / "spec.json"
         atomic_write_json(spec_path, spec)
         stats = length_stats([len(e["input_ids"]) for e in spec["examples"]])

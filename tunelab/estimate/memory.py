@@ -68,12 +68,15 @@ def breakdown(
 ) -> dict:
     """Peak memory terms in bytes (one process); `strategy` ddp/fsdp: per rank of `nproc`."""
     low = precision != "fp32"
+    stored_low = low and not quant_bits and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg)
     frozen = counts.total - counts.trainable
     if quant_bits == 4:
         per = NF4_BYTES if cfg.quant.double_quant else FP4_PLAIN_BYTES
         frozen_bytes = counts.frozen_block_linear * per + (frozen - counts.frozen_block_linear) * 4
     elif quant_bits == 8:
         frozen_bytes = counts.frozen_block_linear * (1 + 4 / 4096) + (frozen - counts.frozen_block_linear) * 4
+    elif stored_low:  # tunelab.training.frozen: the frozen block linears held at the compute dtype
+        frozen_bytes = counts.frozen_block_linear * 2 + (frozen - counts.frozen_block_linear) * 4
     else:
         frozen_bytes = frozen * 4
     shard = nproc if strategy == "fsdp" else 1
@@ -91,7 +94,7 @@ def breakdown(
     head = shape.vocab * shape.hidden
     casts = 0
     if low:
-        cast_blocks = 0 if quant_bits else counts.block_linear
+        cast_blocks = 0 if quant_bits else counts.block_linear - (counts.frozen_block_linear if stored_low else 0)
         if checkpointing:
             cast_blocks /= max(shape.layers, 1)
         casts = 2 * (cast_blocks + head)

@@ -27,6 +27,11 @@ class Method:
             return load_classification_base(cfg, device)
         return load_causal_lm(cfg.model, device, torch.float32, cfg.trust_remote_code, cfg.allow_pickle)
 
+    def frozen_at_compute_dtype(self, cfg) -> bool:
+        """Whether the frozen base's linear weights may be stored at the autocast dtype (bf16/fp16) for
+        training: true where the method's forward only feeds them to matmuls (autocast rounds them so anyway)."""
+        return False
+
     needs_base = True  # False: the artifact is a whole model and loads without the base
 
     def apply(self, model, cfg, total_steps: int = 1000):

@@ -171,6 +171,10 @@ class LoraMethod(PeftMethod):
             )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
 
+    def frozen_at_compute_dtype(self, cfg) -> bool:
+        # DoRA also takes the base weight's norm (elementwise, fp32 under autocast): it keeps fp32
+        return not self.options(cfg).dora
+
     def lr_multiplier(self, param_name: str, cfg) -> float:
         ratio = self.options(cfg).lr_ratio
         return ratio if ratio and ".lora_B." in param_name else 1.0

@@ -44,7 +44,9 @@ from .checkpoint import (
     save_checkpoint,
     trainable_state,
 )
+from .compiled import compile_blocks, resolve_compile
 from .distributed import Distributed
+from .frozen import store_frozen_at
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
 from .observer import RunObserver
@@ -144,9 +146,20 @@ class Trainer:
             model.config.use_cache = False
         self.model = self.method.apply(model, cfg, self.total_steps)
         self.model.train()
+        low = autocast_dtype(self.precision)
+        if low is not None and not self.dist.sharded and self.method.frozen_at_compute_dtype(cfg):
+            # FSDP2 wants one dtype per sharded unit: a sharded base stays fp32
+            cast = store_frozen_at(self.model, low)
+            self.base_footprint["base_footprint_bytes"] -= cast * (4 - low.itemsize)
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
+        self.compiled_blocks = 0
+        if resolve_compile(cfg.train.compile, self.device):
+            if self.dist.enabled:
+                log("note: train.compile applies to single-process runs; this one runs uncompiled")
+            else:
+                self.compiled_blocks = compile_blocks(self.model)
 
         # 4. optimizer and schedule
         self.groups = param_groups(self.model, cfg, self.method)
@@ -253,10 +266,11 @@ class Trainer:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             # backward too: gradient checkpointing re-runs the forward there
             with varlen_attention(self.model, self.layout == "varlen"):
-                with self.autocast():
+                with self.section("forward"), self.autocast():
                     s = self.batch_loss(batch)
                 scaled = s / n_loss_tokens
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                with self.section("backward"):
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(s.detach())
         return total, n_loss_tokens
 
@@ -303,7 +317,13 @@ class Trainer:
     def train_step(self, window: list[int]) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad_norm, tokens)."""
         loss, tokens = self.accumulate_gradients(window)
-        return loss, self.optimizer_step(), tokens
+        with self.section("optimizer"):
+            grad_norm = self.optimizer_step()
+        return loss, grad_norm, tokens
+
+    def section(self, name: str):
+        """A part of a step (forward, backward, optimizer): the benchmark times these; nothing by default."""
+        return contextlib.nullcontext()
 
     def evaluate(self) -> dict:
         return evaluate_loss(
@@ -528,6 +548,7 @@ class Trainer:
             "device": self.device.type if self.device.type == "cpu" else torch.cuda.get_device_name(),
             "cpu_capability": cpu_capability(),
             "precision": self.precision,
+            "compiled_blocks": self.compiled_blocks,
             "hints": hints,
             "config_hash": cfg.hash(),
             "versions": versions(),

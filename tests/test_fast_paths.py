@@ -1,0 +1,186 @@
+"""The fast paths compute what the plain path computes: the fused LM-head cross-entropy (values and
+gradients), the bf16 frozen base, the compiled model."""
+
+import os
+
+import pytest
+import torch
+
+from tunelab.data.collate import pad_batch
+from tunelab.data.encode import IGNORE_INDEX
+from tunelab.losses import FusedLinearCrossEntropy, head_ce_sum, plain_loss_sum, selected_loss_sum
+from tunelab.models import load_causal_lm
+
+
+def _batch(pad_id):
+    examples = [
+        {"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
+        for n in (7, 12, 9)
+    ]
+    return pad_batch(examples, pad_id)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_head_cross_entropy_equals_plain_values_and_gradients_fp32():
+    """Hidden states, a trainable head with a bias, several chunks: loss and all three gradients match
+    autograd through full logits. fp32 throughout, so only summation order differs: 1e-5 relative."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    head = torch.nn.Linear(16, 50)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(2.5 * ref, [hidden, head.weight, head.bias])
+    fused = head_ce_sum(hidden, head, targets, chunk=8)  # 5 chunks, the last one short
+    grads = torch.autograd.grad(2.5 * fused, [hidden, head.weight, head.bias])  # a scaled upstream gradient
+    assert float(fused.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_selected_loss_gradients_equal_the_plain_path(smol_tokenizer, trainable_head):
+    """The whole model (tiny-llama, tied embeddings): every parameter's gradient through the fused label-position
+    loss equals the plain full-logits loss's. fp32: 1e-5 relative to each gradient's scale."""
+    model = load_causal_lm("tiny-llama")
+    model.get_output_embeddings().weight.requires_grad_(trainable_head)
+    batch = _batch(smol_tokenizer.pad_token_id)
+    plain = plain_loss_sum(model, batch)
+    plain.backward()
+    g_plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    fast = selected_loss_sum(model, batch, chunk=4)  # several chunks
+    fast.backward()
+    g_fast = _grads(model)
+    assert float(fast) == pytest.approx(float(plain), rel=1e-5)
+    assert g_fast.keys() == g_plain.keys() and len(g_fast) > 10
+    for name, ref in g_plain.items():
+        torch.testing.assert_close(g_fast[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
+
+
+def test_fused_loss_keeps_no_vocabulary_sized_tensor_for_backward():
+    """What the Function saves for backward is d(loss)/d(hidden) only (N x hidden), never N x vocab."""
+    hidden = torch.randn(64, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 1000).requires_grad_(False)
+    loss = FusedLinearCrossEntropy.apply(hidden, head.weight, None, torch.randint(0, 1000, (64,)), 16, torch.float32)
+    saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
+    assert [tuple(t.shape) for t in saved] == [(64, 8)]
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    # gaussian B: a non-zero update, so the adapter's path is part of what is compared
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian", lora_dropout=0.0)
+    return get_peft_model(load_causal_lm("tiny-llama"), config)
+
+
+def test_bf16_frozen_base_equals_autocast_over_fp32_weights(smol_tokenizer):
+    """Under bf16 autocast, a base stored in bf16 runs the same matmuls as an fp32 base that autocast
+    casts: the same loss and LoRA gradients. Only kernel-internal ordering could differ: 1e-6 relative."""
+    import copy
+
+    from tunelab.training.frozen import store_frozen_at
+
+    plain = _lora_model()
+    low = copy.deepcopy(plain)
+    assert store_frozen_at(low, torch.bfloat16) > 0
+    dtypes = {n: p.dtype for n, p in low.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n)
+    assert {d for n, d in dtypes.items() if "base_layer" in n} == {torch.bfloat16}
+    batch = _batch(smol_tokenizer.pad_token_id)
+    results = []
+    for model in (plain, low):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = selected_loss_sum(model, batch, chunk=4)
+        loss.backward()
+        results.append((float(loss), _grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and all("lora_" in n for n in grads_a)
+    for name, ref in grads_a.items():
+        torch.testing.assert_close(grads_b[name], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto-avx2"])
+def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, precision, monkeypatch):
+    """auto-avx2: precision auto on a CPU without native bf16 (TUNELAB_CPU_BF16=0) trains in fp32, base too."""
+    import warnings
+
+    from tunelab.config import build_config
+    from tunelab.device import CPU_BF16_ENV
+    from tunelab.training.loop import Trainer
+
+    if precision == "auto-avx2":
+        monkeypatch.setenv(CPU_BF16_ENV, "0")
+        precision = "fp32"
+        tiny_config["train"]["precision"] = "auto"
+    else:
+        tiny_config["train"]["precision"] = precision
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an AVX2-only CPU warns that bf16 is slow
+        trainer = Trainer(build_config(tiny_config), progress=False)
+    frozen = {p.dtype for n, p in trainer.model.named_parameters() if "base_layer" in n}
+    assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}  # fp32 masters
+    assert trainer.precision == precision
+    trainer.close()
+
+
+@pytest.mark.skipif(
+    os.environ.get("TUNELAB_COMPILE_TESTS") != "1",
+    reason="dynamo tracing takes ~160 s on the shared 2-core machine; TUNELAB_COMPILE_TESTS=1 runs it",
+)
+def test_compiled_blocks_equal_eager(smol_tokenizer):
+    """train.compile's regional compilation: each decoder block captured by dynamo (dynamic shapes, graph
+    breaks at the per-example attention) and differentiated by AOT autograd, on packed batches of two shapes;
+    loss and LoRA gradients equal eager. The suite uses the aot_eager backend: inductor's C++ compile took over
+    10 minutes for this tiny model on the shared 2-core machine (the bench measures inductor). fp32: 1e-5."""
+    import copy
+
+    from tunelab.attention import varlen_attention
+    from tunelab.data.collate import varlen_batch
+    from tunelab.training.compiled import compile_blocks
+
+    torch._dynamo.reset()
+    eager = _lora_model()
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled, backend="aot_eager") == 2
+    examples = [
+        {"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
+        for n in (7, 12, 9)
+    ]
+    results = []
+    for model in (eager, compiled):
+        for batch in (varlen_batch(examples), varlen_batch(examples[:2])):  # a second shape: no recompile
+            with varlen_attention(model):
+                loss = selected_loss_sum(model, batch, chunk=4)
+                loss.backward()
+        results.append((float(loss.detach()), _grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name, ref in grads_a.items():
+        torch.testing.assert_close(grads_b[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
+
+
+def test_masked_packed_attention_equals_per_example(monkeypatch):
+    """CPU packed rows: one SDPA with a block-diagonal causal mask (grouped-query heads) against SDPA on each
+    example alone: outputs and input gradients. fp32; only the softmax's blocking differs: 1e-5 relative."""
+    from tunelab import attention
+
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 5, 17, 18, 30])
+    q0, k0, v0 = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    results = []
+    for limit in (attention.MASKED_MAX_TOKENS, 0):  # 0: every row goes per example
+        monkeypatch.setattr(attention, "MASKED_MAX_TOKENS", limit)
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out, _ = attention._varlen_sdpa(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for masked, per_example in zip(*results):
+        torch.testing.assert_close(masked, per_example, rtol=1e-5, atol=1e-5 * float(per_example.abs().max()))
