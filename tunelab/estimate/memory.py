@@ -28,6 +28,10 @@ ADAPTER_BYTES = 12  # per adapter and hidden feature: input, bottleneck in/out, 
 # per label position and vocab entry: logits (fp32 copy), log-softmax, its gradient; fitted to the measured
 # tiny-llama cells (README matrix): ~12 bytes, less than the sum of the buffers (some are freed before the peak)
 LOGIT_BYTES = {"fp32": 12, "low": 12}
+# the label-position loss fuses the LM head with cross-entropy per chunk (losses.FusedLinearCrossEntropy): one
+# chunk's fp32 logits turned into their gradient in place, plus its cast; measured on the tiny-llama 4x256 cells
+# (bf16 and fp32 alike): ~9 bytes
+FUSED_LOGIT_BYTES = 9
 TRAINING_RUNTIME = 40 * 2**20  # autograd engine, allocator arenas, the checkpoint write: measured, CPU
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 weights + fp32 per 256 absmax
 FP4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantization: an fp32 absmax per 64 weights
@@ -110,7 +114,9 @@ def breakdown(
     selected = shape.model_type in _PLAIN_HEAD_TYPES and not method.virtual_tokens and cfg.task != "classification"
     positions = min(work.label_positions, CHUNK) if selected else work.tokens
     vocab = len(cfg.data.labels or [0, 0]) if cfg.task == "classification" else shape.vocab
-    terms["logits_and_loss"] = positions * vocab * LOGIT_BYTES["low" if low else "fp32"]
+    terms["logits_and_loss"] = (
+        positions * vocab * (FUSED_LOGIT_BYTES if selected else LOGIT_BYTES["low" if low else "fp32"])
+    )
     terms["backward_transient"] = 2 * work.tokens * max(shape.hidden, shape.intermediate) * 4
     terms["training_runtime"] = TRAINING_RUNTIME if baseline else 0
     terms["runtime_baseline"] = baseline
