@@ -24,6 +24,7 @@ from ..data import prepare_data
 from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
 from ..errors import UserError
+from ..estimate.energy import EnergyMeter
 from ..eval.loss import evaluate_loss
 from ..eval.plots import write_plots
 from ..io import atomic_write_json, atomic_write_text, dir_bytes, read_jsonl_objects, read_metrics
@@ -154,6 +155,7 @@ class Trainer:
             "window": 0,
             "tokens": 0,
             "train_time": 0.0,
+            "energy_j": 0.0,  # of the sessions before this one (a resumed run adds its own)
             "bad_steps": 0,
             "skipped_steps": 0,
             "best_metric": None,
@@ -310,8 +312,13 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         return bool(patience and self.state["evals_since_best"] >= patience)
 
+    def energy_j(self) -> float:
+        """Joules used by this run so far (every session; tunelab.estimate.energy says how it is measured)."""
+        return self.energy_before + self.energy.joules()
+
     def checkpoint(self) -> None:
         self.state["train_time"] = self.train_time
+        self.state["energy_j"] = self.energy_j()
         self.saved_step = self.state["step"]
         if self.dist.is_main or self.dist.sharded:  # rank 0 writes; sharded, every rank gathers its part first
             save_checkpoint(
@@ -370,6 +377,7 @@ class Trainer:
         )
 
         self.train_time = self.state["train_time"]
+        self.energy_before, self.energy = self.state.get("energy_j", 0.0), EnergyMeter(self.device)
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -420,6 +428,7 @@ class Trainer:
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
                             "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                            "tokens": self.state["tokens"],  # seen so far: curves compared on tokens
                         } | self.step_metrics()
                     if t.eval_every and step % t.eval_every == 0 and self.data.val:
                         last_eval = self.evaluate()
@@ -496,6 +505,8 @@ class Trainer:
             "train_tokens_per_s": self.state["tokens"] / self.train_time if self.train_time > 0 else 0.0,
             "peak_mem_bytes": peak,
             "peak_mem_kind": kind,
+            "energy_kwh": self.energy_j() / 3.6e6,
+            "energy_source": self.energy.source,
             **self.base_footprint,
             **state_bytes,
             "final_train_loss": self.state["last_loss"],
