@@ -12,6 +12,7 @@ from helpers import run_cli, toy_rows
 from tunelab.compare.choose import pareto_front, recommend
 from tunelab.compare.runner import skip_reason
 from tunelab.config import build_config
+from tunelab.methods import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def compared(tmp_path_factory):
         "method": "lora",
         "seed": 0,
         "data": {"train": str(data), "val_fraction": 0.25, "max_length": 64},
-        "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32"},
+        "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32", "lr": 1e-2},
         "eval": {"generate": False},  # ranked on eval loss: a `tunelab eval` process per method costs too much here
     }
     (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -53,8 +54,11 @@ def test_results_hold_every_method_and_the_failure(compared):
         assert r["eval"]["loss"] == json.loads((out / "runs" / name / "eval.json").read_text())["eval_loss"]
         assert [p["step"] for p in r["curve"]] == [1, 2, 3, 4]  # 4 steps: an eval every 4 // 8 -> 1 step
         assert all(p["tokens"] > 0 for p in r["curve"])
-        assert r["lr"] == yaml.safe_load((out / "configs" / f"{name}.yaml").read_text())["train"]["lr"]
-    assert rows["lora"]["lr"] != rows["ia3"]["lr"]  # lora keeps the config's method; ia3 its own default
+        assert r["lr"] == yaml.safe_load((out / "runs" / name / "config.yaml").read_text())["train"]["lr"]
+    assert (rows["lora"]["lr"], rows["ia3"]["lr"]) == (
+        1e-2,
+        METHODS["ia3"].default_lr,
+    )  # the config's method keeps its lr
     losses = {n: rows[n]["eval"]["loss"] for n in ("lora", "ia3")}
     assert results["metric"] == "loss" and results["recommendation"]["method"] == min(losses, key=losses.get)
     assert results["recommendation"]["left_out"] == {"dora": "failed"}

@@ -121,7 +121,7 @@ def run_compare(
             bar.update(done + (steps or 1) - bar.n)  # a failed method's unrun steps count as done
             rows[name] = row | {"predicted_peak_bytes": predicted}
             status = row["status"] if row["status"] == "ok" else f"failed: {row['error']}"
-            bar.write(f"compare: {name} {status} ({row['wall_s']:.0f} s)")
+            bar.write(f"compare: {name} {status} ({row['wall_s']:.0f} s)", file=sys.stderr)
 
     ordered = [rows[n] for n in names]
     ok = [r for r in ordered if r["status"] == "ok"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import apply_overrides, build_config
 from ..errors import UserError, did_you_mean
 from ..io import read_metrics
+from ..methods import get_method
 
 POLL_S = 1.0  # how often the progress bar reads the running method's metrics.jsonl
 
@@ -105,7 +106,8 @@ def train_method(cfg, name: str, out_dir: Path, on_step=None) -> dict:
     poll = (lambda: on_step(_last_step(metrics))) if on_step else None
     tunelab = [sys.executable, "-m", "tunelab"]
     code, out, wall = _run([*tunelab, "train", str(path), "--no-progress"], log_path, poll)
-    row = {"method": name, "lr": cfg.train.lr, "config": str(path), "log": str(log_path), "wall_s": wall}
+    lr = cfg.train.lr or get_method(name).default_lr  # as the run resolves it
+    row = {"method": name, "lr": lr, "config": str(path), "log": str(log_path), "wall_s": wall}
     if code != 0:
         return row | {"status": "failed", "error": _error_line(log_path.read_text(encoding="utf-8", errors="replace"))}
     run = Path(out.strip().splitlines()[-1])
