@@ -80,5 +80,5 @@ def recommend(rows: list[dict], metric: str, budgets: dict) -> dict:
     return out | {
         "method": best["method"],
         "value": value(best, metric),
-        "why": f"the best {metric} ({value(best, metric):.4g}) of the {len(fits)} method(s) within the budgets",
+        "why": f"the best {metric} ({value(best, metric):.4g}) of the {len(fits)} finished method(s) that fit",
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..eval.plots import _pyplot, _save
-from .choose import COSTS, pareto_front, value
+from .choose import COSTS, higher_is_better, pareto_front, value
 
 MIB = 2**20
 
@@ -61,7 +61,7 @@ def plot_quality_cost(rows: list[dict], metric: str, path: Path) -> Path:
         if not ok:
             _empty(ax, f"no finished method has {metric}")
         ax.set_xlabel("peak memory (MiB)" if cost == "peak_mem_bytes" else "training wall time (s)")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric if higher_is_better(metric) else f"{metric} (lower is better)")
         ax.set_title(f"{metric} vs {COSTS[cost]}")
         ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -49,7 +49,7 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
                 _num(r["peak_mem_bytes"] / MIB if r.get("peak_mem_bytes") else None, "{:.0f}"),
                 _num(r.get("train_tokens_per_s"), "{:.0f}"),
                 _num(r.get("train_wall_s"), "{:.1f}"),
-                _num(r["energy_kwh"] * 1000 if r.get("energy_kwh") is not None else None, "{:.2f}"),
+                _num(r["energy_kwh"] * 1000 if r.get("energy_kwh") is not None else None, "{:.3g}"),
                 _num(r.get("final_train_loss")),
                 _num(ev.get("loss")),
                 *[_num(ev.get(m)) for m in metrics],
