@@ -5,7 +5,8 @@ process (so each peak RSS is its own). Writes JSON and a Markdown table (for the
 
 Measured: summary.json's peak_mem_bytes (peak RSS on a CPU: the whole process) and the median step time
 of steps 2.. (metrics.jsonl tokens / tokens_per_s; step 1 warms up). Predicted: `tunelab estimate` on the
-same config, its runtime baseline included.
+same config, its runtime baseline included; its step time is FLOPs over the matmul calibration plus the
+per-step overhead calibration (tunelab/estimate/overhead.py), both measured on this machine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,7 @@ def write_data(path: Path, n: int = 48) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def cell_config(model, method, batch, length, checkpointing, data, out_dir, steps=3) -> dict:
+def cell_config(model, method, batch, length, checkpointing, data, out_dir, steps=4) -> dict:
     return {
         "model": model,
         "method": method,
@@ -54,7 +56,11 @@ def measure(cfg: dict, workdir: Path) -> dict:
         raise RuntimeError(f"{cfg['run_name']}: {proc.stderr.strip()[-400:]}")
     run = Path(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((run / "summary.json").read_text())
-    return {"peak_bytes": summary["peak_mem_bytes"], "step_s": summary["train_wall_s"] / summary["steps"]}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = [  # a step's time from its tokens (the cumulative count's difference) and tokens/s
+        (b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(records, records[1:]) if b["tokens_per_s"]
+    ]
+    return {"peak_bytes": summary["peak_mem_bytes"], "step_s": statistics.median(seconds)}
 
 
 def predict(cfg: dict) -> dict:
@@ -88,6 +94,7 @@ def run_matrix(models, methods=METHODS, shapes=SHAPES, checkpointing=(False, Tru
                             "peak_error_pct": 100 * (want["peak_bytes"] - got["peak_bytes"]) / got["peak_bytes"],
                             "measured_step_s": got["step_s"],
                             "predicted_step_s": want["step_s"],
+                            "step_error_pct": 100 * (want["step_s"] - got["step_s"]) / got["step_s"],
                             "baseline_mib": want["memory"]["runtime_baseline"] / 2**20,
                         }
                         print(json.dumps(row), flush=True)
@@ -98,14 +105,15 @@ def run_matrix(models, methods=METHODS, shapes=SHAPES, checkpointing=(False, Tru
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | method | batch x length | checkpointing | measured peak MiB | predicted MiB | error | "
-        "measured step s | predicted step s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "measured step s | predicted step s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['max_length']} | "
             f"{'yes' if r['checkpointing'] else 'no'} | {r['measured_peak_mib']:.0f} | {r['predicted_peak_mib']:.0f} | "
-            f"{r['peak_error_pct']:+.1f}% | {r['measured_step_s']:.2f} | {r['predicted_step_s']:.2f} |"
+            f"{r['peak_error_pct']:+.1f}% | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"{r['step_error_pct']:+.0f}% |"
         )
     return "\n".join(lines) + "\n"
 
@@ -115,8 +123,11 @@ if __name__ == "__main__":
     p.add_argument("--models", nargs="+", default=["tiny-llama"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--out", default="estimate-matrix")
+    p.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES], help="BATCHxLENGTH")
+    p.add_argument("--checkpointing", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     args = p.parse_args()
-    rows = run_matrix(args.models, args.methods)
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+    rows = run_matrix(args.models, args.methods, shapes, [c == "yes" for c in args.checkpointing])
     Path(f"{args.out}.json").write_text(json.dumps(rows, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(markdown(rows))
     print(markdown(rows))

@@ -161,3 +161,20 @@ def test_checkpoints_keep_the_last_two_plus_the_best(tmp_path):
         save_checkpoint(tmp_path, step, model, opt, sched, {"step": step, "best_step": 2}, save_total_limit=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-2", "step-4", "step-5"]
     assert build_config({}).train.save_total_limit == 2
+
+
+def test_step_time_adds_the_measured_per_step_overhead():
+    """FLOPs alone predicted tiny-llama's steps ~10x too fast: the estimate adds an overhead calibrated on the
+    shrunk architecture (1 and 3 blocks), grad_accum micro-batches of it."""
+    from tunelab.estimate import estimate
+    from tunelab.estimate.overhead import shrunk
+    from tunelab.estimate.params import model_config
+
+    cfg = build_config({"model": "tiny-llama", "train": {"grad_accum": 2, "precision": "fp32"}})
+    small = shrunk(model_config(cfg), 3)
+    assert (small.num_hidden_layers, small.hidden_size, small.vocab_size) == (3, 32, 256)
+    r = estimate(cfg, baseline=False)
+    over = r["overhead_calibration"]
+    assert over["fixed_s"] + over["per_block_s"] > 0
+    assert r["step_overhead_seconds"] == 2 * (over["fixed_s"] + over["per_block_s"] * r["architecture"]["layers"])
+    assert r["step_seconds"] == r["step_compute_seconds"] + r["step_overhead_seconds"]

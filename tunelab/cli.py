@@ -351,6 +351,25 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    results = run_compare(
+        args.config,
+        args.overrides,
+        args.methods,
+        args.out,
+        args.budget_mem,
+        args.budget_time,
+        args.metric,
+        progress=not args.no_progress,
+    )
+    rec = results["recommendation"]
+    print(f"recommended: {rec['method']} ({rec['why']})" if rec["method"] else f"no recommendation: {rec['why']}")
+    print(f"wrote {Path(args.out) / 'report.html'}, report.md, results.json")
+    return 0
+
+
 def cmd_demo(args) -> int:
     if args.task == "triage":
         from .demo.triage import run_triage_benchmark
@@ -416,7 +435,7 @@ def cmd_serve(args) -> int:
 
 
 def _serve_options(args):
-    from .serve.app import Limits
+    from .serve.limits import Limits
     from .serve.security import read_api_key
     from .serve.server import ServeOptions
 
@@ -481,7 +500,7 @@ def cmd_serve_bench(args) -> int:
 
 
 def _add_serve_flags(p) -> None:
-    from .serve.app import Limits
+    from .serve.limits import Limits
 
     limits = Limits()
     p.add_argument("--base", metavar="MODEL_OR_RUN", help="the base model (default: the adapters' base, else smollm2)")
@@ -676,6 +695,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-per-hour", type=float, help="machine price per hour (cost = price x predicted hours)")
     p.add_argument("--price-per-kwh", type=float, help="energy price per kWh")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("compare", help="train several methods on the same data and budget; HTML/Markdown/JSON report")
+    p.add_argument("config", help="CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value for every method, METHOD:key=value for one")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. lora,dora,adapter,prefix,ia3,full")
+    p.add_argument("--out", default="compare", metavar="DIR", help="where the runs and the reports go")
+    p.add_argument("--budget-mem", metavar="X", help="recommend only methods whose measured peak fits (e.g. 2GiB)")
+    p.add_argument("--budget-time", metavar="Y", help="recommend only methods that train within this (e.g. 10m)")
+    p.add_argument("--metric", help="the eval metric to rank on (default: accuracy / exact_match / loss by task)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the README demo: before/after LoRA on a generated date-normalisation task")
     p.add_argument("--out-dir", default="runs")

@@ -66,6 +66,7 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
     from ..methods import get_method
     from ..training.resolve import resolve_run_config
     from .energy import device_power, energy_cost
+    from .overhead import step_overhead
     from .params import PRESETS, count_params, model_config, shape_of
     from .timing import step_flops, step_time
 
@@ -102,7 +103,14 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
     step_tokens_all = work.tokens * t.grad_accum  # the largest micro-batch, grad_accum times, per process
     selected = work.label_positions / max(work.tokens, 1) if not method.virtual_tokens else 1.0
     flops = step_flops(shape, counts, work, step_tokens_all, cfg.method in ("full", "freeze"), ckpt, selected)
-    seconds, rate = step_time(flops, precision, device)
+    compute_s, rate = step_time(flops, precision, device)
+    try:
+        over = step_overhead(cfg, method, config, precision, device)
+    except Exception as exc:  # noqa: BLE001 - an architecture the shrunk copy does not fit: FLOPs alone
+        over = {"fixed_s": 0.0, "per_block_s": 0.0}
+        notes.append(f"per-step overhead not measured ({type(exc).__name__}): the time is FLOPs only, low")
+    overhead_s = t.grad_accum * (over["fixed_s"] + over["per_block_s"] * shape.layers)
+    seconds = compute_s + overhead_s
     steps = t.max_steps or (
         max(1, math.ceil(t.epochs * math.ceil(n_examples / (t.batch_size * t.grad_accum)))) if n_examples else None
     )
@@ -124,6 +132,9 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
         "step_flops": flops,
         "matmul_flops_per_s": rate,
         "step_seconds": seconds,
+        "step_compute_seconds": compute_s,
+        "step_overhead_seconds": overhead_s,
+        "overhead_calibration": over,
         "steps": steps,
         "run_seconds": seconds * steps if steps else None,
         "power_w": watts,

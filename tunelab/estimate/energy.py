@@ -4,6 +4,11 @@ Power: the GPU's NVML power limit when readable; on a CPU, RAPL's package energy
 where readable (`power_from_rapl`), else a documented figure per busy core (TDP_PER_CORE_W: desktop
 and server x86 parts sit at 5-15 W per core under an all-core load). UTILISATION scales the GPU's
 limit to what training typically draws.
+
+`EnergyMeter` measures a run's energy for summary.json: RAPL's package counter where readable (the whole
+package: other processes' work on it is included), else the same TDP figure x this process's measured
+utilisation (TDP_PER_CORE_W x its CPU seconds); on a GPU NVML's energy counter, else the power limit x
+UTILISATION x time.
 """
 
 from __future__ import annotations
@@ -63,3 +68,55 @@ def energy_cost(seconds: float, watts: float, price_per_hour: float | None, pric
     if price_per_hour is not None or price_per_kwh is not None:
         out["cost"] = cost
     return out
+
+
+class EnergyMeter:
+    """Energy used between construction and `joules()` calls (see the module docstring for the sources)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall0 = time.perf_counter()
+        self.cpu0 = time.process_time()  # every thread of this process
+        self.rapl0 = self._rapl()
+        self.nvml0 = self._nvml() if device.type == "cuda" else None
+        self.source = (
+            "nvml energy counter"
+            if self.nvml0 is not None
+            else "RAPL package counter"
+            if self.rapl0 is not None
+            else "GPU power limit x utilisation x time"
+            if device.type == "cuda"
+            else f"TDP estimate: {TDP_PER_CORE_W:g} W x CPU seconds of the process"
+        )
+
+    @staticmethod
+    def _rapl():
+        try:
+            return int(RAPL.read_text()), int((RAPL.parent / "max_energy_range_uj").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _nvml(self):
+        try:
+            import pynvml
+            import torch
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000  # mJ -> J
+        except Exception:  # noqa: BLE001 - no NVML or a GPU without the counter: the power-limit estimate
+            return None
+
+    def joules(self) -> float:
+        if self.nvml0 is not None:
+            now = self._nvml()
+            if now is not None:
+                return now - self.nvml0
+        if self.rapl0 is not None:
+            now = self._rapl()
+            if now is not None:
+                start, wrap = self.rapl0
+                return ((now[0] - start) % wrap) / 1e6  # the counter wraps at max_energy_range_uj
+        if self.device.type == "cuda":
+            return device_power(self.device)[0] * (time.perf_counter() - self.wall0)
+        return TDP_PER_CORE_W * (time.process_time() - self.cpu0)

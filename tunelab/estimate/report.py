@@ -35,7 +35,8 @@ def text(r: dict) -> str:
         lines.append(f"  per rank, {strategy} x {r['nproc']}: {_mib(mem['total'])}")
     lines.append(
         f"time: {_seconds(r['step_seconds'])} per step ({r['step_flops'] / 1e12:.2f} TFLOP at "
-        f"{r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak), run {_seconds(r['run_seconds'])} "
+        f"{r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak: {_seconds(r['step_compute_seconds'])}, "
+        f"+ {_seconds(r['step_overhead_seconds'])} per-step overhead), run {_seconds(r['run_seconds'])} "
         f"({r['steps'] or '?'} steps)"
     )
     if "energy_kwh" in r:

@@ -133,7 +133,8 @@ def generation_eval(model, tokenizer, examples, cfg, predictions_path: Path | No
         out["eval_score"] = sum(r["score"] for r in rows) / len(rows)
     out["eval_generation_warnings"] = metrics["warnings"]
     out["eval_generation_notes"] = metrics["notes"]
-    out.update({f"eval_latency_{k}": v for k, v in latency_stats(seconds).items()})
+    if seconds:  # eval.latency_examples: 0 measures none
+        out.update({f"eval_latency_{k}": v for k, v in latency_stats(seconds).items()})
     out["eval_generated_examples"] = len(items)
     if predictions_path is not None:
         atomic_write_jsonl(predictions_path, rows)

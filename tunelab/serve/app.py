@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -19,16 +18,8 @@ from ..generation import GenerationSettings
 from .adapters import AdapterError, AdapterHandle
 from .batcher import Job, QueueFull
 from .decode import BASE, Sequence
+from .limits import Limits
 from .protocol import AdapterLoad, ChatRequest, ClassifyRequest, CompletionRequest, error_body
-
-
-@dataclass
-class Limits:
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = 4096  # also bounded by the model's context length
-    max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    max_concurrency: int = 256  # requests accepted and not yet answered (streams included)
-    max_rows: int = 16  # prompts x n of one request
 
 
 class ApiError(Exception):

@@ -24,6 +24,7 @@ from ..data import prepare_data
 from ..data.collate import example_loss_tokens
 from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
 from ..errors import UserError
+from ..estimate.energy import EnergyMeter
 from ..eval.loss import evaluate_loss
 from ..eval.metrics import lower_is_better
 from ..eval.plots import write_plots
@@ -178,6 +179,7 @@ class Trainer:
             "window": 0,
             "tokens": 0,
             "train_time": 0.0,
+            "energy_j": 0.0,  # of the sessions before this one (a resumed run adds its own)
             "bad_steps": 0,
             "skipped_steps": 0,
             "best_metric": None,
@@ -345,8 +347,13 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         return bool(patience and self.state["evals_since_best"] >= patience)
 
+    def energy_j(self) -> float:
+        """Joules used by this run so far (every session; tunelab.estimate.energy says how it is measured)."""
+        return self.energy_before + self.energy.joules()
+
     def checkpoint(self) -> None:
         self.state["train_time"] = self.train_time
+        self.state["energy_j"] = self.energy_j()
         self.saved_step = self.state["step"]
         if self.dist.is_main or self.dist.sharded:  # rank 0 writes; sharded, every rank gathers its part first
             save_checkpoint(
@@ -410,6 +417,7 @@ class Trainer:
         self.train_time = self.state["train_time"]
         if self.dist.is_main:
             self.observer.started(self.run_dir)
+        self.energy_before, self.energy = self.state.get("energy_j", 0.0), EnergyMeter(self.device)
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -541,6 +549,8 @@ class Trainer:
             "train_tokens_per_s": self.state["tokens"] / self.train_time if self.train_time > 0 else 0.0,
             "peak_mem_bytes": peak,
             "peak_mem_kind": kind,
+            "energy_kwh": self.energy_j() / 3.6e6,
+            "energy_source": self.energy.source,
             **self.base_footprint,
             **state_bytes,
             "final_train_loss": self.state["last_loss"],
