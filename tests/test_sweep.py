@@ -45,7 +45,9 @@ def sweep_files(tmp_path):
 
 
 def _study(sweep_dir):
-    return optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    from tunelab.sweep.study import open_storage  # opening while the sweep creates the file races (it retries)
+
+    return optuna.load_study(study_name=sweep_dir.name, storage=open_storage(sweep_dir / "study.db"))
 
 
 def test_sweep_prunes_records_parents_and_writes_a_trainable_best(sweep_files, capsys):

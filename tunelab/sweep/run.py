@@ -9,6 +9,8 @@ with its error and the sweep goes on. --jobs J runs J worker processes on the sa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import signal
@@ -250,7 +252,11 @@ def prepare(options: SweepOptions) -> Sweep:
         raise UserError(f"--name {name!r} must be a plain folder name inside out_dir: {problem}")
     base = cfg.to_dict()
     space = SearchSpace(options.space, base)
-    identity = {"metric": options.metric, "direction": direction, "space": space.describe(), "config": cfg.hash()}
+    # the config's identity is what the user set (defaults left out), so a newer tunelab that adds fields with
+    # defaults still continues the study
+    given = cfg.model_dump(mode="json", exclude_defaults=True)
+    given_hash = hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()[:12]
+    identity = {"metric": options.metric, "direction": direction, "space": space.describe(), "config": given_hash}
     sweep_dir = Path(cfg.out_dir).expanduser() / name
     return Sweep(options, direction, space, sweep_dir, name, cfg.run_name, identity, cfg.seed)
 

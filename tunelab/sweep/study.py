@@ -7,6 +7,7 @@ queued again; it does not count towards --trials. Failed trials (an `error`), pr
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import optuna
@@ -36,13 +37,28 @@ def make_sampler(seed: int, trials: int, done: int) -> optuna.samplers.TPESample
     return optuna.samplers.TPESampler(n_startup_trials=min(10, max(3, trials // 3)), seed=seed + done)
 
 
+def open_storage(path: Path, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study's SQLite storage. Two processes opening a new file at once (--jobs workers, or a reader) race to
+    create its tables, and the loser gets "table ... already exists": it opens again, the tables now exist."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                f"sqlite:///{path}",
+                engine_kwargs={"connect_args": {"timeout": 60}},  # parallel workers wait for each other's writes
+            )
+        except sqlalchemy.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_study(sweep_dir: Path, name: str, direction: str, identity: dict, seed: int, trials: int, pruner: str):
     """Create or reopen the study; `identity` (metric, direction, space, config hash) must match a stored one."""
     optuna.logging.set_verbosity(logging.WARNING)  # the sweep prints its own line per trial
-    storage = optuna.storages.RDBStorage(
-        f"sqlite:///{Path(sweep_dir).resolve() / STUDY_FILE}",
-        engine_kwargs={"connect_args": {"timeout": 60}},  # parallel workers wait for each other's writes
-    )
+    storage = open_storage(Path(sweep_dir).resolve() / STUDY_FILE)
     existing = [s.study_name for s in optuna.study.get_all_study_summaries(storage)]
     done = 0
     if name in existing:
