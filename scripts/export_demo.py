@@ -25,7 +25,10 @@ def _runtime_speed(out: Path, prompts_file: Path, limit: int) -> dict:
 
     convs = [e.messages[:-1] for e in load_examples(prompts_file, "auto", False)[0]][:limit]
     result = {}
-    for runtime in ("torch", "torchao"):
+    import importlib.util
+
+    # torchao is an optional extra (tunelab[int8]): measured when installed
+    for runtime in ("torch", "torchao") if importlib.util.find_spec("torchao") else ("torch",):
         t0 = time.perf_counter()
         model, tokenizer = load_int8(out, runtime)
         load_s = time.perf_counter() - t0
