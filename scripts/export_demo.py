@@ -28,7 +28,7 @@ def _runtime_speed(out: Path, prompts_file: Path, limit: int) -> dict:
     import importlib.util
 
     # torchao is an optional extra (tunelab[int8]): measured when installed
-    for runtime in ("torch", "torchao") if importlib.util.find_spec("torchao") else ("torch",):
+    for runtime in ("dequant", "torch", "torchao") if importlib.util.find_spec("torchao") else ("dequant", "torch"):
         t0 = time.perf_counter()
         model, tokenizer = load_int8(out, runtime)
         load_s = time.perf_counter() - t0

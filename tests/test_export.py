@@ -233,7 +233,7 @@ def test_int8_export_is_smaller_reloads_and_stays_close(tmp_path, lora_run, lora
     assert saved["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int8
     assert torch.equal(saved["model.layers.0.self_attn.q_proj.qweight"], q)
     # torchao is an optional extra (installed, transformers imports it everywhere): its runtime is checked when present
-    for runtime in ("torch", "torchao") if importlib.util.find_spec("torchao") else ("torch",):
+    for runtime in ("dequant", "torch", "torchao") if importlib.util.find_spec("torchao") else ("dequant", "torch"):
         model, _ = load_int8(tmp_path / "int8", runtime)
         a, b = logits(plain), logits(model)
         # int8 rows carry ~1/254 relative error per weight; the logits stay within a few percent of their range

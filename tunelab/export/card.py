@@ -29,7 +29,7 @@ vLLM: `vllm serve {base} --enable-lora --lora-modules {info["name"]}=PATH/TO/THI
         return """```python
 from tunelab.export.quantize import load_int8
 
-model, tokenizer = load_int8("PATH/TO/THIS/FOLDER")  # runtime="torch" (default) or "torchao"
+model, tokenizer = load_int8("PATH/TO/THIS/FOLDER")  # runtime="dequant" (default), "torch" (faster, int8 activations too) or "torchao"
 ```
 
 The weights are int8 with one fp32 scale per output row (`model-int8.safetensors`, `int8.json` lists the
