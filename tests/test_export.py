@@ -109,9 +109,9 @@ def test_qlora_merges_into_the_dequantized_4bit_weights(tmp_path_factory):
 def _small_vocab_model(tmp):
     """A tiny Llama with a 300-token byte-level BPE (transformers' GGUF reader parses a 49k vocabulary in ~1 min)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from tunelab.models import load_tokenizer
+    from tunelab.models import load_tokenizer, tiny_llama_config
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
@@ -132,19 +132,7 @@ def _small_vocab_model(tmp):
         unk_token="<|endoftext|>",
     )
     tok.chat_template = load_tokenizer("tiny-llama").chat_template  # SmolLM2's ChatML
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = tiny_llama_config(tok)  # the registry's tiny-llama, on this small vocabulary
     torch.manual_seed(0)
     path = tmp / "small-llama"
     LlamaForCausalLM(config).save_pretrained(path)

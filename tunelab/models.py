@@ -104,11 +104,11 @@ def _build_smollm2(out: Path) -> None:
     print(f"converted in {time.time() - t0:.0f}s", flush=True)
 
 
-def _build_tiny_llama(out: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tok):
+    """The tiny-llama architecture for tokenizer `tok` (also the tests' small-vocabulary variant)."""
+    from transformers import LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -122,6 +122,13 @@ def _build_tiny_llama(out: Path) -> None:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def _build_tiny_llama(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+    config = tiny_llama_config(tok)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)

@@ -42,17 +42,17 @@ def open_storage(path: Path, attempts: int = 5) -> optuna.storages.RDBStorage:
     create its tables, and the loser gets "table ... already exists": it opens again, the tables now exist."""
     import sqlalchemy.exc
 
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
-            return optuna.storages.RDBStorage(
-                f"sqlite:///{path}",
-                engine_kwargs={"connect_args": {"timeout": 60}},  # parallel workers wait for each other's writes
-            )
+            return _storage(path)
         except sqlalchemy.exc.OperationalError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.2 * attempt)
+    return _storage(path)  # the last attempt raises what it meets
+
+
+def _storage(path: Path) -> optuna.storages.RDBStorage:
+    # parallel workers wait for each other's writes
+    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}})
 
 
 def open_study(sweep_dir: Path, name: str, direction: str, identity: dict, seed: int, trials: int, pruner: str):
