@@ -8,7 +8,14 @@ import torch
 
 from tunelab.data.collate import pad_batch
 from tunelab.data.encode import IGNORE_INDEX
-from tunelab.losses import FusedLinearCrossEntropy, head_ce_sum, plain_loss_sum, selected_loss_sum
+from tunelab.losses import (
+    FusedLinearCrossEntropy,
+    head_ce_sum,
+    label_logps,
+    label_suffix,
+    plain_loss_sum,
+    selected_loss_sum,
+)
 from tunelab.models import load_causal_lm
 
 
@@ -47,7 +54,7 @@ def test_selected_loss_gradients_equal_the_plain_path(smol_tokenizer, trainable_
     model = load_causal_lm("tiny-llama")
     model.get_output_embeddings().weight.requires_grad_(trainable_head)
     batch = _batch(smol_tokenizer.pad_token_id)
-    plain = plain_loss_sum(model, batch)
+    plain = plain_loss_sum(model, batch, suffix=False)
     plain.backward()
     g_plain = _grads(model)
     model.zero_grad(set_to_none=True)
@@ -58,6 +65,46 @@ def test_selected_loss_gradients_equal_the_plain_path(smol_tokenizer, trainable_
     assert g_fast.keys() == g_plain.keys() and len(g_fast) > 10
     for name, ref in g_plain.items():
         torch.testing.assert_close(g_fast[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
+
+
+def _prompt_learning(kind: str):
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = {"prompt": PromptTuningConfig, "ptuning": PromptEncoderConfig, "prefix": PrefixTuningConfig}[kind]
+    return get_peft_model(load_causal_lm("tiny-llama"), config(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def test_label_suffix_starts_one_before_the_first_label_of_any_row():
+    labels = torch.full((2, 10), IGNORE_INDEX)
+    assert label_suffix(labels) == 0
+    labels[0, 7], labels[1, 4] = 1, 2  # position 3 predicts the first label: positions 3..9 are kept
+    assert label_suffix(labels) == 7
+
+
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix"])
+def test_virtual_token_methods_take_the_label_suffix_of_the_logits_with_the_same_numbers(smol_tokenizer, kind):
+    """Prompt learning cannot take the fused path (peft adds the virtual tokens in its forward); its loss
+    asks for the logits from the first label on only. Value, every trainable gradient and the per-token
+    log-probs (DPO) equal the full-logits path; fp32, so 1e-5 relative."""
+    model = _prompt_learning(kind)
+    batch = _batch(smol_tokenizer.pad_token_id)
+    assert 0 < label_suffix(batch["labels"]) < batch["input_ids"].shape[1]
+    full = plain_loss_sum(model, batch, suffix=False)
+    full.backward()
+    g_full = _grads(model)
+    model.zero_grad(set_to_none=True)
+    short = plain_loss_sum(model, batch)
+    short.backward()
+    g_short = _grads(model)
+    assert float(short) == pytest.approx(float(full), rel=1e-5)
+    assert g_short.keys() == g_full.keys() and g_full
+    for name, ref in g_full.items():
+        torch.testing.assert_close(g_short[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            label_logps(model, batch), label_logps(model, batch, fast=False), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_fused_loss_keeps_no_vocabulary_sized_tensor_for_backward():

@@ -48,7 +48,8 @@ def _check_packed_equals_alone(model, examples, capacity, layout):
         packed = model(input_ids=batch["input_ids"], **model_inputs(batch)).logits
         padded = pad_batch(examples, 0)
         assert count_loss_tokens(batch) == count_loss_tokens(padded)
-        losses = [float(loss(model, batch)) / count_loss_tokens(batch) for loss in (plain_loss_sum, selected_loss_sum)]
+        losses = [float(plain_loss_sum(model, batch, suffix=False)), float(selected_loss_sum(model, batch))]
+        losses = [x / count_loss_tokens(batch) for x in losses]
     with torch.no_grad():
         worst = 0.0  # the largest logit error relative to the example's largest logit
         for r, row in enumerate(rows):
@@ -64,7 +65,7 @@ def _check_packed_equals_alone(model, examples, capacity, layout):
         # ~1e-1 absolute (test_position_ids_alone_do_not_isolate_sequences)
         print(f"worst relative logit error {worst:.2e}")
         assert worst < 5e-5
-        reference = float(plain_loss_sum(model, padded)) / count_loss_tokens(padded)
+        reference = float(plain_loss_sum(model, padded, suffix=False)) / count_loss_tokens(padded)
     assert max(abs(x - reference) for x in losses) < 1e-5
 
 

@@ -74,9 +74,12 @@ def ui(tmp_path_factory):
 
 
 def wait(driver, condition, timeout=WAIT_S):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d))
+    # the live page re-renders its parts every second: an element found a moment ago may be replaced
+    waiting = WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    return waiting.until(lambda d: condition(d))
 
 
 def css(driver, selector):

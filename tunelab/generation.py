@@ -12,9 +12,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from .data.encode import prompt_text
 from .errors import UserError
 
 SAMPLING_REPETITION_PENALTY = 1.1  # the default when sampling; greedy decoding has none
@@ -94,7 +91,6 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
     return Stream(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-@torch.no_grad()
 def generate_batch(
     model,
     tokenizer,
@@ -106,6 +102,17 @@ def generate_batch(
 ) -> list[str]:
     """Completions for many prompts (strings or message lists), left-padded in batches. `system`
     replaces the run's system prompt; `on_text` receives the text as it is generated (one prompt only)."""
+    import torch  # here, not at the top: the command line's parser reads this module's defaults (no torch)
+
+    with torch.no_grad():
+        return _generate_batch(model, tokenizer, prompts, settings, batch_size, system, on_text)
+
+
+def _generate_batch(model, tokenizer, prompts, settings, batch_size, system, on_text) -> list[str]:
+    import torch
+
+    from .data.encode import prompt_text
+
     settings.validate()
     if on_text is not None and len(prompts) != 1:
         raise ValueError("streaming (on_text) takes one prompt")

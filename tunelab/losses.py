@@ -2,11 +2,14 @@
 
 The fast path never materialises full-vocabulary logits for every position: it runs the decoder,
 keeps only hidden states at label positions, and applies the LM head and cross-entropy there in
-chunks (each chunk recomputed in backward). It is used for architectures whose logits are exactly
-lm_head(hidden); others (and methods that change the forward, e.g. prefixes) take the plain path.
+chunks (fused, Liger-style). It is used for architectures whose logits are exactly lm_head(hidden);
+others (and methods that change the forward, e.g. prefixes) take the plain path, which still asks the
+model for the logits from the first label position on only (`logits_to_keep`).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +48,43 @@ def supports_selected_loss(model) -> bool:
     return getattr(getattr(lm, "config", None), "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")
 
 
-def plain_loss_sum(model, batch) -> torch.Tensor:
-    """Sum of token NLL over label positions, from the model's full logits."""
+def _keeps_logits(model) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (transformers' LMs: the head runs on the last
+    k positions only)."""
+    forward = getattr(_causal_lm(model), "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def label_suffix(labels: torch.Tensor) -> int:
+    """How many last positions of the logits a loss needs: from the one before the first label in any row
+    to the end (0: no labels). Prompt learning prepends virtual tokens at the front, so a suffix of the
+    logits is a suffix of the real positions whatever their number."""
+    has = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    if not bool(has.any()):
+        return 0
+    return labels.shape[1] - int(has.nonzero()[0])
+
+
+def _label_logits(model, batch, suffix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits at the positions that predict each label, with the labels they predict (shifted). With
+    `suffix` the head runs on the positions from the first label on only (the prompt's are never used): the
+    same numbers, without full-vocabulary logits for every prompt token."""
+    ids, labels = batch["input_ids"], batch["labels"]
     kwargs = model_inputs(batch)
-    logits = model(input_ids=batch["input_ids"], **kwargs).logits
-    # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
-    logits = logits[:, -batch["input_ids"].shape[1] : -1].float()
-    labels = batch["labels"][:, 1:]
+    keep = label_suffix(labels) if suffix and _keeps_logits(model) else 0
+    if keep:
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=ids, **kwargs).logits
+    width = keep or ids.shape[1]  # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
+    return logits[:, -width:-1].float(), labels[:, labels.shape[1] - width + 1 :]
+
+
+def plain_loss_sum(model, batch, suffix: bool = True) -> torch.Tensor:
+    """Sum of token NLL over label positions, from the model's logits (all of them with suffix=False)."""
+    logits, labels = _label_logits(model, batch, suffix)
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -172,7 +205,7 @@ def loss_sum(model, batch, fast: bool = True) -> torch.Tensor:
         sharded = getattr(model, SHARDED_LOSS, None)
         total = sharded(batch) if sharded is not None else selected_loss_sum(model, batch)
     else:
-        total = plain_loss_sum(model, batch)
+        total = plain_loss_sum(model, batch, suffix=fast)
     return total * batch["loss_weight"] if "loss_weight" in batch else total
 
 
@@ -188,8 +221,8 @@ def label_logps(model, batch, fast: bool = True, chunk: int = CHUNK) -> torch.Te
     mask = labels != IGNORE_INDEX
     targets = labels[mask]
     if not (fast and supports_selected_loss(model)):
-        logits = model(input_ids=batch["input_ids"], **model_inputs(batch)).logits
-        logits = logits[:, -batch["input_ids"].shape[1] : -1][mask].float()  # virtual tokens first (prompt tuning)
+        logits, shifted = _label_logits(model, batch, suffix=fast)
+        logits = logits[shifted != IGNORE_INDEX]  # row by row: the same order as `mask`
         return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
     lm = _causal_lm(model)
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state[:, :-1][mask]
