@@ -2,9 +2,10 @@
 teacher, a half-depth student cut from it (blocks 0, 2, ..., 28 of 30, weights copied), then two runs of that
 student with the same data, seed, steps and LR: distilled (KD, T=4, alpha=0.7) and fine-tuned without the
 teacher (plain CE). Held-out exact match on the demo's 64 test dates (greedy, as `tunelab demo`), params and
-speed of each; JSON on stdout and in OUT_DIR/distill-demo.json.
+speed of each; JSON on stdout and in OUT_DIR/distill-demo-tT-aA.json.
 
-    PYTHONPATH=. python scripts/distill_demo.py [--steps N] [--lr LR] [--method full] [--out-dir DIR] [--teacher RUN]
+    PYTHONPATH=. python scripts/distill_demo.py [--steps N] [--lr LR] [--method full] [--temperature T] [--alpha A]
+        [--out-dir DIR] [--teacher RUN] [--skip-plain]
 """
 
 import argparse
@@ -30,7 +31,7 @@ def student_config(train_path: Path, out_dir: Path, teacher: str, name: str, arg
         "seed": 0,
         "data": demo["data"],
         "train": {**demo["train"], "max_steps": args.steps, "lr": args.lr, "log_every": 5},
-        "distill": {"teacher": teacher, "keep_every": 2, "temperature": 4.0, "alpha": 0.7},
+        "distill": {"teacher": teacher, "keep_every": 2, "temperature": args.temperature, "alpha": args.alpha},
     }
 
 
@@ -44,6 +45,9 @@ def main() -> dict:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--method", default="full")
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.7)
+    parser.add_argument("--skip-plain", action="store_true", help="the distilled student only (another T or alpha)")
     parser.add_argument("--out-dir", default="runs/distill-demo")
     parser.add_argument("--teacher", help="an existing demo run (default: train one, as `tunelab demo` does)")
     args = parser.parse_args()
@@ -55,14 +59,17 @@ def main() -> dict:
     if not is_run_dir(teacher):
         teacher = str(tunelab.train(demo_config(train_path, str(out))).run_dir)
 
-    distilled_run = distill(student_config(train_path, out, teacher, "student-distilled", args))
+    tag = f"t{args.temperature:g}-a{args.alpha:g}"
+    distilled_run = distill(student_config(train_path, out, teacher, f"student-distilled-{tag}", args))
     distilled = distilled_run.summary
-    # the same student, its own folder as the model: plain fine-tuning from the same weights
-    plain_cfg = student_config(train_path, out, teacher, "student-plain", args)
-    del plain_cfg["distill"]
-    plain_run = tunelab.train({**plain_cfg, "model": distilled["model"]})
+    runs = [("distilled", distilled_run)]
+    if not args.skip_plain:  # the same student, its own folder as the model: plain fine-tuning from the same weights
+        plain_cfg = student_config(train_path, out, teacher, "student-plain", args)
+        del plain_cfg["distill"]
+        runs.append(("plain", tunelab.train({**plain_cfg, "model": distilled["model"]})))
 
     report = {"steps": args.steps, "lr": args.lr, "method": args.method, "held_out": len(rows)}
+    report |= {"temperature": args.temperature, "alpha": args.alpha}
     report["teacher"] = {
         "run": teacher,
         "exact_match": exact_match(teacher, rows),
@@ -71,7 +78,7 @@ def main() -> dict:
             for k in ("total_params", "eval_loss", "eval_forward_tokens_per_s")
         },
     }
-    for name, result in (("distilled", distilled_run), ("plain", plain_run)):
+    for name, result in runs:
         run, summary = result.run_dir, result.summary
         report[name] = {
             "run": str(run),
@@ -83,7 +90,7 @@ def main() -> dict:
         }
     report["student_eval_forward_tokens_per_s"] = distilled["distill"]["student"].get("eval_forward_tokens_per_s")
     report["wall_s"] = round(time.time() - t0, 1)
-    atomic_write_json(out / "distill-demo.json", report)
+    atomic_write_json(out / f"distill-demo-{tag}.json", report)
     print(json.dumps(report, indent=2))
     return report
 

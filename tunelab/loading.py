@@ -13,6 +13,19 @@ from .methods import get_method
 from .models import load_causal_lm, load_tokenizer
 from .trust import check_adapter_folder
 
+# what peft raises on a damaged or foreign artifact folder: it reads its config fields without checking them
+# (a `trainable_token_indices` out of the vocabulary is an IndexError; a `megatron_config` imports Megatron)
+ARTIFACT_ERRORS = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    ImportError,
+    pickle.UnpicklingError,
+)
+
 
 def is_run_dir(path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "summary.json").is_file()
@@ -28,18 +41,7 @@ def _load_run(path: Path, device):
     base = method.load_base(cfg, device) if method.needs_base else None
     try:
         model = method.load(base, artifact, cfg)
-    except (
-        OSError,
-        ValueError,
-        RuntimeError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        ImportError,
-        pickle.UnpicklingError,
-    ) as exc:
-        # a damaged or foreign artifact folder: peft reads its config fields without checking them (and a
-        # `megatron_config` makes it import Megatron)
+    except ARTIFACT_ERRORS as exc:
         raise UserError(
             f"{artifact}: cannot load the trained {method.artifact}: {' '.join(str(exc).split())[:300]}"
         ) from None

@@ -68,7 +68,7 @@ def label_suffix(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(has.nonzero()[0])
 
 
-def _label_logits(model, batch, suffix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logits(model, batch, suffix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits at the positions that predict each label, with the labels they predict (shifted). With
     `suffix` the head runs on the positions from the first label on only (the prompt's are never used): the
     same numbers, without full-vocabulary logits for every prompt token."""
@@ -84,7 +84,7 @@ def _label_logits(model, batch, suffix: bool) -> tuple[torch.Tensor, torch.Tenso
 
 def plain_loss_sum(model, batch, suffix: bool = True) -> torch.Tensor:
     """Sum of token NLL over label positions, from the model's logits (all of them with suffix=False)."""
-    logits, labels = _label_logits(model, batch, suffix)
+    logits, labels = label_logits(model, batch, suffix)
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -221,7 +221,7 @@ def label_logps(model, batch, fast: bool = True, chunk: int = CHUNK) -> torch.Te
     mask = labels != IGNORE_INDEX
     targets = labels[mask]
     if not (fast and supports_selected_loss(model)):
-        logits, shifted = _label_logits(model, batch, suffix=fast)
+        logits, shifted = label_logits(model, batch, suffix=fast)
         logits = logits[shifted != IGNORE_INDEX]  # row by row: the same order as `mask`
         return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
     lm = _causal_lm(model)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.encode import IGNORE_INDEX
-from ..losses import CHUNK, _causal_lm, model_inputs, supports_selected_loss
+from ..losses import CHUNK, _causal_lm, label_logits, model_inputs, supports_selected_loss
 
 TopK = tuple[torch.Tensor, torch.Tensor]  # (values, vocabulary ids), each (positions, k)
 
@@ -66,8 +66,8 @@ def label_features(model, batch: dict):
         lm = _causal_lm(model)
         hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state
         return hidden[:, :-1][mask], lm.get_output_embeddings()
-    logits = model(input_ids=batch["input_ids"], **model_inputs(batch)).logits
-    return logits[:, -batch["input_ids"].shape[1] : -1][mask], None  # prompt tuning: virtual tokens first
+    logits, shifted = label_logits(model, batch)  # prompt learning: from the first label position on
+    return logits[shifted != IGNORE_INDEX], None
 
 
 def _logits(features, head):

@@ -352,6 +352,8 @@ class AdapterRegistry:
         """On the worker thread: the adapter's weights into the shared model as `slot`."""
         from peft import PeftModel
 
+        from ..loading import ARTIFACT_ERRORS
+
         model = self.base.model
         try:
             if hasattr(model, "peft_config"):
@@ -359,7 +361,7 @@ class AdapterRegistry:
             else:
                 self.base.model = PeftModel.from_pretrained(model, str(folder), adapter_name=slot, is_trainable=False)
                 self.base.model.eval()
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        except ARTIFACT_ERRORS as exc:
             if hasattr(self.base.model, "peft_config") and slot in self.base.model.peft_config:
                 self.base.model.delete_adapter(slot)
             raise AdapterError(422, f"{folder}: peft cannot load it: {' '.join(str(exc).split())[:300]}") from None
