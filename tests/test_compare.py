@@ -26,12 +26,13 @@ def compared(tmp_path_factory):
         "seed": 0,
         "data": {"train": str(data), "val_fraction": 0.25, "max_length": 64},
         "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32", "lr": 1e-2},
-        "eval": {"generate": False},  # ranked on eval loss: a `tunelab eval` process per method costs too much here
+        # ranked on eval loss; the answers are generated and scored too, in each method's training process
+        "eval": {"max_new_tokens": 4, "latency_examples": 0},
     }
     (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
     # dora's data file is missing: its own process fails after the others' have started, and only it fails
     args = ["compare", "c.yaml", "--methods", "lora,ia3,dora", "--out", "out", "--no-progress"]
-    args += [f"dora:data.train={tmp / 'missing.jsonl'}", "--budget-mem", "64GiB"]
+    args += [f"dora:data.train={tmp / 'missing.jsonl'}", "--budget-mem", "64GiB", "--metric", "loss"]
     proc = subprocess.run(
         [sys.executable, "-m", "tunelab", *args], cwd=tmp, capture_output=True, text=True, timeout=1200
     )
@@ -51,7 +52,9 @@ def test_results_hold_every_method_and_the_failure(compared):
         assert (r["trainable_params"], r["peak_mem_bytes"]) == (summary["trainable_params"], summary["peak_mem_bytes"])
         assert r["energy_kwh"] == summary["energy_kwh"] > 0 and summary["energy_source"]
         assert r["predicted_peak_bytes"] > 0 and r["train_tokens_per_s"] > 0 and r["artifact_bytes"] > 0
-        assert r["eval"]["loss"] == json.loads((out / "runs" / name / "eval.json").read_text())["eval_loss"]
+        evaluated = json.loads((out / "runs" / name / "eval.json").read_text())  # written by `train --eval`
+        assert r["eval"]["loss"] == evaluated["eval_loss"] and r["eval"]["exact_match"] == evaluated["eval_exact_match"]
+        assert evaluated["eval_generated_examples"] == 6 and (out / "runs" / name / "predictions.jsonl").is_file()
         assert [p["step"] for p in r["curve"]] == [1, 2, 3, 4]  # 4 steps: an eval every 4 // 8 -> 1 step
         assert all(p["tokens_seen"] > 0 for p in r["curve"])
         assert r["lr"] == yaml.safe_load((out / "runs" / name / "config.yaml").read_text())["train"]["lr"]

@@ -64,6 +64,10 @@ def cmd_train(args) -> int:
             print(str(stop), file=sys.stderr)
         return stop.exit_code
     if is_rank0():
+        if args.eval:  # in this process: the modules and the tokenizer are already loaded
+            from .eval.run import evaluate_run
+
+            _print_eval_table(evaluate_run(str(result.run_dir), progress=not args.no_progress))
         print(result.run_dir)
     return 0
 
@@ -156,7 +160,13 @@ def cmd_eval(args) -> int:
     from .eval.run import evaluate_run
 
     metrics = evaluate_run(args.run_or_model, args.data, args.overrides, progress=not args.no_progress)
-    # a readable table on stderr; the JSON on stdout stays machine-readable
+    _print_eval_table(metrics)
+    _print_json(metrics)
+    return 0
+
+
+def _print_eval_table(metrics: dict) -> None:
+    """A readable table on stderr (the JSON on stdout stays machine-readable)."""
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"  {key:32s} {value:.4f}", file=sys.stderr)
@@ -168,8 +178,6 @@ def cmd_eval(args) -> int:
     print(f"  {'scale':32s} {metrics['scale']} (exact match, BLEU, ROUGE, accuracy, F1)", file=sys.stderr)
     written = metrics["written"]
     print(f"wrote {', '.join(written)}" if written else "no files written (not a single run)", file=sys.stderr)
-    _print_json(metrics)
-    return 0
 
 
 def cmd_data_check(args) -> int:
@@ -579,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard",
         action="store_true",
         help="shard parameters, gradients and optimizer state over the processes (FSDP): train.distributed=fsdp",
+    )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="then evaluate the run as `tunelab eval RUN` does (generation metrics too), in the same process",
     )
     p.set_defaults(func=cmd_train)
 

@@ -1,5 +1,6 @@
 """One training per method, each in its own `tunelab train` process: its own peak RSS, and a crash or an error
-stops only that method. A causal LM is then scored by `tunelab eval RUN` (exact match, BLEU, ROUGE)."""
+stops only that method. A causal LM is then scored in that process as `tunelab eval RUN` scores it (`train
+--eval`: exact match, BLEU, ROUGE)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..config import apply_overrides, build_config
 from ..errors import UserError, did_you_mean
 from ..io import read_metrics
+from ..loading import is_run_dir
 from ..methods import get_method
 
 POLL_S = 1.0  # how often the progress bar reads the running method's metrics.jsonl
@@ -104,21 +106,20 @@ def train_method(cfg, name: str, out_dir: Path, on_step=None) -> dict:
     log_path.unlink(missing_ok=True)
     metrics = Path(cfg.out_dir) / name / "metrics.jsonl"
     poll = (lambda: on_step(_last_step(metrics))) if on_step else None
-    tunelab = [sys.executable, "-m", "tunelab"]
-    code, out, wall = _run([*tunelab, "train", str(path), "--no-progress"], log_path, poll)
+    cmd = [sys.executable, "-m", "tunelab", "train", str(path), "--no-progress"]
+    if cfg.task == "causal_lm" and cfg.eval.generate and has_validation(cfg):
+        cmd.append("--eval")  # generation metrics in the training's process: no second start and model load
+    code, out, wall = _run(cmd, log_path, poll)
     lr = cfg.train.lr or get_method(name).default_lr  # as the run resolves it
     row = {"method": name, "lr": lr, "config": str(path), "log": str(log_path), "wall_s": wall}
+    run = Path(cfg.out_dir) / name
     if code != 0:
-        return row | {"status": "failed", "error": _error_line(log_path.read_text(encoding="utf-8", errors="replace"))}
+        error = _error_line(log_path.read_text(encoding="utf-8", errors="replace"))
+        if is_run_dir(run):  # trained, then the evaluation failed
+            return row | {"run_dir": str(run)} | read_run(run) | {"status": "failed", "error": f"evaluation: {error}"}
+        return row | {"status": "failed", "error": error}
     run = Path(out.strip().splitlines()[-1])
-    row["run_dir"] = str(run)
-    if cfg.task == "causal_lm" and cfg.eval.generate and has_validation(cfg):
-        code, _, eval_wall = _run([*tunelab, "eval", str(run), "--no-progress"], log_path)
-        row["eval_wall_s"] = eval_wall
-        if code != 0:
-            error = _error_line(log_path.read_text(encoding="utf-8", errors="replace"))
-            return row | read_run(run) | {"status": "failed", "error": f"evaluation: {error}"}
-    return row | {"status": "ok"} | read_run(run)
+    return row | {"run_dir": str(run), "status": "ok"} | read_run(run)
 
 
 SUMMARY_KEYS = (
