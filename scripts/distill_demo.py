@@ -5,7 +5,7 @@ teacher (plain CE). Held-out exact match on the demo's 64 test dates (greedy, as
 speed of each; JSON on stdout and in OUT_DIR/distill-demo-tT-aA.json.
 
     PYTHONPATH=. python scripts/distill_demo.py [--steps N] [--lr LR] [--method full] [--temperature T] [--alpha A]
-        [--out-dir DIR] [--teacher RUN] [--skip-plain]
+        [--hidden-weight B] [--out-dir DIR] [--teacher RUN] [--skip-plain]
 """
 
 import argparse
@@ -31,7 +31,13 @@ def student_config(train_path: Path, out_dir: Path, teacher: str, name: str, arg
         "seed": 0,
         "data": demo["data"],
         "train": {**demo["train"], "max_steps": args.steps, "lr": args.lr, "log_every": 5},
-        "distill": {"teacher": teacher, "keep_every": 2, "temperature": args.temperature, "alpha": args.alpha},
+        "distill": {
+            "teacher": teacher,
+            "keep_every": 2,
+            "temperature": args.temperature,
+            "alpha": args.alpha,
+            "hidden_weight": args.hidden_weight,
+        },
     }
 
 
@@ -47,6 +53,7 @@ def main() -> dict:
     parser.add_argument("--method", default="full")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.7)
+    parser.add_argument("--hidden-weight", type=float, default=0.0, help="distill.hidden_weight (the cosine term)")
     parser.add_argument("--skip-plain", action="store_true", help="the distilled student only (another T or alpha)")
     parser.add_argument("--out-dir", default="runs/distill-demo")
     parser.add_argument("--teacher", help="an existing demo run (default: train one, as `tunelab demo` does)")
@@ -59,7 +66,7 @@ def main() -> dict:
     if not is_run_dir(teacher):
         teacher = str(tunelab.train(demo_config(train_path, str(out))).run_dir)
 
-    tag = f"t{args.temperature:g}-a{args.alpha:g}"
+    tag = f"t{args.temperature:g}-a{args.alpha:g}" + (f"-h{args.hidden_weight:g}" if args.hidden_weight else "")
     distilled_run = distill(student_config(train_path, out, teacher, f"student-distilled-{tag}", args))
     distilled = distilled_run.summary
     runs = [("distilled", distilled_run)]
@@ -69,7 +76,7 @@ def main() -> dict:
         runs.append(("plain", tunelab.train({**plain_cfg, "model": distilled["model"]})))
 
     report = {"steps": args.steps, "lr": args.lr, "method": args.method, "held_out": len(rows)}
-    report |= {"temperature": args.temperature, "alpha": args.alpha}
+    report |= {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight}
     report["teacher"] = {
         "run": teacher,
         "exact_match": exact_match(teacher, rows),

@@ -11,7 +11,7 @@ from helpers import interrupted_copy, toy_rows
 from tunelab.blocks import keep_blocks
 from tunelab.data.collate import pad_batch
 from tunelab.distill import distill
-from tunelab.distill.loss import classification_kd_sums, kd_terms, lm_kd_sums
+from tunelab.distill.loss import block_pairs, classification_kd_sums, kd_terms, lm_kd_sums
 from tunelab.errors import ConfigError
 from tunelab.models import load_causal_lm, load_classifier
 
@@ -67,6 +67,57 @@ def test_lm_kd_loss_and_gradient_equal_a_direct_computation(teacher):
     assert sums.kl_sum > 0 and sums.ce_sum > 0
     for fast, p in zip(fast_grads, student.parameters()):
         torch.testing.assert_close(fast, p.grad, rtol=1e-3, atol=1e-6 * float(p.grad.abs().max()))
+
+
+def test_block_pairs_match_each_kept_block_with_the_boundary_it_stands_for():
+    # 30 blocks, every 2nd kept: student block j (teacher block 2j) also does teacher block 2j + 1's work
+    pairs = block_pairs(30, 2)
+    assert pairs[:2] == [(1, 2), (2, 4)] and pairs[-2:] == [(14, 28), (15, 30)] and len(pairs) == 15
+    assert block_pairs(7, 3) == [(1, 3), (2, 6), (3, 7)]  # blocks 0, 3, 6; the last also stands for nothing
+    assert block_pairs(2, 1) == [(1, 1), (2, 2)]
+
+
+def test_the_hidden_state_term_equals_a_direct_cosine_distance_and_trains_the_student(teacher):
+    """distill.hidden_weight: beta x sum over label positions of the mean (over block boundaries) of
+    1 - cos(student, teacher), from transformers' hidden_states; a student equal to its teacher is at 0."""
+    batch = _lm_batch()
+    mask = batch["labels"][:, 1:] != IGNORE
+    same = keep_blocks(teacher, [0, 1])
+    with torch.no_grad():
+        assert lm_kd_sums(same, batch, teacher, 2.0, 0.5, hidden_weight=1.0, pairs=block_pairs(2, 1)).hidden_sum < 1e-4
+    student = keep_blocks(teacher, [0, 1]).train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = block_pairs(2, 1)
+    plain = lm_kd_sums(student, batch, teacher, 2.0, 0.5)
+    with_hidden = lm_kd_sums(student, batch, teacher, 2.0, 0.5, hidden_weight=0.3, pairs=pairs)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    s_h = student.model(**inputs, output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        t_h = teacher.model(**inputs, output_hidden_states=True).hidden_states
+    direct = sum(
+        sum(1 - F.cosine_similarity(s_h[i][:, :-1][mask].double(), t_h[j][:, :-1][mask].double(), dim=-1))
+        for i, j in pairs
+    ) / len(pairs)
+    direct = float(direct.detach().sum())
+    assert with_hidden.hidden_sum == pytest.approx(direct, rel=1e-4) and with_hidden.hidden_sum > 0
+    assert float((with_hidden.total - plain.total).detach()) == pytest.approx(0.3 * direct, rel=1e-4)
+    with_hidden.total.backward()
+    assert float(student.model.layers[0].mlp.down_proj.weight.grad.abs().max()) > 0
+
+
+def test_the_hidden_state_term_needs_a_cut_student_and_a_live_teacher(tiny_config):
+    from tunelab.config import build_config
+
+    for distill_section, why in (
+        ({"teacher": "tiny-llama", "hidden_weight": 1.0}, "needs distill.keep_every"),
+        ({"teacher": "tiny-llama", "keep_every": 2, "cache": True, "hidden_weight": 1.0}, "distill.cache: false"),
+    ):
+        cfg = {k: v for k, v in tiny_config.items() if k != "model"} | {"distill": distill_section}
+        with pytest.raises(ConfigError, match=f"distill.hidden_weight: .*{why}"):
+            build_config(cfg)
 
 
 def test_alpha_zero_is_cross_entropy_and_top_k_of_every_logit_is_the_full_teacher():

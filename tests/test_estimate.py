@@ -47,6 +47,34 @@ def test_parameter_counts_are_exact(method):
     assert (counts.trainable, counts.total) == (real["trainable_params"], real["total_params"])
 
 
+def test_a_distillation_estimate_holds_the_teacher_and_the_student_cut_from_it():
+    """keep_every: the student's counts equal the real cut model's, with no weights copied; the teacher's
+    fp32 weights are held and its forward is in every step's FLOPs (not with a cache)."""
+    from tunelab.blocks import keep_blocks
+    from tunelab.estimate import estimate
+    from tunelab.models import load_causal_lm
+    from tunelab.training.accounting import count_params
+
+    base = {"model": "tiny-llama", "method": "full", "data": {"max_length": 64}, "train": {"batch_size": 2}}
+    plain = estimate(build_config(base), baseline=False)
+    live = estimate(build_config(base | {"distill": {"teacher": "tiny-llama"}}), baseline=False)
+    cut = {k: v for k, v in base.items() if k != "model"} | {"distill": {"teacher": "tiny-llama", "keep_every": 2}}
+    student = estimate(build_config(cut), baseline=False)
+    cached = estimate(build_config(cut | {"distill": cut["distill"] | {"cache": True}}), baseline=False)
+
+    teacher = load_causal_lm("tiny-llama")
+    real = count_params(keep_blocks(teacher, [0]))  # tiny-llama's 2 blocks, every 2nd kept: block 0
+    assert (student["trainable_params"], student["total_params"]) == real
+    assert student["architecture"]["layers"] == 1 and plain["architecture"]["layers"] == 2
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    assert live["distill"]["teacher_params"] == n_teacher == plain["total_params"]
+    assert live["memory"]["teacher_weights"] == 4 * n_teacher and cached["memory"]["teacher_weights"] == 0
+    # the same student with a live teacher: its forward (2 FLOPs per block weight and token, about a third of
+    # the student's forward + backward) is added; a cached teacher adds nothing
+    assert 1.2 * plain["step_flops"] < live["step_flops"] < 1.6 * plain["step_flops"]
+    assert cached["step_flops"] < student["step_flops"]
+
+
 # measured peaks (peak RSS) move by a few percent between identical runs: the issue's +-10% is the bound
 @pytest.mark.parametrize(
     # lora at 2 x 64 is left out: alone it is within 10% (650 MiB measured, 601 predicted), but run inside the

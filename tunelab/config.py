@@ -221,6 +221,13 @@ class DistillConfig(Section):
         "distribution is renormalised over them); classification stores every class",
     )
     cache_chunk: int = Field(256, ge=1, description="with cache: examples per cache file")
+    hidden_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="beta: adds beta x the cosine distance between each kept block's output and the teacher's "
+        "at the block boundary it stands for, per completion token (DistilBERT's cosine loss); needs keep_every "
+        "and a live teacher (no cache); causal LM",
+    )
 
 
 OBJECTIVES = {"causal_lm": ("sft",), "classification": ("sft",), "preference": ("dpo", "ipo", "orpo", "simpo")}
@@ -434,6 +441,19 @@ class CommonConfig(Section):
             _rule("distill", "distillation is for task: causal_lm or classification (not preference)")
         if self.distill is not None and self.train.distributed == "fsdp":
             _rule("distill", "a distillation run does not shard (train.distributed: fsdp); use ddp")
+        if self.distill is not None and self.distill.hidden_weight:
+            d = self.distill
+            why = (
+                "needs distill.keep_every (which teacher block each student block stands for)"
+                if d.keep_every is None
+                else "needs the live teacher's hidden states (distill.cache: false)"
+                if d.cache
+                else "is for task: causal_lm"
+                if self.task != "causal_lm"
+                else None
+            )
+            if why:
+                _rule("distill.hidden_weight", why)
         return self
 
     def to_dict(self) -> dict:

@@ -36,7 +36,7 @@ def _chunk_logits(teacher, examples: list[dict], top_k: int, batch_size: int, pa
             if batch["labels"].dim() == 1:
                 values.append(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
                 continue
-            features, head = label_features(teacher, batch)
+            features, head, _ = label_features(teacher, batch)
             top = _logits(features, head).float().topk(min(top_k, teacher.config.vocab_size), dim=-1)
         values.append(top.values)
         ids.append(top.indices.to(torch.int32))

@@ -4,7 +4,10 @@ Per label position (causal LM: every completion token; classification: every exa
 t, student logits s, temperature T and weight alpha:
 
     loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, label)
+           [+ beta * mean over block boundaries of (1 - cos(student hidden, teacher hidden))]
 
+The bracketed term (distill.hidden_weight = beta; a student cut from the teacher, causal LM) is DistilBERT's
+cosine loss: each kept block's output is pulled towards the teacher's hidden state at the boundary it stands for.
 T^2 keeps the soft term's gradient on the scale of the hard one's as T grows. A cached teacher is its k
 largest logits per position (values, vocabulary ids): its distribution is renormalised over those k, and the
 KL sums over them against the student's full-vocabulary log-probs.
@@ -30,11 +33,13 @@ TopK = tuple[torch.Tensor, torch.Tensor]  # (values, vocabulary ids), each (posi
 
 @dataclass
 class KDSums:
-    """A micro-batch's summed terms: `total` (what backward runs on) and, detached, the KL and CE sums."""
+    """A micro-batch's summed terms: `total` (what backward runs on) and, detached, the KL, CE and hidden-state
+    (distill.hidden_weight) sums."""
 
     total: torch.Tensor
     kl_sum: float
     ce_sum: float
+    hidden_sum: float = 0.0
 
 
 def kd_terms(student_logits: torch.Tensor, teacher, targets: torch.Tensor, temperature: float):
@@ -57,17 +62,41 @@ def _combine(kl, ce, temperature: float, alpha: float):
     return alpha * temperature**2 * kl + (1 - alpha) * ce
 
 
-def label_features(model, batch: dict):
+def label_features(model, batch: dict, layers: bool = False):
     """What becomes the logits at every label position (labels shifted by one, row-major): on the fast path
-    (hidden states [N, H], LM head); else (logits [N, V], None) from the model's full forward."""
+    (hidden states [N, H], LM head, None); else (logits [N, V], None, None) from the model's full forward. With
+    `layers` (fast path only) the third item is every layer's hidden states at those positions: the embeddings',
+    each block's output, the final norm's (transformers' `hidden_states`)."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     if supports_selected_loss(model):
         lm = _causal_lm(model)
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state
-        return hidden[:, :-1][mask], lm.get_output_embeddings()
+        out = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch), output_hidden_states=layers)
+        every = [h[:, :-1][mask] for h in out.hidden_states] if layers else None
+        return out.last_hidden_state[:, :-1][mask], lm.get_output_embeddings(), every
+    if layers:
+        raise ValueError("distill.hidden_weight needs a model with the label-position path (a llama-style LM)")
     logits, shifted = label_logits(model, batch)  # prompt learning: from the first label position on
-    return logits[shifted != IGNORE_INDEX], None
+    return logits[shifted != IGNORE_INDEX], None, None
+
+
+def block_pairs(teacher_blocks: int, keep_every: int) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `hidden_states` that should agree in a student of blocks 0, k, 2k, ...:
+    student block j stands for teacher blocks kept[j] .. kept[j+1] - 1, so its output (hidden_states[j + 1])
+    is matched with the teacher's input to block kept[j + 1]; the last outputs (after the final norm) with the
+    teacher's last."""
+    from ..blocks import every_kth
+
+    kept = every_kth(teacher_blocks, keep_every)
+    return [(j, kept[j]) for j in range(1, len(kept))] + [(len(kept), teacher_blocks)]
+
+
+def hidden_distance_sum(student_layers, teacher_layers, pairs) -> torch.Tensor:
+    """Sum over positions of the mean, over `pairs`, of 1 - cos(student, teacher) (DistilBERT's cosine loss)."""
+    distances = [
+        1 - F.cosine_similarity(student_layers[i].float(), teacher_layers[j].float(), dim=-1) for i, j in pairs
+    ]
+    return torch.stack(distances).mean(0).sum()
 
 
 def _logits(features, head):
@@ -80,16 +109,27 @@ def _student_chunk(features, weight, bias, teacher, targets, temperature, alpha)
     return torch.stack([_combine(kl, ce, temperature, alpha), kl, ce])
 
 
-def lm_kd_sums(student, batch: dict, teacher, temperature: float, alpha: float, chunk: int = CHUNK) -> KDSums:
+def lm_kd_sums(
+    student,
+    batch: dict,
+    teacher,
+    temperature: float,
+    alpha: float,
+    chunk: int = CHUNK,
+    hidden_weight: float = 0.0,
+    pairs: list[tuple[int, int]] | None = None,
+) -> KDSums:
     """The KD loss summed over a causal-LM micro-batch's label tokens. `teacher`: a model (run here without
-    gradients, on the same batch), or cached logits (a TopK pair, or full logits) of the batch's label positions."""
+    gradients, on the same batch), or cached logits (a TopK pair, or full logits) of the batch's label positions.
+    With `hidden_weight` (a live teacher) hidden_weight x hidden_distance_sum over `pairs` is added."""
     targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
-    features, head = label_features(student, batch)
+    layers = hidden_weight > 0
+    features, head, s_layers = label_features(student, batch, layers)
     if isinstance(teacher, torch.nn.Module):
         with torch.no_grad():
-            t_features, t_head = label_features(teacher, batch)
+            t_features, t_head, t_layers = label_features(teacher, batch, layers)
     else:
-        t_features, t_head = teacher, None
+        t_features, t_head, t_layers = teacher, None, None
     weight, bias = (head.weight, head.bias) if head is not None else (None, None)
     sums = features.new_zeros(3, dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
@@ -104,7 +144,11 @@ def lm_kd_sums(student, batch: dict, teacher, temperature: float, alpha: float, 
             sums = sums + checkpoint(_student_chunk, *args, use_reentrant=False)
         else:
             sums = sums + _student_chunk(*args)
-    return KDSums(sums[0], float(sums[1].detach()), float(sums[2].detach()))
+    if not layers:
+        return KDSums(sums[0], float(sums[1].detach()), float(sums[2].detach()))
+    hidden = hidden_distance_sum(s_layers, t_layers, pairs)
+    total = sums[0] + hidden_weight * hidden
+    return KDSums(total, float(sums[1].detach()), float(sums[2].detach()), float(hidden.detach()))
 
 
 def classification_kd_sums(student, batch: dict, teacher, temperature: float, alpha: float) -> KDSums:
@@ -124,12 +168,14 @@ def classification_kd_sums(student, batch: dict, teacher, temperature: float, al
     return KDSums(_combine(kl, ce, temperature, alpha), float(kl.detach()), float(ce.detach()))
 
 
-def kd_sums(student, batch: dict, teacher, temperature: float, alpha: float) -> KDSums:
+def kd_sums(
+    student, batch: dict, teacher, temperature: float, alpha: float, hidden_weight: float = 0.0, pairs=None
+) -> KDSums:
     """Causal LM (2-D labels) or classification (1-D labels); a filler pass (`loss_weight` 0) counts zero."""
     if batch["labels"].dim() == 1:
         sums = classification_kd_sums(student, batch, teacher, temperature, alpha)
     else:
-        sums = lm_kd_sums(student, batch, teacher, temperature, alpha)
+        sums = lm_kd_sums(student, batch, teacher, temperature, alpha, hidden_weight=hidden_weight, pairs=pairs)
     if "loss_weight" in batch:
         sums.total = sums.total * batch["loss_weight"]
     return sums

@@ -73,11 +73,17 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     method = get_method(cfg.method)
+    teacher = None
+    if cfg.distill is not None:  # the teacher's weights and forward; a student cut from it, by arithmetic
+        from .distill import distill_setup
+
+        cfg, config, teacher = distill_setup(cfg)
     labels = cfg.data.labels or (["a", "b"] if cfg.task == "classification" else None)
     cfg = resolve_run_config(cfg, method, labels if cfg.task == "classification" else None)
     device = device or pick_device()
     precision = resolve_precision(cfg.train.precision, device)
-    config = model_config(cfg)
+    if teacher is None:
+        config = model_config(cfg)
     shape = shape_of(config)
     counts, model = count_params(cfg, method, config)
     lora_inputs = sum(m.in_features for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
@@ -95,14 +101,23 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
     ckpt = cfg.train.gradient_checkpointing
 
     def mem(checkpointing, strategy="single", world=1, w=work, bits=quant_bits):
-        return breakdown(
+        terms = breakdown(
             shape, counts, cfg, method, precision, w, checkpointing, lora_inputs, adapters, bits, base, world, strategy
         )
+        if teacher is not None:
+            from .distill import add_teacher_terms
+
+            terms = add_teacher_terms(terms, teacher, shape, cfg, method, w)
+        return terms
 
     t = cfg.train
     step_tokens_all = work.tokens * t.grad_accum  # the largest micro-batch, grad_accum times, per process
     selected = work.label_positions / max(work.tokens, 1) if not method.virtual_tokens else 1.0
     flops = step_flops(shape, counts, work, step_tokens_all, cfg.method in ("full", "freeze"), ckpt, selected)
+    if teacher is not None:
+        from .distill import teacher_flops
+
+        flops += teacher_flops(teacher, shape, step_tokens_all, work.label_positions * t.grad_accum)
     compute_s, rate = step_time(flops, precision, device)
     try:
         over = step_overhead(cfg, method, config, precision, device)
@@ -141,6 +156,10 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
         "power_source": power_source,
         "notes": notes,
     }
+    if teacher is not None:
+        report["distill"] = {"teacher": teacher.name, "teacher_params": teacher.params, "cache": teacher.cache}
+        if teacher.cache:
+            notes.append("distill.cache: the teacher runs once before training (its weights are held then only)")
     if steps:
         report.update(energy_cost(seconds * steps, watts, price_per_hour, price_per_kwh))
     if nproc > 1:

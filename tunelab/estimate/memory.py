@@ -55,6 +55,15 @@ def _activations_per_block(shape, counts, work, low: bool, lora_inputs_per_block
     return per_token * work.tokens
 
 
+def loss_positions(shape, cfg, method, work: Workload) -> tuple[int, int, bool]:
+    """(positions, outputs per position, whether the head runs on label positions only) of the loss's largest
+    buffer: one chunk of label positions on the selected path, every token otherwise; classes for classification."""
+    selected = shape.model_type in _PLAIN_HEAD_TYPES and not method.virtual_tokens and cfg.task != "classification"
+    positions = min(work.label_positions, CHUNK) if selected else work.tokens
+    vocab = len(cfg.data.labels or [0, 0]) if cfg.task == "classification" else shape.vocab
+    return positions, vocab, selected
+
+
 def breakdown(
     shape,
     counts,
@@ -111,9 +120,7 @@ def breakdown(
     else:
         terms["activations"] = shape.layers * per_block
     terms["activations"] += 3 * work.tokens * shape.hidden * 4  # embeddings, final norm
-    selected = shape.model_type in _PLAIN_HEAD_TYPES and not method.virtual_tokens and cfg.task != "classification"
-    positions = min(work.label_positions, CHUNK) if selected else work.tokens
-    vocab = len(cfg.data.labels or [0, 0]) if cfg.task == "classification" else shape.vocab
+    positions, vocab, selected = loss_positions(shape, cfg, method, work)
     terms["logits_and_loss"] = (
         positions * vocab * (FUSED_LOGIT_BYTES if selected else LOGIT_BYTES["low" if low else "fp32"])
     )

@@ -35,7 +35,13 @@ class DistillTrainer(Trainer):
         self.teacher = load_teacher(self.cfg, self.device)
         self.cache = None
         self._index = {id(e): i for i, e in enumerate(self.data.train)}
-        self._sums = [0.0, 0.0]
+        self._sums = [0.0, 0.0, 0.0]
+        self._pairs = None
+        if self.options.hidden_weight:  # which teacher hidden state each student block's output should match
+            from ..distill.loss import block_pairs
+            from ..methods.full import transformer_blocks
+
+            self._pairs = block_pairs(len(transformer_blocks(self.teacher)[1]), self.options.keep_every)
         if self.options.cache:
             if not (self.run_dir / CACHE_DIR / INFO_FILE).is_file():  # the teacher is fixed: recomputing is exact
                 if self.dist.is_main:
@@ -55,7 +61,7 @@ class DistillTrainer(Trainer):
 
     # --- the loop's hooks ---------------------------------------------------------------------
     def loss_normaliser(self, step_examples: list[dict]) -> int:
-        self._sums = [0.0, 0.0]  # a step redone after out-of-memory starts again
+        self._sums = [0.0, 0.0, 0.0]  # a step redone after out-of-memory starts again
         self._step_tokens = super().loss_normaliser(step_examples)
         return self._step_tokens
 
@@ -77,15 +83,20 @@ class DistillTrainer(Trainer):
             )
             sums = kd_sums(self.model, batch, teacher, self.options.temperature, self.options.alpha)
         else:
+            o = self.options
             with varlen_attention(self.teacher, "cu_seq_lens_q" in batch):
-                sums = kd_sums(self.model, batch, self.teacher, self.options.temperature, self.options.alpha)
+                sums = kd_sums(self.model, batch, self.teacher, o.temperature, o.alpha, o.hidden_weight, self._pairs)
         self._sums[0] += sums.kl_sum
         self._sums[1] += sums.ce_sum
+        self._sums[2] += sums.hidden_sum
         return sums.total
 
     def step_metrics(self) -> dict:
-        kl, ce = self.dist.sum(*self._sums)
-        return {"kd_kl": kl / self._step_tokens, "kd_ce": ce / self._step_tokens}
+        kl, ce, hidden = self.dist.sum(*self._sums)
+        out = {"kd_kl": kl / self._step_tokens, "kd_ce": ce / self._step_tokens}
+        if self.options.hidden_weight:
+            out["kd_hidden"] = hidden / self._step_tokens
+        return out
 
     # --- the comparison -----------------------------------------------------------------------
     def _measure(self, model) -> dict:
@@ -113,6 +124,7 @@ class DistillTrainer(Trainer):
             "student": {"name": self.cfg.model, **self._measure(self.model)},
             "temperature": self.options.temperature,
             "alpha": self.options.alpha,
+            "hidden_weight": self.options.hidden_weight,
             "keep_every": self.options.keep_every,
             "cached": self.options.cache,
         }
