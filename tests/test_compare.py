@@ -55,7 +55,7 @@ def test_results_hold_every_method_and_the_failure(compared):
         evaluated = json.loads((out / "runs" / name / "eval.json").read_text())  # written by `train --eval`
         assert r["eval"]["loss"] == evaluated["eval_loss"] and r["eval"]["exact_match"] == evaluated["eval_exact_match"]
         assert evaluated["eval_generated_examples"] == 6 and (out / "runs" / name / "predictions.jsonl").is_file()
-        assert [p["step"] for p in r["curve"]] == [1, 2, 3, 4]  # 4 steps: an eval every 4 // 8 -> 1 step
+        assert [p["step"] for p in r["curve"]] == [1, 2, 3, 4]  # 4 steps: an eval every 4 // 4 = 1 step
         assert all(p["tokens_seen"] > 0 for p in r["curve"])
         assert r["lr"] == yaml.safe_load((out / "runs" / name / "config.yaml").read_text())["train"]["lr"]
     assert (rows["lora"]["lr"], rows["ia3"]["lr"]) == (

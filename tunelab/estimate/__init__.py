@@ -58,8 +58,18 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
     return best, len(examples), [f"token lengths from {cfg.data.train} ({len(examples)} training examples)"]
 
 
-def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kwh=None, baseline: bool = True) -> dict:
-    """The estimate report for a Config (before resolve: the method's defaults are filled here)."""
+def estimate(
+    cfg,
+    nproc: int = 1,
+    device=None,
+    price_per_hour=None,
+    price_per_kwh=None,
+    baseline: bool = True,
+    overhead: bool = True,
+) -> dict:
+    """The estimate report for a Config (before resolve: the method's defaults are filled here). `overhead=False`
+    leaves the per-step overhead unmeasured (its calibration trains a shrunk model once per machine, method and
+    precision): for callers that need the memory only."""
     import torch
 
     from ..device import pick_device, resolve_precision
@@ -119,11 +129,14 @@ def estimate(cfg, nproc: int = 1, device=None, price_per_hour=None, price_per_kw
 
         flops += teacher_flops(teacher, shape, step_tokens_all, work.label_positions * t.grad_accum)
     compute_s, rate = step_time(flops, precision, device)
-    try:
-        over = step_overhead(cfg, method, config, precision, device)
-    except Exception as exc:  # noqa: BLE001 - an architecture the shrunk copy does not fit: FLOPs alone
-        over = {"fixed_s": 0.0, "per_block_s": 0.0}
-        notes.append(f"per-step overhead not measured ({type(exc).__name__}): the time is FLOPs only, low")
+    over = {"fixed_s": 0.0, "per_block_s": 0.0}
+    if not overhead:
+        notes.append("per-step overhead not measured (asked for the memory only): the time is FLOPs only, low")
+    else:
+        try:
+            over = step_overhead(cfg, method, config, precision, device)
+        except Exception as exc:  # noqa: BLE001 - an architecture the shrunk copy does not fit: FLOPs alone
+            notes.append(f"per-step overhead not measured ({type(exc).__name__}): the time is FLOPs only, low")
     overhead_s = t.grad_accum * (over["fixed_s"] + over["per_block_s"] * shape.layers)
     seconds = compute_s + overhead_s
     steps = t.max_steps or (
