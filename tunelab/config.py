@@ -225,8 +225,8 @@ class DistillConfig(Section):
         0.0,
         ge=0.0,
         description="beta: adds beta x the cosine distance between each kept block's output and the teacher's "
-        "at the block boundary it stands for, averaged over every token of the examples, prompts too (DistilBERT's "
-        "cosine loss); needs keep_every and a live teacher (no cache); causal LM",
+        "at the block boundary it stands for, per completion token (DistilBERT's cosine loss); needs keep_every "
+        "and a live teacher (no cache); causal LM",
     )
 
 

@@ -7,8 +7,7 @@ t, student logits s, temperature T and weight alpha:
            [+ beta * mean over block boundaries of (1 - cos(student hidden, teacher hidden))]
 
 The bracketed term (distill.hidden_weight = beta; a student cut from the teacher, causal LM) is DistilBERT's
-cosine loss: each kept block's output is pulled towards the teacher's hidden state at the boundary it stands for,
-at every token of the example (the prompt's too), averaged per token.
+cosine loss: each kept block's output is pulled towards the teacher's hidden state at the boundary it stands for.
 T^2 keeps the soft term's gradient on the scale of the hard one's as T grows. A cached teacher is its k
 largest logits per position (values, vocabulary ids): its distribution is renormalised over those k, and the
 KL sums over them against the student's full-vocabulary log-probs.
@@ -66,17 +65,14 @@ def _combine(kl, ce, temperature: float, alpha: float):
 def label_features(model, batch: dict, layers: bool = False):
     """What becomes the logits at every label position (labels shifted by one, row-major): on the fast path
     (hidden states [N, H], LM head, None); else (logits [N, V], None, None) from the model's full forward. With
-    `layers` (fast path only) the third item is every layer's hidden states at every token of the batch's
-    examples (padding left out): the embeddings', each block's output, the final norm's (`hidden_states`)."""
+    `layers` (fast path only) the third item is every layer's hidden states at those positions: the embeddings',
+    each block's output, the final norm's (transformers' `hidden_states`)."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     if supports_selected_loss(model):
         lm = _causal_lm(model)
         out = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch), output_hidden_states=layers)
-        every = None
-        if layers:
-            real = batch["attention_mask"].bool() if "attention_mask" in batch else None  # packed rows: all real
-            every = [h[real] if real is not None else h.flatten(0, 1) for h in out.hidden_states]
+        every = [h[:, :-1][mask] for h in out.hidden_states] if layers else None
         return out.last_hidden_state[:, :-1][mask], lm.get_output_embeddings(), every
     if layers:
         raise ValueError("distill.hidden_weight needs a model with the label-position path (a llama-style LM)")
@@ -150,9 +146,7 @@ def lm_kd_sums(
             sums = sums + _student_chunk(*args)
     if not layers:
         return KDSums(sums[0], float(sums[1].detach()), float(sums[2].detach()))
-    # every token of the examples (the prompt's too: the answer attends to them), counted per label token so the
-    # step's normalisation by its label tokens makes it the mean distance per token
-    hidden = hidden_distance_sum(s_layers, t_layers, pairs) * (targets.numel() / max(s_layers[0].shape[0], 1))
+    hidden = hidden_distance_sum(s_layers, t_layers, pairs)
     total = sums[0] + hidden_weight * hidden
     return KDSums(total, float(sums[1].detach()), float(sums[2].detach()), float(hidden.detach()))
 
