@@ -4,7 +4,7 @@ process (so each peak RSS is its own). Writes JSON and a Markdown table (for the
     python scripts/estimate_matrix.py --models tiny-llama smollm2-135m-instruct --out docs/estimate-matrix
 
 Measured: summary.json's peak_mem_bytes (peak RSS on a CPU: the whole process) and the median step time
-of steps 2.. (metrics.jsonl tokens / tokens_per_s; step 1 warms up). Predicted: `tunelab estimate` on the
+of steps 2.. (differences of metrics.jsonl's cumulative train_s; step 1 warms up). Predicted: `tunelab estimate` on the
 same config, its runtime baseline included; its step time is FLOPs over the matmul calibration plus the
 per-step overhead calibration (tunelab/estimate/overhead.py), both measured on this machine.
 """
@@ -57,9 +57,8 @@ def measure(cfg: dict, workdir: Path) -> dict:
     run = Path(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((run / "summary.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    seconds = [  # a step's time from its tokens (the cumulative count's difference) and tokens/s
-        (b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(records, records[1:]) if b["tokens_per_s"]
-    ]
+    # a step's time: the difference of the cumulative training seconds (metrics.jsonl's train_s); step 1 warms up
+    seconds = [b["train_s"] - a["train_s"] for a, b in zip(records, records[1:])]
     return {"peak_bytes": summary["peak_mem_bytes"], "step_s": statistics.median(seconds)}
 
 
