@@ -208,3 +208,23 @@ def test_step_time_adds_the_measured_per_step_overhead():
     assert over["fixed_s"] + over["per_block_s"] > 0
     assert r["step_overhead_seconds"] == 2 * (over["fixed_s"] + over["per_block_s"] * r["architecture"]["layers"])
     assert r["step_seconds"] == r["step_compute_seconds"] + r["step_overhead_seconds"]
+
+
+def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+    from tunelab.estimate import cache
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return len(calls)
+
+    monkeypatch.setattr(cache.os, "getloadavg", lambda: (100.0, 100.0, 100.0))
+    assert cache.cached("matmul", "k", measure, timing=True) == 1
+    assert cache.cached("matmul", "k", measure, timing=True) == 2  # measured again: nothing was stored
+    assert cache.cached("baseline", "k", measure) == 3  # memory figures are kept whatever the load
+    assert cache.cached("baseline", "k", measure) == 3
+    monkeypatch.setattr(cache.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert cache.cached("matmul", "k", measure, timing=True) == 4
+    assert cache.cached("matmul", "k", measure, timing=True) == 4

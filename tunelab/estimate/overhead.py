@@ -100,4 +100,4 @@ def step_overhead(cfg, method, config, precision: str, device) -> dict:
         per_block = max(0.0, (hi - lo) / (DEPTHS[1] - DEPTHS[0]))
         return {"fixed_s": max(0.0, lo - per_block * DEPTHS[0]), "per_block_s": per_block}
 
-    return cached("overhead", key, measure)
+    return cached("overhead", key, measure, timing=True)

@@ -18,7 +18,9 @@ EFFICIENCY = {"cpu": 0.45, "cuda": 0.5}  # model FLOP/s / matmul peak, typical o
 def matmul_rate(precision: str, device) -> float:
     from ..bench.run import matmul_peak_flops
 
-    return cached("matmul", f"{device.type}|{precision}", lambda: matmul_peak_flops(precision, device, 1024, 6))
+    return cached(
+        "matmul", f"{device.type}|{precision}", lambda: matmul_peak_flops(precision, device, 1024, 6), timing=True
+    )
 
 
 def step_flops(shape, counts, work, steps_tokens: int, full: bool, checkpointing: bool, head_positions: int) -> float:
