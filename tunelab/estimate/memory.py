@@ -5,7 +5,9 @@ master weights, their gradients and AdamW's two moments; autocast's low-precisio
 weights that a forward holds until backward; activations saved for backward per transformer block
 (per token, from the block's widths: attention, MLP, norms, the method's own branches) for every block,
 or, with gradient checkpointing, each block's input plus one block recomputed; the LM-head/loss
-buffers of the largest chunk of label positions; and a backward transient of two gradient tensors.
+buffers of the largest chunk of label positions; and a backward transient of two gradient tensors. On a CPU,
+`loading_excess` is what loading the model (its fp32 weights and the mapped checkpoint) needs beyond all that:
+the peak RSS of a small run is its load.
 
 On a CPU the measured figure is the process's peak RSS, which also holds the Python/torch/tokenizer
 runtime: that baseline is measured once per machine (tunelab.estimate.baseline) and added as its own
@@ -33,6 +35,10 @@ LOGIT_BYTES = {"fp32": 12, "low": 12}
 # (bf16 and fp32 alike): ~9 bytes
 FUSED_LOGIT_BYTES = 9
 TRAINING_RUNTIME = 40 * 2**20  # autograd engine, allocator arenas, the checkpoint write: measured, CPU
+# loading a model on a CPU holds, for a moment, the fp32 weights materialised and the safetensors file's mapped
+# pages (resident once read: peak RSS counts them): 2 x 4 bytes a parameter. On smollm2 that moment is the
+# peak of every small LoRA/QLoRA/adapter cell (measured 1,376-1,493 MiB = baseline 426 + 8 x 134.5M bytes, 1,452)
+LOAD_BYTES_PER_PARAM = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 weights + fp32 per 256 absmax
 FP4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantization: an fp32 absmax per 64 weights
 
@@ -127,6 +133,9 @@ def breakdown(
     terms["backward_transient"] = 2 * work.tokens * max(shape.hidden, shape.intermediate) * 4
     terms["training_runtime"] = TRAINING_RUNTIME if baseline else 0
     terms["runtime_baseline"] = baseline
+    if baseline:  # a CPU peak RSS also covers the load, before any of the above exists
+        load = baseline + LOAD_BYTES_PER_PARAM * counts.total
+        terms["loading_excess"] = max(0, load - sum(terms.values()))
     terms = {k: int(v) for k, v in terms.items()}
     terms["total"] = sum(terms.values())
     return terms
