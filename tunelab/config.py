@@ -442,18 +442,15 @@ class CommonConfig(Section):
         if self.distill is not None and self.train.distributed == "fsdp":
             _rule("distill", "a distillation run does not shard (train.distributed: fsdp); use ddp")
         if self.distill is not None and self.distill.hidden_weight:
-            d = self.distill
-            why = (
-                "needs distill.keep_every (which teacher block each student block stands for)"
-                if d.keep_every is None
-                else "needs the live teacher's hidden states (distill.cache: false)"
-                if d.cache
-                else "is for task: causal_lm"
-                if self.task != "causal_lm"
-                else None
-            )
-            if why:
-                _rule("distill.hidden_weight", why)
+            if self.distill.keep_every is None:
+                _rule(
+                    "distill.hidden_weight",
+                    "needs distill.keep_every (which teacher block each student block stands for)",
+                )
+            if self.distill.cache:
+                _rule("distill.hidden_weight", "needs the live teacher's hidden states (distill.cache: false)")
+            if self.task != "causal_lm":
+                _rule("distill.hidden_weight", "is for task: causal_lm")
         return self
 
     def to_dict(self) -> dict:

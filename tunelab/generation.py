@@ -102,13 +102,8 @@ def generate_batch(
 ) -> list[str]:
     """Completions for many prompts (strings or message lists), left-padded in batches. `system`
     replaces the run's system prompt; `on_text` receives the text as it is generated (one prompt only)."""
-    import torch  # here, not at the top: the command line's parser reads this module's defaults (no torch)
-
-    with torch.no_grad():
-        return _generate_batch(model, tokenizer, prompts, settings, batch_size, system, on_text)
-
-
-def _generate_batch(model, tokenizer, prompts, settings, batch_size, system, on_text) -> list[str]:
+    # imported here, not at the top: the command line's parser reads this module's defaults without torch
+    # (transformers' generate runs without gradients by itself)
     import torch
 
     from .data.encode import prompt_text

@@ -9,6 +9,7 @@ model for the logits from the first label position on only (`logits_to_keep`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -51,10 +52,14 @@ def supports_selected_loss(model) -> bool:
 def _keeps_logits(model) -> bool:
     """Whether the causal LM's forward takes `logits_to_keep` (transformers' LMs: the head runs on the last
     k positions only)."""
-    forward = getattr(_causal_lm(model), "forward", None)
+    return _forward_keeps_logits(type(_causal_lm(model)))
+
+
+@functools.cache
+def _forward_keeps_logits(cls) -> bool:  # once per model class, not on every micro-batch
     try:
-        return "logits_to_keep" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (AttributeError, TypeError, ValueError):
         return False
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
-from .memory import Workload, breakdown
+from .memory import Workload, breakdown, with_load
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -118,7 +118,7 @@ def estimate(
             from .distill import add_teacher_terms
 
             terms = add_teacher_terms(terms, teacher, shape, cfg, method, w)
-        return terms
+        return with_load(terms, base, counts.total)
 
     t = cfg.train
     step_tokens_all = work.tokens * t.grad_accum  # the largest micro-batch, grad_accum times, per process

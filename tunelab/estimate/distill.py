@@ -61,15 +61,11 @@ def add_teacher_terms(terms: dict, teacher: Teacher, shape, cfg, method, work) -
     instead of cross-entropy's."""
     from .memory import loss_positions
 
-    terms = dict(terms)
-    excess = terms.pop("loading_excess", 0)
-    load_level = terms.pop("total") if excess else 0  # the load was the peak: it still is, unless training passes it
+    terms = {k: v for k, v in terms.items() if k != "total"}
     terms["teacher_weights"] = 0 if teacher.cache else 4 * teacher.params
     positions, outputs, _ = loss_positions(shape, cfg, method, work)
     terms["logits_and_loss"] = positions * outputs * KD_LOGIT_BYTES
     terms = {k: int(v) for k, v in terms.items()}
-    if excess:
-        terms["loading_excess"] = max(0, load_level - sum(terms.values()))
     terms["total"] = sum(terms.values())
     return terms
 

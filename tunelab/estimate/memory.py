@@ -133,9 +133,15 @@ def breakdown(
     terms["backward_transient"] = 2 * work.tokens * max(shape.hidden, shape.intermediate) * 4
     terms["training_runtime"] = TRAINING_RUNTIME if baseline else 0
     terms["runtime_baseline"] = baseline
-    if baseline:  # a CPU peak RSS also covers the load, before any of the above exists
-        load = baseline + LOAD_BYTES_PER_PARAM * counts.total
-        terms["loading_excess"] = max(0, load - sum(terms.values()))
     terms = {k: int(v) for k, v in terms.items()}
     terms["total"] = sum(terms.values())
     return terms
+
+
+def with_load(terms: dict, baseline: int, params: int) -> dict:
+    """`terms` (a CPU peak: baseline > 0) with `loading_excess`, what loading the model needs beyond them (a
+    CPU peak RSS also covers the load, before any of the training's terms exists)."""
+    if not baseline:
+        return terms
+    excess = max(0, baseline + LOAD_BYTES_PER_PARAM * params - terms["total"])
+    return terms | {"loading_excess": int(excess), "total": terms["total"] + int(excess)}
