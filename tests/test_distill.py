@@ -239,3 +239,49 @@ def test_distill_config_errors(tmp_path):
         distill(cfg | {"task": "preference"})
     with pytest.raises(ConfigError, match=r"distill.alpha"):
         distill(cfg | {"distill": {"teacher": "tiny-llama", "alpha": 1.5}})
+
+
+def test_the_teacher_answers_prompts_without_answers_and_they_join_the_training_set(tmp_path):
+    """distill.prompts: the teacher's greedy answers (the same as generating them directly), written once and
+    added to the training examples only; an answer the records had is not used."""
+    from tunelab.config import load_config
+    from tunelab.data import prepare_data
+    from tunelab.distill.answers import answers_path
+    from tunelab.generation import GenerationSettings, generate_batch
+    from tunelab.loading import load
+
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"messages": [{"role": "user", "content": f"Repeat the word: w{i}"}]} for i in range(5)]
+    records.append({"instruction": "Repeat the word: x", "output": "an answer that is dropped"})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    cfg = _config(tmp_path, prompts=str(prompts), answer_tokens=4)
+    cfg["train"] |= {"max_steps": 2}
+    result = distill(cfg)
+
+    model, tok = load("tiny-llama")
+    settings = GenerationSettings.greedy(4)
+    expected = [generate_batch(model, tok, [r["messages"][0]["content"]], settings)[0] for r in records[:5]]
+    expected.append(generate_batch(model, tok, ["Repeat the word: x"], settings)[0])
+    saved = load_config(result.run_dir / "config.yaml", saved_run=True)
+    path = answers_path(saved)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["messages"][-1]["content"] for r in rows] == [a for a in expected if a.strip()]
+    assert len(rows) >= 4 and all(r["messages"][-1]["content"] != "an answer that is dropped" for r in rows)
+
+    with_answers = prepare_data(saved, tok)
+    without = prepare_data(load_config(result.run_dir / "config.yaml", ["distill.prompts=null"], saved_run=True), tok)
+    assert len(with_answers.train) == len(without.train) + len(rows)
+    assert [e["input_ids"] for e in with_answers.val] == [e["input_ids"] for e in without.val]
+    # written once: another run of the same teacher and prompts reads the file back
+    mtime = path.stat().st_mtime_ns
+    distill(cfg | {"run_name": "kd-again"})
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_prompts_must_end_with_a_user_turn(tmp_path):
+    from tunelab.errors import DataError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"}]}) + "\n")
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: a prompt must end with a user turn"):
+        distill(_config(tmp_path, prompts=str(prompts)))

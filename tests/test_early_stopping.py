@@ -56,3 +56,25 @@ def test_best_weights_survive_a_resume(tiny_config, monkeypatch):
     ckpt = full.run_dir / "checkpoints" / "step-6"
     best, last = load_file(ckpt / "best.safetensors"), load_file(ckpt / "trainable.safetensors")
     assert any(not torch.equal(best[k], last[k]) for k in last)
+
+
+def test_the_final_evaluation_is_the_one_already_made_of_the_same_weights(tiny_config, monkeypatch):
+    """No evaluation is repeated at the end: the summary's is the last step's, or the restored best step's,
+    and evaluating the final weights anew gives exactly those numbers."""
+    tiny_config["train"].update(max_steps=4, eval_every=2)
+    for shift in (-10.0, 10.0):  # step 4 scored better (kept) or worse (step 2 restored) than it is
+        trainer = Trainer(build_config(tiny_config | {"run_name": f"final{shift:+g}"}), progress=False)
+        real, calls = trainer.evaluate, []
+
+        def shifted(real=real, calls=calls, trainer=trainer, shift=shift):
+            calls.append(trainer.state["step"])
+            out = real()
+            out["eval_loss"] += shift if trainer.state["step"] == 4 else 0.0
+            return out
+
+        monkeypatch.setattr(trainer, "evaluate", shifted)
+        result = trainer.run()
+        best = 4 if shift < 0 else 2
+        assert calls == [2, 4]
+        assert result.summary["best_step"] == best == result.summary["eval"]["step"]
+        assert real()["eval_loss"] + (shift if best == 4 else 0.0) == result.summary["eval"]["eval_loss"]

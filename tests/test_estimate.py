@@ -210,6 +210,32 @@ def test_step_time_adds_the_measured_per_step_overhead():
     assert r["step_seconds"] == r["step_compute_seconds"] + r["step_overhead_seconds"]
 
 
+def test_step_time_is_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):
+    """With a data file, the step time comes from real steps of the run's own loop on 1- and 4-block copies
+    of its architecture (full width), extrapolated to its depth; too large a model falls back to FLOPs."""
+    from transformers import AutoConfig
+
+    from tunelab.estimate import depth, estimate
+
+    seen, real = [], depth._step_seconds
+
+    def scripted(cfg, folder, out):
+        seen.append(AutoConfig.from_pretrained(folder).num_hidden_layers)
+        times = real(cfg, folder, out)  # the run really trains: one time per step
+        assert len(times) == depth.WARMUP + depth.TIMED and min(times) > 0
+        return [0.5 + 0.1 * seen[-1] + 0.01 * i for i in range(len(times))]  # 0.5 s + 0.1 s a block
+
+    monkeypatch.setattr(depth, "_step_seconds", scripted)
+    monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
+    r = estimate(build_config(tiny_config), baseline=False)
+    assert seen == [1, 4]
+    assert r["depth_calibration"]["per_block_s"] == pytest.approx(0.1)
+    assert r["depth_calibration"]["fixed_s"] == pytest.approx(0.5 + 0.01 * 3.5)  # median of the timed steps
+    assert r["step_seconds"] == pytest.approx(0.535 + 0.1 * r["architecture"]["layers"])
+    big = estimate(build_config({"model": "llama-3-8b", "data": {"train": tiny_config["data"]["train"]}}))
+    assert big["depth_calibration"] is None and any("too many to time here" in n for n in big["notes"])
+
+
 def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
     from tunelab.estimate import cache
 
@@ -228,3 +254,32 @@ def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monk
     monkeypatch.setattr(cache.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert cache.cached("matmul", "k", measure, timing=True) == 4
     assert cache.cached("matmul", "k", measure, timing=True) == 4
+
+
+@pytest.mark.parametrize(
+    "method, lora",
+    [
+        ("lora", {}),
+        ("dora", {"target_modules": "all-linear"}),
+        ("qlora", {"target_modules": ["down_proj", "q_proj"], "r": 8}),
+        ("full", None),
+    ],
+)
+def test_preset_counts_by_arithmetic_equal_the_meta_model(method, lora):
+    """llama-3-8b's counts without transformers or peft equal the meta-device build's, term by term."""
+    from tunelab.estimate.arith import preset_counts, preset_shape
+    from tunelab.estimate.params import count_params, model_config
+    from tunelab.methods import get_method
+    from tunelab.training.resolve import resolve_run_config
+
+    m = get_method(method)
+    cfg = resolve_run_config(
+        build_config({"model": "llama-3-8b", "method": method} | ({"lora": lora} if lora is not None else {})), m, None
+    )
+    counts, lora_inputs = preset_counts(cfg, preset_shape("llama-3-8b"))
+    built, model = count_params(cfg, m, model_config(cfg))
+    assert counts == built
+    assert lora_inputs == sum(
+        x.in_features for x in model.modules() if hasattr(x, "lora_A") and hasattr(x, "in_features")
+    )
+    assert preset_counts(cfg.model_copy(update={"method": "ia3"}), preset_shape("llama-3-8b")) is None

@@ -228,6 +228,13 @@ class DistillConfig(Section):
         "at the block boundary it stands for, per completion token (DistilBERT's cosine loss); needs keep_every "
         "and a live teacher (no cache); causal LM",
     )
+    prompts: str | None = Field(
+        None,
+        description="a file of prompts without answers (any data format; existing answers are dropped): the "
+        "teacher answers each greedily before training (stored once under $TUNELAB_HOME/distill) and the "
+        "answered conversations join the training set, never the validation split (sequence-level KD); causal LM",
+    )
+    answer_tokens: int = Field(64, ge=1, description="with prompts: the most tokens the teacher answers with")
 
 
 OBJECTIVES = {"causal_lm": ("sft",), "classification": ("sft",), "preference": ("dpo", "ipo", "orpo", "simpo")}
@@ -441,6 +448,8 @@ class CommonConfig(Section):
             _rule("distill", "distillation is for task: causal_lm or classification (not preference)")
         if self.distill is not None and self.train.distributed == "fsdp":
             _rule("distill", "a distillation run does not shard (train.distributed: fsdp); use ddp")
+        if self.distill is not None and self.distill.prompts and self.task != "causal_lm":
+            _rule("distill.prompts", "is for task: causal_lm (the teacher answers them)")
         if self.distill is not None and self.distill.hidden_weight:
             if self.distill.keep_every is None:
                 _rule(

@@ -84,6 +84,19 @@ def load(
     return model, tokenizer
 
 
+def merged_for_inference(model):
+    """`model` with LoRA-style adapters (LoRA, DoRA, rsLoRA, PiSSA, IA3, AdaLoRA) folded into its weights, in
+    place: one plain matmul per layer, and DoRA's weight norms are no longer recomputed in every forward (3x
+    its generation time). For a model that trains no more; others (prompt learning, bottleneck adapters,
+    a 4-bit base, whose merge would round) come back as they are."""
+    if not hasattr(model, "merge_and_unload") or getattr(model, "is_loaded_in_4bit", False):
+        return model
+    try:
+        return model.merge_and_unload()
+    except (AttributeError, ValueError, TypeError):  # prompt-learning adapters cannot merge
+        return model
+
+
 def _add_adapter(model, cfg, name: str, run: Path) -> None:
     if not hasattr(model, "load_adapter") or not hasattr(model, "peft_config"):
         raise UserError(f"method '{cfg.method}' does not produce PEFT adapters; several adapters need a PEFT method")

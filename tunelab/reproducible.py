@@ -18,15 +18,14 @@ def seed_everything(seed: int) -> None:
 
 def versions() -> dict:
     """The versions a run's numbers depend on (saved in summary.json and bench results)."""
-    import peft
-    import transformers
+    from importlib.metadata import version  # not the packages themselves: importing peft takes seconds
 
     from . import __version__
 
     return {
         "tunelab": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
         "python": platform.python_version(),
     }

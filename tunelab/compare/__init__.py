@@ -92,7 +92,7 @@ def run_compare(
     out = Path(out)
     _check_out(out)
     metric = metric or default_metric(cfg)
-    steps = cfg.train.max_steps or estimate(cfg, baseline=False)["steps"]
+    steps = cfg.train.max_steps or estimate(cfg, baseline=False, overhead=False)["steps"]
     # 4 points a curve: each evaluation of the validation split costs several steps (measured: 7 s against a
     # 2.5 s step on smollm2 with 64 held-out examples): 8 of them were about a fifth of a comparison's time
     eval_every = max(1, steps // 4) if steps and has_validation(cfg) else None

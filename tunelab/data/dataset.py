@@ -127,6 +127,10 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
             unknown.setdefault(f"{name} in data.eval", lines)
     else:
         train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed)
+    if cfg.distill is not None and cfg.distill.prompts:  # the teacher's answers: training only
+        from ..distill.answers import answered_examples
+
+        train_examples = train_examples + answered_examples(cfg)
     if cfg.task == "classification":
         labels = d.labels or label_names(train_examples)  # saved with the resolved config: the run's label map
         if len(labels) < 2:

@@ -11,7 +11,7 @@ import torch
 from ..blocks import every_kth, keep_blocks
 from ..config import load_config
 from ..errors import ConfigError
-from ..loading import is_run_dir, load
+from ..loading import is_run_dir, load, merged_for_inference
 from ..log import log
 from ..methods.full import transformer_blocks
 from ..models import _materialise, load_causal_lm, load_tokenizer, resolve_model_path
@@ -67,12 +67,7 @@ def load_teacher(cfg, device):
     precision): a run's trained model (LoRA-style adapters merged into the weights), or a base model."""
     name = cfg.distill.teacher
     if is_run_dir(name):
-        model, _ = load(name, device)
-        if hasattr(model, "merge_and_unload") and not getattr(model, "is_loaded_in_4bit", False):
-            try:
-                model = model.merge_and_unload()  # one plain forward, no adapter layers
-            except (AttributeError, ValueError, TypeError):  # prompt-learning adapters cannot merge
-                pass
+        model = merged_for_inference(load(name, device)[0])
     else:
         model = load_causal_lm(name, device, torch.float32, cfg.trust_remote_code, cfg.allow_pickle)
     return model.eval().requires_grad_(False)

@@ -75,6 +75,8 @@ def estimate(
     from ..device import pick_device, resolve_precision
     from ..methods import get_method
     from ..training.resolve import resolve_run_config
+    from .arith import preset_counts, preset_shape
+    from .depth import depth_calibration
     from .energy import device_power, energy_cost
     from .overhead import step_overhead
     from .params import PRESETS, count_params, model_config, shape_of
@@ -92,13 +94,24 @@ def estimate(
     cfg = resolve_run_config(cfg, method, labels if cfg.task == "classification" else None)
     device = device or pick_device()
     precision = resolve_precision(cfg.train.precision, device)
-    if teacher is None:
-        config = model_config(cfg)
-    shape = shape_of(config)
-    counts, model = count_params(cfg, method, config)
-    lora_inputs = sum(m.in_features for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
-    adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".adapter"))
-    del model
+    arith = None
+    if teacher is None and cfg.model in PRESETS:  # by arithmetic where it can: no transformers, no peft
+        shape = preset_shape(cfg.model)
+        arith = preset_counts(cfg, shape)
+    if arith is not None:
+        (counts, lora_inputs), adapters, config = arith, 0, None
+    else:
+        if teacher is None:
+            config = model_config(cfg)
+        shape = shape_of(config)
+        counts, model = count_params(cfg, method, config)
+        lora_inputs = sum(m.in_features for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
+        adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".adapter"))
+        del model
+
+    def get_config():  # a preset's transformers config, built only when a calibration needs it
+        return config if config is not None else model_config(cfg)
+
     quant_bits = None
     if hasattr(method, "quant_bits"):
         quant_bits = method.quant_bits(cfg)
@@ -130,15 +143,29 @@ def estimate(
         flops += teacher_flops(teacher, shape, step_tokens_all, work.label_positions * t.grad_accum)
     compute_s, rate = step_time(flops, precision, device)
     over = {"fixed_s": 0.0, "per_block_s": 0.0}
-    if not overhead:
-        notes.append("per-step overhead not measured (asked for the memory only): the time is FLOPs only, low")
-    else:
+    depth, why = None, "asked for the memory only"
+    if overhead:
         try:
-            over = step_overhead(cfg, method, config, precision, device)
-        except Exception as exc:  # noqa: BLE001 - an architecture the shrunk copy does not fit: FLOPs alone
-            notes.append(f"per-step overhead not measured ({type(exc).__name__}): the time is FLOPs only, low")
-    overhead_s = t.grad_accum * (over["fixed_s"] + over["per_block_s"] * shape.layers)
-    seconds = compute_s + overhead_s
+            depth, why = depth_calibration(cfg, get_config, shape, counts)
+        except Exception as exc:  # noqa: BLE001 - a run its shallow copies cannot train: the FLOPs model
+            why = f"the shallow copies did not train ({type(exc).__name__}: {str(exc)[:120]})"
+    if depth is not None:
+        seconds = depth["fixed_s"] + depth["per_block_s"] * shape.layers
+        overhead_s = max(0.0, seconds - compute_s)
+        notes.append(
+            f"step time measured on {depth['depths'][0]}- and {depth['depths'][1]}-block copies of this run "
+            f"(random weights, its data, method and precision): {depth['fixed_s']:.3f} s + "
+            f"{depth['per_block_s']:.3f} s per block"
+        )
+    else:
+        notes.append(f"step time from FLOPs and the per-step overhead ({why})")
+        if overhead:
+            try:
+                over = step_overhead(cfg, method, get_config, shape.model_type, precision, device)
+            except Exception as exc:  # noqa: BLE001 - an architecture the shrunk copy does not fit: FLOPs alone
+                notes.append(f"per-step overhead not measured ({type(exc).__name__}): the time is FLOPs only, low")
+        overhead_s = t.grad_accum * (over["fixed_s"] + over["per_block_s"] * shape.layers)
+        seconds = compute_s + overhead_s
     steps = t.max_steps or (
         max(1, math.ceil(t.epochs * math.ceil(n_examples / (t.batch_size * t.grad_accum)))) if n_examples else None
     )
@@ -163,6 +190,7 @@ def estimate(
         "step_compute_seconds": compute_s,
         "step_overhead_seconds": overhead_s,
         "overhead_calibration": over,
+        "depth_calibration": depth,
         "steps": steps,
         "run_seconds": seconds * steps if steps else None,
         "power_w": watts,

@@ -84,18 +84,19 @@ def _step_seconds(cfg, method, config, blocks: int, precision: str) -> float:
     return statistics.median(times)
 
 
-def step_overhead(cfg, method, config, precision: str, device) -> dict:
+def step_overhead(cfg, method, get_config, model_type: str, precision: str, device) -> dict:
     """{'fixed_s', 'per_block_s'}: the per-micro-batch overhead of this architecture and method, measured on
-    this machine once (cached). Only on a CPU: on a GPU launches overlap the kernels (0 there)."""
+    this machine once (cached; `get_config()` gives the architecture's config when it is measured). Only on a
+    CPU: on a GPU launches overlap the kernels (0 there)."""
     if device.type != "cpu":
         return {"fixed_s": 0.0, "per_block_s": 0.0}
     name = "lora" if cfg.method == "qlora" else cfg.method  # the shrunk model is not quantized
-    model_type = getattr(config, "model_type", "?")
     key = f"{model_type}|{name}|{precision}|{cfg.task}|ckpt{int(cfg.train.gradient_checkpointing)}"
 
     def measure():
         from ..methods import METHODS
 
+        config = get_config()
         lo, hi = (_step_seconds(cfg, METHODS[name], config, d, precision) for d in DEPTHS)
         per_block = max(0.0, (hi - lo) / (DEPTHS[1] - DEPTHS[0]))
         return {"fixed_s": max(0.0, lo - per_block * DEPTHS[0]), "per_block_s": per_block}

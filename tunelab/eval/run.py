@@ -22,7 +22,7 @@ from ..device import peak_memory
 from ..errors import UserError
 from ..generation import GenerationSettings, generate_batch
 from ..io import atomic_write_json, atomic_write_jsonl
-from ..loading import is_run_dir, load
+from ..loading import is_run_dir, load, merged_for_inference
 from ..log import log
 from .loss import evaluate_loss
 from .metrics import exact_match, generation_metrics, latency_stats, rouge
@@ -202,7 +202,8 @@ def evaluate_run(
         metrics = evaluate_loss(model, examples, tokenizer.pad_token_id, cfg.train.batch_size)
     if cfg.task == "classification":
         metrics.update(_classification_latency(model, examples, tokenizer.pad_token_id))
-    elif cfg.eval.generate and len(loaded) == 1:
+    elif cfg.eval.generate and len(loaded) == 1:  # the loss as trained; the answers from the merged weights
+        model = merged_for_inference(model)
         metrics.update(generation_eval(model, tokenizer, raw, cfg, predictions_path, progress))
     peak, kind = peak_memory(next(model.parameters()).device)
     written = []

@@ -173,6 +173,7 @@ class Trainer:
 
         # 5. state, possibly restored from a checkpoint
         self.best_weights = None
+        self.best_eval: dict | None = None  # the evaluation of the best step, this session (the final one reuses it)
         self.state = {
             "step": 0,
             "epoch": 0,
@@ -342,10 +343,23 @@ class Trainer:
         if best is None or (value < best if lower_is_better(key) else value > best):
             self.state.update(best_metric=value, best_step=self.state["step"], evals_since_best=0)
             self.best_weights = trainable_state(self.model)
+            self.best_eval = dict(metrics)
             return False
         self.state["evals_since_best"] += 1
         patience = self.cfg.train.early_stopping_patience
         return bool(patience and self.state["evals_since_best"] >= patience)
+
+    def _final_eval(self, step: int, last_eval: dict) -> dict:
+        """The evaluation of the final weights: the one already made of them this session (the restored best
+        step's, or the last step's; evaluation is deterministic, so a repeat gives the same numbers), else a
+        new one. Sharded training evaluates the unsharded copy anew."""
+        if not self.dist.sharded:
+            if self.best_weights is not None and self.state["best_step"] != step:
+                if self.best_eval is not None and self.best_eval.get("step") == self.state["best_step"]:
+                    return dict(self.best_eval)
+            elif last_eval.get("step") == step:
+                return dict(last_eval)
+        return self.evaluate()
 
     def energy_j(self) -> float:
         """Joules used by this run so far (every session; tunelab.estimate.energy says how it is measured)."""
@@ -473,7 +487,7 @@ class Trainer:
                             "train_s": round(self.train_time, 3),
                         } | self.step_metrics()
                     if t.eval_every and step % t.eval_every == 0 and self.data.val:
-                        last_eval = self.evaluate()
+                        last_eval = self.evaluate() | {"step": step}
                         record = (record or {"step": step}) | last_eval
                         if self._track_best(last_eval):
                             stop_reason = f"early stopping: {t.metric_for_best} did not improve for {t.early_stopping_patience} evaluations"
@@ -523,7 +537,7 @@ class Trainer:
             log(
                 f"restored the best step {self.state['best_step']} ({t.metric_for_best}={self.state['best_metric']:.4f})"
             )
-        final_eval = self.evaluate() if self.data.val else {}
+        final_eval = self._final_eval(step, last_eval) if self.data.val else {}
         if final_eval:
             final_eval["step"] = self.state["best_step"] if self.best_weights is not None else step
             atomic_write_json(self.run_dir / "eval.json", final_eval)
@@ -611,6 +625,10 @@ def train(
         from .distill import DistillTrainer
 
         cfg = with_student(cfg) if resume is None else cfg
+        if cfg.distill.prompts:
+            from ..distill.answers import write_answers
+
+            write_answers(cfg, progress)
         trainer_class = DistillTrainer
     trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes, observer=observer)
     status = "FAILED"  # what the trackers record when the run does not finish

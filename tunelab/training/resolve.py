@@ -64,6 +64,8 @@ def resolve_run_config(cfg: Config, method, labels: list[str] | None = None, gra
             data[key] = str(Path(data[key]).resolve())
     if d.get("mlflow") is not None and d["mlflow"]["tracking_uri"] is None:
         d["mlflow"]["tracking_uri"] = default_mlflow_uri(cfg.out_dir)
+    if (d.get("distill") or {}).get("prompts"):
+        d["distill"]["prompts"] = str(Path(d["distill"]["prompts"]).resolve())
     teacher = (d.get("distill") or {}).get("teacher")
     if (
         teacher and teacher not in REGISTRY and Path(teacher).is_dir()

@@ -1,0 +1,124 @@
+"""Step time measured on shallow copies of the run: the run's own config, data, method and precision, trained
+for a few steps by tunelab's loop on its architecture cut to 1 and 4 blocks (random weights, full width and
+vocabulary), then extrapolated to the real depth: seconds per step = fixed + per_block x blocks.
+
+Every cost of a step is in the measurement (the matmuls at the run's real shapes, attention, the loss, the
+frozen-weight casts, the optimizer, Python), not a FLOP count over a peak rate: that model was 55-93% low on
+small models on a CPU (README). Each timed step is paired across the two depths (the same data windows, so
+the same shapes), and the per-block time is the median of those differences. Cached per machine and config;
+a model whose 4-block copy would be too large to train here falls back to FLOPs + overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from .cache import cached
+
+DEPTHS = (1, 4)
+WARMUP, TIMED = 2, 4
+MAX_PARAMS = 400_000_000  # the 4-block copy (weights, embeddings, head): above it, no calibration
+VOLATILE = {"out_dir", "run_name"}
+VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
+
+
+def copy_params(shape, counts, blocks: int) -> int:
+    """Parameters of the architecture cut to `blocks` blocks (the method's additions left out)."""
+    per_block = (counts.total - counts.embedding - _head(shape)) / max(shape.layers, 1)
+    return int(counts.embedding + _head(shape) + per_block * blocks)
+
+
+def _head(shape) -> int:
+    return 0 if shape.tied else shape.vocab * shape.hidden
+
+
+def _cut(config, blocks: int):
+    small = config.__class__.from_dict(config.to_dict())
+    text = small.get_text_config() if hasattr(small, "get_text_config") else small
+    text.num_hidden_layers = blocks
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:blocks]
+    return small
+
+
+def _write_copy(cfg, config, blocks: int, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ..models import load_tokenizer
+
+    small = _cut(config, blocks)
+    torch.manual_seed(0)
+    if cfg.task == "classification":
+        small.num_labels = len(cfg.data.labels or ["a", "b"])
+        model = AutoModelForSequenceClassification.from_config(small)
+    else:
+        model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(folder)
+
+
+def _step_seconds(cfg, folder: Path, out: Path) -> list[float]:
+    """Seconds of each step of a short run of `cfg` on the model in `folder` (metrics.jsonl's train_s)."""
+    from ..training import train
+
+    d = cfg.to_dict()
+    d.update(model=str(folder), out_dir=str(out), run_name=folder.name, report_to=[])
+    d.pop("mlflow", None)
+    d.pop("wandb", None)
+    d["train"] = dict(d["train"], max_steps=WARMUP + TIMED, eval_every=None, save_every=None, log_every=1)
+    d["train"]["early_stopping_patience"] = None
+    result = train(d, progress=False)
+    cumulative = [
+        json.loads(line)["train_s"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    return [b - a for a, b in zip([0.0] + cumulative, cumulative)]
+
+
+def _key(cfg, config) -> str:
+    d = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in VOLATILE_TRAIN}
+    data = Path(cfg.data.train)
+    stat = data.stat()
+    blob = json.dumps([d, config.to_dict(), str(data), stat.st_size, stat.st_mtime_ns], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]:
+    """({'fixed_s', 'per_block_s', 'depths', 'timed_steps'} per optimizer step, note); (None, why) when the
+    run cannot be calibrated so (no data file, a distillation, a copy too large to train here).
+    `get_config()`: the architecture's transformers config."""
+    if not cfg.data.train or not Path(cfg.data.train).exists():
+        return None, "no data file to time real steps on"
+    if cfg.distill is not None:
+        return None, "a distillation run (its teacher is not cut)"
+    size = copy_params(shape, counts, DEPTHS[-1])
+    if size > MAX_PARAMS:
+        return None, f"its {DEPTHS[-1]}-block copy has {size / 1e6:.0f}M parameters, too many to time here"
+    config = get_config()
+
+    def measure() -> dict:
+        times = {}
+        with tempfile.TemporaryDirectory(prefix="tunelab-depth-") as tmp:
+            for blocks in DEPTHS:
+                folder = Path(tmp) / f"blocks-{blocks}"
+                with contextlib.redirect_stderr(io.StringIO()):  # the runs' own logs: not this command's
+                    _write_copy(cfg, config, blocks, folder)
+                    times[blocks] = _step_seconds(cfg, folder, Path(tmp) / "runs")[WARMUP:]
+        lo, hi = DEPTHS
+        per_block = statistics.median((b - a) / (hi - lo) for a, b in zip(times[lo], times[hi]))
+        per_block = max(0.0, per_block)
+        return {
+            "fixed_s": max(0.0, statistics.median(times[lo]) - per_block * lo),
+            "per_block_s": per_block,
+            "depths": list(DEPTHS),
+            "timed_steps": TIMED,
+        }
+
+    return cached("depth", _key(cfg, config), measure, timing=True), "measured"
