@@ -39,6 +39,7 @@ def student_config(train_path: Path, out_dir: Path, teacher: str, name: str, arg
             "temperature": args.temperature,
             "alpha": args.alpha,
             "hidden_weight": args.hidden_weight,
+            "kd_positions": args.kd_positions,
             **({"prompts": str(prompts_path)} if prompts_path else {}),
         },
     }
@@ -76,6 +77,7 @@ def main() -> dict:
     parser.add_argument("--skip-plain", action="store_true", help="the distilled student only (another T or alpha)")
     parser.add_argument("--prompts", type=int, default=0, help="N unanswered date prompts the teacher answers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kd-positions", default="labels", choices=["labels", "all"], help="distill.kd_positions")
     parser.add_argument("--out-dir", default="runs/distill-demo")
     parser.add_argument("--teacher", help="an existing demo run (default: train one, as `tunelab demo` does)")
     args = parser.parse_args()
@@ -88,7 +90,8 @@ def main() -> dict:
         teacher = str(tunelab.train(demo_config(train_path, str(out))).run_dir)
 
     tag = f"t{args.temperature:g}-a{args.alpha:g}" + (f"-h{args.hidden_weight:g}" if args.hidden_weight else "")
-    tag += (f"-p{args.prompts}" if args.prompts else "") + f"-s{args.steps}-seed{args.seed}"
+    tag += (f"-p{args.prompts}" if args.prompts else "") + ("-all" if args.kd_positions == "all" else "")
+    tag += f"-s{args.steps}-seed{args.seed}"
     prompts_path = write_prompts(out / "demo-data", args.prompts) if args.prompts else None
     distilled_run = distill(student_config(train_path, out, teacher, f"student-distilled-{tag}", args, prompts_path))
     distilled = distilled_run.summary
@@ -100,7 +103,7 @@ def main() -> dict:
 
     report = {"steps": args.steps, "lr": args.lr, "method": args.method, "held_out": len(rows)}
     report |= {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight}
-    report |= {"prompts": args.prompts, "seed": args.seed}
+    report |= {"prompts": args.prompts, "seed": args.seed, "kd_positions": args.kd_positions}
     report["teacher"] = {
         "run": teacher,
         "exact_match": exact_match(teacher, rows),

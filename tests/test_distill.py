@@ -69,6 +69,43 @@ def test_lm_kd_loss_and_gradient_equal_a_direct_computation(teacher):
         torch.testing.assert_close(fast, p.grad, rtol=1e-3, atol=1e-6 * float(p.grad.abs().max()))
 
 
+def test_kd_on_every_position_equals_a_direct_computation(teacher):
+    """distill.kd_positions: all: the KL over every real position whose next token is in the same example
+    (padding excluded), the CE over the labels only; value and gradient against full logits in fp64."""
+    from tunelab.distill.loss import kd_mask
+
+    student = keep_blocks(teacher, [1]).train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = _lm_batch()  # rows of 12, 11, 10 tokens, right-padded; labels from position 5
+    every = kd_mask(batch, every_position=True)
+    assert every.sum(1).tolist() == [11, 10, 9]  # each row's real tokens but its last
+    sums = lm_kd_sums(student, batch, teacher, 1.5, 0.6, chunk=7, every_position=True)
+    sums.total.backward()
+    fast_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    s_all = student(**inputs).logits[:, :-1].double()
+    with torch.no_grad():
+        t_all = teacher(**inputs).logits[:, :-1].double()
+    p = torch.softmax(t_all[every] / 1.5, -1)
+    kl = (p * (torch.log(p) - torch.log_softmax(s_all[every] / 1.5, -1))).sum()
+    labels = batch["labels"][:, 1:]
+    ce = -torch.log_softmax(s_all[labels != IGNORE], -1).gather(-1, labels[labels != IGNORE][:, None]).sum()
+    direct = 0.6 * 1.5**2 * kl + 0.4 * ce
+    direct.backward()
+    assert float(sums.total.detach()) == pytest.approx(float(direct.detach()), rel=1e-4)
+    assert sums.ce_sum == pytest.approx(float(ce.detach()), rel=1e-4)
+    for fast, p in zip(fast_grads, student.parameters()):
+        torch.testing.assert_close(fast, p.grad, rtol=1e-3, atol=1e-6 * float(p.grad.abs().max()))
+    # a packed row: no position predicts the first token of the next example
+    packed = {"labels": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
+    assert kd_mask(packed, every_position=True).tolist() == [[True, True, False, True, True]]
+
+
 def test_block_pairs_match_each_kept_block_with_the_boundary_it_stands_for():
     # 30 blocks, every 2nd kept: student block j (teacher block 2j) also does teacher block 2j + 1's work
     pairs = block_pairs(30, 2)

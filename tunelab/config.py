@@ -228,6 +228,12 @@ class DistillConfig(Section):
         "at the block boundary it stands for, per completion token (DistilBERT's cosine loss); needs keep_every "
         "and a live teacher (no cache); causal LM",
     )
+    kd_positions: Literal["labels", "all"] = Field(
+        "labels",
+        description="where the KL (and hidden-state) terms are taken: the label tokens, or every token whose next "
+        "token is in the same example (the prompt too: the teacher's whole next-token distribution); the CE term "
+        "stays on the labels; all needs a live teacher (no cache); causal LM",
+    )
     prompts: str | None = Field(
         None,
         description="a file of prompts without answers (any data format; existing answers are dropped): the "
@@ -448,6 +454,11 @@ class CommonConfig(Section):
             _rule("distill", "distillation is for task: causal_lm or classification (not preference)")
         if self.distill is not None and self.train.distributed == "fsdp":
             _rule("distill", "a distillation run does not shard (train.distributed: fsdp); use ddp")
+        if self.distill is not None and self.distill.kd_positions == "all":
+            if self.distill.cache:
+                _rule("distill.kd_positions", "all needs a live teacher (distill.cache: false)")
+            if self.task != "causal_lm":
+                _rule("distill.kd_positions", "all is for task: causal_lm")
         if self.distill is not None and self.distill.prompts and self.task != "causal_lm":
             _rule("distill.prompts", "is for task: causal_lm (the teacher answers them)")
         if self.distill is not None and self.distill.hidden_weight:

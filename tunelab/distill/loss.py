@@ -62,13 +62,32 @@ def _combine(kl, ce, temperature: float, alpha: float):
     return alpha * temperature**2 * kl + (1 - alpha) * ce
 
 
-def label_features(model, batch: dict, layers: bool = False):
-    """What becomes the logits at every label position (labels shifted by one, row-major): on the fast path
-    (hidden states [N, H], LM head, None); else (logits [N, V], None, None) from the model's full forward. With
-    `layers` (fast path only) the third item is every layer's hidden states at those positions: the embeddings',
-    each block's output, the final norm's (transformers' `hidden_states`)."""
+def kd_mask(batch: dict, every_position: bool = False) -> torch.Tensor:
+    """[rows, length - 1] positions whose next token the KD loss scores: the label positions, or with
+    `every_position` each real token whose next token is in the same example (the prompt's too; not across
+    padding or the boundary of two packed examples, where position_ids start again at 0)."""
     labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
+    if not every_position:
+        return labels != IGNORE_INDEX
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    if "attention_mask" in batch:
+        real = batch["attention_mask"].bool()
+        mask &= real[:, 1:] & real[:, :-1]
+    if "position_ids" in batch:
+        mask &= batch["position_ids"][:, 1:] != 0
+    return mask
+
+
+def label_features(model, batch: dict, layers: bool = False, mask: torch.Tensor | None = None):
+    """What becomes the logits at every label position (labels shifted by one, row-major; or at `mask`, a
+    kd_mask, on the fast path): on the fast path (hidden states [N, H], LM head, None); else (logits [N, V],
+    None, None) from the model's full forward. With `layers` (fast path only) the third item is every layer's
+    hidden states at those positions: the embeddings', each block's output, the final norm's (transformers'
+    `hidden_states`)."""
+    labels = batch["labels"][:, 1:]
+    if mask is not None and not supports_selected_loss(model):
+        raise ValueError("distill.kd_positions: all needs a model with the label-position path (a llama-style LM)")
+    mask = labels != IGNORE_INDEX if mask is None else mask
     if supports_selected_loss(model):
         lm = _causal_lm(model)
         out = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch), output_hidden_states=layers)
@@ -118,16 +137,21 @@ def lm_kd_sums(
     chunk: int = CHUNK,
     hidden_weight: float = 0.0,
     pairs: list[tuple[int, int]] | None = None,
+    every_position: bool = False,
 ) -> KDSums:
     """The KD loss summed over a causal-LM micro-batch's label tokens. `teacher`: a model (run here without
     gradients, on the same batch), or cached logits (a TopK pair, or full logits) of the batch's label positions.
-    With `hidden_weight` (a live teacher) hidden_weight x hidden_distance_sum over `pairs` is added."""
-    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
+    With `hidden_weight` (a live teacher) hidden_weight x hidden_distance_sum over `pairs` is added. With
+    `every_position` (a live teacher) the KL and hidden terms cover every position of kd_mask; the CE term
+    stays on the labels (IGNORE_INDEX elsewhere adds nothing to it)."""
+    mask = kd_mask(batch, every_position) if every_position else None
+    labels = batch["labels"][:, 1:]
+    targets = labels[labels != IGNORE_INDEX if mask is None else mask]
     layers = hidden_weight > 0
-    features, head, s_layers = label_features(student, batch, layers)
+    features, head, s_layers = label_features(student, batch, layers, mask)
     if isinstance(teacher, torch.nn.Module):
         with torch.no_grad():
-            t_features, t_head, t_layers = label_features(teacher, batch, layers)
+            t_features, t_head, t_layers = label_features(teacher, batch, layers, mask)
     else:
         t_features, t_head, t_layers = teacher, None, None
     weight, bias = (head.weight, head.bias) if head is not None else (None, None)
@@ -169,13 +193,29 @@ def classification_kd_sums(student, batch: dict, teacher, temperature: float, al
 
 
 def kd_sums(
-    student, batch: dict, teacher, temperature: float, alpha: float, hidden_weight: float = 0.0, pairs=None
+    student,
+    batch: dict,
+    teacher,
+    temperature: float,
+    alpha: float,
+    hidden_weight: float = 0.0,
+    pairs=None,
+    every_position: bool = False,
 ) -> KDSums:
     """Causal LM (2-D labels) or classification (1-D labels); a filler pass (`loss_weight` 0) counts zero."""
     if batch["labels"].dim() == 1:
         sums = classification_kd_sums(student, batch, teacher, temperature, alpha)
     else:
-        sums = lm_kd_sums(student, batch, teacher, temperature, alpha, hidden_weight=hidden_weight, pairs=pairs)
+        sums = lm_kd_sums(
+            student,
+            batch,
+            teacher,
+            temperature,
+            alpha,
+            hidden_weight=hidden_weight,
+            pairs=pairs,
+            every_position=every_position,
+        )
     if "loss_weight" in batch:
         sums.total = sums.total * batch["loss_weight"]
     return sums

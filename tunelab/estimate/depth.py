@@ -104,6 +104,12 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
     config = get_config()
 
     def measure() -> dict:
+        from ..log import log
+
+        log(
+            f"estimate: timing {WARMUP + TIMED} steps of {cfg.method} on {' and '.join(map(str, DEPTHS))}-block "
+            f"copies of {cfg.model} (once per machine and config)"
+        )
         times = {}
         with tempfile.TemporaryDirectory(prefix="tunelab-depth-") as tmp:
             for blocks in DEPTHS:

@@ -85,7 +85,16 @@ class DistillTrainer(Trainer):
         else:
             o = self.options
             with varlen_attention(self.teacher, "cu_seq_lens_q" in batch):
-                sums = kd_sums(self.model, batch, self.teacher, o.temperature, o.alpha, o.hidden_weight, self._pairs)
+                sums = kd_sums(
+                    self.model,
+                    batch,
+                    self.teacher,
+                    o.temperature,
+                    o.alpha,
+                    o.hidden_weight,
+                    self._pairs,
+                    o.kd_positions == "all",
+                )
         self._sums[0] += sums.kl_sum
         self._sums[1] += sums.ce_sum
         self._sums[2] += sums.hidden_sum
