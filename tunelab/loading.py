@@ -86,9 +86,10 @@ def load(
 
 def merged_for_inference(model):
     """`model` with LoRA-style adapters (LoRA, DoRA, rsLoRA, PiSSA, IA3, AdaLoRA) folded into its weights, in
-    place: one plain matmul per layer, and DoRA's weight norms are no longer recomputed in every forward (3x
-    its generation time). For a model that trains no more; others (prompt learning, bottleneck adapters,
-    a 4-bit base, whose merge would round) come back as they are."""
+    place: one plain matmul per layer, and DoRA's weight norms are no longer recomputed in every forward. For a
+    model that trains no more and whose outputs need not match the adapter's bit for bit (a distillation
+    teacher): the logits agree to ~1e-6, but near-ties in greedy decoding can flip. Others (prompt learning,
+    bottleneck adapters, a 4-bit base, whose merge would round) come back as they are."""
     if not hasattr(model, "merge_and_unload") or getattr(model, "is_loaded_in_4bit", False):
         return model
     try:
