@@ -89,15 +89,11 @@ def test_killed_sweep_continues_the_same_study(sweep_files):
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", *args], cwd=sweep_files, env=env, stderr=subprocess.PIPE)
     sweep_dir = sweep_files / "runs" / "sweep-config"
     try:
-        while proc.poll() is None:  # wait for trial 0 to complete and trial 1 to start
-            if (sweep_dir / "study.db").exists():
-                try:
-                    trials = _study(sweep_dir).trials
-                except (KeyError, optuna.exceptions.OptunaError):  # the study is being created
-                    trials = []
-                if len(trials) > 1 and trials[0].state.name == "COMPLETE" and "run" in trials[1].user_attrs:
-                    break  # trial 1 drew its values and trains
-            time.sleep(0.2)
+        # trial 1's run folder appears once trial 0 is told and trial 1 trains: a file check, fast enough to
+        # kill inside a 4-step trial on a loaded machine (reading the study each time was not: CI once saw
+        # trial 1 finish first)
+        while proc.poll() is None and not (sweep_files / "runs" / "sweep-config-t001").exists():
+            time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     finally:
         proc.send_signal(signal.SIGKILL)
