@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import SECTION_USERS, Config, apply_overrides, build_config, load_config, parse_override
+from tunelab.config import SECTION_USERS, Config, apply_overrides, build_config, load_config, parse_override, read_yaml
 from tunelab.errors import ConfigError
 
 
@@ -355,6 +355,16 @@ def test_yaml_syntax_error_names_line(tmp_path):
     path = write(tmp_path, "model: tiny-llama\ntrain:\n  lr: [1\n  epochs: 2\n")
     message = config_error(path)
     assert str(path) in message and "invalid YAML" in message
+
+
+def test_lone_surrogates_and_self_referring_aliases_are_config_errors(tmp_path):
+    """Both reached pydantic (UnicodeEncodeError while quoting the value) or a recursive walk (RecursionError)."""
+    message = config_error(write(tmp_path, 'model: tiny-llama\nmethod: "\\ud800"\n'))
+    assert f"{tmp_path / 'config.yaml'}:2: method: not text" in message
+    assert "lone surrogate" in config_error(None, ["train.scheduler=\udcff"])
+    for text in ("train: &x {lr: *x}\n", "lora:\n  target_modules: &x [q_proj, *x]\n"):
+        assert "refers to a mapping or list that contains it" in config_error(write(tmp_path, text))
+    assert read_yaml("a: &x {b: [1]}\nc: [*x, *x]\n") == {"a": {"b": [1]}, "c": [{"b": [1]}] * 2}  # shared: fine
 
 
 def test_config_not_a_mapping_and_missing_file(tmp_path):

@@ -612,7 +612,7 @@ def read_yaml(text: str):
     """Parse YAML text safely, refusing repeated keys. Every failure is a yaml.YAMLError: PyYAML's value
     constructors raise plain Python errors for `2024-13-45`, `!!int x`, a 5000-digit number, deep nesting."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         raise
     except RecursionError:
@@ -621,6 +621,29 @@ def read_yaml(text: str):
         raise yaml.YAMLError(
             f"cannot read a value ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         ) from None
+    if _refers_to_itself(data):
+        raise yaml.YAMLError("an alias refers to a mapping or list that contains it")
+    return data
+
+
+def _refers_to_itself(root) -> bool:
+    """Whether a YAML alias made a container hold itself (`a: &x {b: *x}`): no config means that, and every
+    recursive walk of it would never end. Depth-first with its own stack; shared aliases are visited once."""
+    done, on_path, stack = set(), set(), [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            done.add(id(node))
+            continue
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            continue
+        if id(node) in on_path:
+            return True
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack += [(child, False) for child in (node.values() if isinstance(node, dict) else node)]
+    return False
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -667,9 +690,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _reject_unencodable(data: dict, source: str, lines: dict) -> None:
+    """A lone surrogate (YAML's "\\ud800", or an undecodable command-line byte) is no text: pydantic raises
+    UnicodeEncodeError while quoting it in an error message, so it is reported here by key and line. A walk with
+    its own stack: nesting and self-referring YAML aliases are pydantic's to report."""
+    stack, seen = [(data, "")], set()
+    while stack:
+        value, dotted = stack.pop()
+        if isinstance(value, (dict, list)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else ((None, item) for item in value)
+            for key, item in items:
+                name = dotted if key is None else f"{dotted}.{key}" if dotted else str(key)
+                stack += [(key, dotted or name), (item, name)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                where = f"{source}:{lines[dotted]}" if dotted in lines else source
+                raise ConfigError(f"{where}: {dotted or 'key'}: not text ({value!r} holds a lone surrogate)") from None
+
+
 def build_config(data: dict, source: str = "<config>", lines: dict | None = None) -> Config:
     """Validate a plain dict into a Config; errors name the key, line and closest valid key."""
     lines = lines or {}
+    _reject_unencodable(data, source, lines)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
