@@ -1,6 +1,7 @@
 """The fast paths compute what the plain path computes: the fused LM-head cross-entropy (values and
 gradients), the bf16 frozen base, the compiled model."""
 
+import contextlib
 import os
 
 import pytest
@@ -231,3 +232,48 @@ def test_masked_packed_attention_equals_per_example(monkeypatch):
         results.append([out.detach(), q.grad, k.grad, v.grad])
     for masked, per_example in zip(*results):
         torch.testing.assert_close(masked, per_example, rtol=1e-5, atol=1e-5 * float(per_example.abs().max()))
+
+
+def test_dora_inference_with_cached_norms_equals_recomputed(smol_tokenizer, monkeypatch):
+    """Inside `dora_norms_cached` each DoRA layer computes B @ A and its weight norm once: logits and greedy
+    generation are bit-identical to peft recomputing them every forward, and the cache is empty afterwards, so
+    weights changed in eval mode (a restored checkpoint) are seen by the next evaluation."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from tunelab.generation import GenerationSettings, generate_batch
+    from tunelab.methods.lora import dora_norms_cached
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    model = get_peft_model(load_causal_lm("tiny-llama"), config).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # not the identity it starts as
+    layers = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
+    ids = torch.tensor([[5, 9, 11, 3, 7, 2]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with dora_norms_cached(model):
+            first = model(input_ids=ids).logits
+            assert all(layer._dora_cache for layer in layers)  # the cache is in use
+            again = model(input_ids=ids).logits
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert not any(layer._dora_cache for layer in layers)
+    settings = GenerationSettings.greedy(6)
+    with torch.no_grad():
+        with dora_norms_cached(model):
+            model(input_ids=ids)
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.mul_(2.0)  # changed in eval mode, between two evaluations
+        changed = model(input_ids=ids).logits
+        with dora_norms_cached(model):
+            assert torch.equal(model(input_ids=ids).logits, changed)
+    assert not torch.equal(changed, plain)
+    prompts = ["What is 2+2?", "Name a colour."]
+    with torch.no_grad():
+        cached = generate_batch(model, smol_tokenizer, prompts, settings)
+        monkeypatch.setattr("tunelab.methods.lora.dora_norms_cached", lambda m: contextlib.nullcontext())
+        recomputed = generate_batch(model, smol_tokenizer, prompts, settings)
+    assert cached == recomputed

@@ -107,6 +107,7 @@ def generate_batch(
     import torch
 
     from .data.encode import prompt_text
+    from .methods.lora import dora_norms_cached
 
     settings.validate()
     if on_text is not None and len(prompts) != 1:
@@ -121,15 +122,16 @@ def generate_batch(
     tokenizer.padding_side = "left"
     outputs = []
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            enc = {k: v.to(device) for k, v in enc.items()}
-            streamer = _streamer(tokenizer, on_text) if on_text is not None else None
-            out = model.generate(**enc, **settings.generate_kwargs(tokenizer), streamer=streamer)
-            new = out[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        with dora_norms_cached(model):  # DoRA: each layer's merged weight norm once, not per decoding step
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(
+                    texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                )
+                enc = {k: v.to(device) for k, v in enc.items()}
+                streamer = _streamer(tokenizer, on_text) if on_text is not None else None
+                out = model.generate(**enc, **settings.generate_kwargs(tokenizer), streamer=streamer)
+                new = out[:, enc["input_ids"].shape[1] :]
+                outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
     return [o.strip() for o in outputs]

@@ -10,6 +10,7 @@ import torch
 
 from ..data.collate import count_loss_tokens, pad_batch
 from ..losses import loss_sum
+from ..methods.lora import dora_norms_cached
 from .metrics import classification_metrics
 
 
@@ -46,18 +47,19 @@ def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
     y_true, y_pred, probs = [], [], []
     classification = "label" in examples[0]
     device = device or next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
-        with autocast or contextlib.nullcontext():
-            if classification:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-                total += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-                y_true += batch["labels"].tolist()
-                y_pred += logits.argmax(-1).tolist()
-                probs.append(logits.softmax(-1).cpu())
-            else:
-                total += float(loss_sum(model, batch))
-        tokens += count_loss_tokens(batch)
+    with dora_norms_cached(model):  # a DoRA model: merged weight norms once, not per batch
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
+            with autocast or contextlib.nullcontext():
+                if classification:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                    total += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+                    y_true += batch["labels"].tolist()
+                    y_pred += logits.argmax(-1).tolist()
+                    probs.append(logits.softmax(-1).cpu())
+                else:
+                    total += float(loss_sum(model, batch))
+            tokens += count_loss_tokens(batch)
     model.train(was_training)
     mean = total / max(tokens, 1)
     if classification:

@@ -6,6 +6,8 @@ The variants are LoRA with one option forced, so they also combine as options (Q
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -178,6 +180,29 @@ class LoraMethod(PeftMethod):
     def lr_multiplier(self, param_name: str, cfg) -> float:
         ratio = self.options(cfg).lr_ratio
         return ratio if ratio and ".lora_B." in param_name else 1.0
+
+
+@contextmanager
+def dora_norms_cached(model) -> Iterator[None]:
+    """Inference with each DoRA layer's B @ A and weight norm computed once, not in every forward (peft's
+    DoraCaching; it applies in eval mode only). Without it a decoding step recomputes every layer's full merged
+    weight. The cache is emptied on entry and exit: weights may change between two evaluations in eval mode (a
+    restored best checkpoint) and peft only empties it on `train()`."""
+    from peft.helpers import DoraCaching
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    layers = [m for m in model.modules() if isinstance(m, DoraLinearLayer)]
+    if not layers:
+        yield
+        return
+    for layer in layers:
+        layer._cache_clear()
+    try:
+        with DoraCaching():
+            yield
+    finally:
+        for layer in layers:
+            layer._cache_clear()
 
 
 class DoraMethod(LoraMethod):
