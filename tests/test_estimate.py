@@ -210,30 +210,64 @@ def test_step_time_adds_the_measured_per_step_overhead():
     assert r["step_seconds"] == r["step_compute_seconds"] + r["step_overhead_seconds"]
 
 
-def test_step_time_is_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):
-    """With a data file, the step time comes from real steps of the run's own loop on 1- and 4-block copies
-    of its architecture (full width), extrapolated to its depth; too large a model falls back to FLOPs."""
+def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):
+    """With a data file, the step time and (on a CPU) the peak RSS come from real steps of the run's own loop, in
+    their own processes, on 1- and 4-block copies of its architecture (full width), extrapolated to its depth;
+    too large a model falls back to FLOPs and the memory model."""
     from transformers import AutoConfig
 
     from tunelab.estimate import depth, estimate
 
-    seen, real = [], depth._step_seconds
+    seen, real = [], depth._copy_run
+    MiB = 2**20
 
     def scripted(cfg, folder, out):
         seen.append(AutoConfig.from_pretrained(folder).num_hidden_layers)
-        times = real(cfg, folder, out)  # the run really trains: one time per step
-        assert len(times) == depth.WARMUP + depth.TIMED and min(times) > 0
-        return [0.5 + 0.1 * seen[-1] + 0.01 * i for i in range(len(times))]  # 0.5 s + 0.1 s a block
+        run = real(cfg, folder, out)  # the copy really trains: one time per step, its two peaks
+        assert len(run["step_s"]) == depth.WARMUP + depth.TIMED and min(run["step_s"]) > 0
+        assert 100 * MiB < run["load_peak"] < 4096 * MiB and 100 * MiB < run["train_peak"] < 4096 * MiB
+        blocks = seen[-1]
+        return {
+            "step_s": [0.5 + 0.1 * blocks + 0.01 * i for i in range(len(run["step_s"]))],  # 0.5 s + 0.1 s a block
+            "load_peak": (500 + 10 * blocks) * MiB,
+            "train_peak": (480 + 30 * blocks) * MiB,  # below the load at 1 block, above it at 4
+        }
 
-    monkeypatch.setattr(depth, "_step_seconds", scripted)
+    monkeypatch.setattr(depth, "_copy_run", scripted)
     monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
-    r = estimate(build_config(tiny_config), baseline=False)
+    r = estimate(build_config(tiny_config))
+    layers = r["architecture"]["layers"]
     assert seen == [1, 4]
     assert r["depth_calibration"]["per_block_s"] == pytest.approx(0.1)
     assert r["depth_calibration"]["fixed_s"] == pytest.approx(0.5 + 0.01 * 3.5)  # median of the timed steps
-    assert r["step_seconds"] == pytest.approx(0.535 + 0.1 * r["architecture"]["layers"])
+    assert r["step_seconds"] == pytest.approx(0.535 + 0.1 * layers)
+    memory = r["memory"]
+    assert memory["total"] == max(500 + 10 * layers, 480 + 30 * layers) * MiB
+    assert sum(v for k, v in memory.items() if k != "total") == memory["total"]  # the correction is a term
+    assert memory["copies_correction"] != 0 and any("measured on the same copies" in n for n in r["notes"])
     big = estimate(build_config({"model": "llama-3-8b", "data": {"train": tiny_config["data"]["train"]}}))
     assert big["depth_calibration"] is None and any("too many to time here" in n for n in big["notes"])
+    assert "copies_correction" not in big["memory"]
+
+
+def test_the_peak_rss_can_restart_and_the_process_peak_still_covers_the_whole_run():
+    """The trainer restarts the peak once the model is loaded: summary.json keeps the load's and the training's
+    apart (the estimator extrapolates each from shallow copies), and peak_mem_bytes still covers both."""
+    import torch
+
+    from tunelab.device import peak_rss_bytes, restart_rss_peak, rss_peak_since_restart
+
+    MiB = 2**20
+    big = torch.ones(256 * MiB // 4)  # touched, then freed (a large block goes back to the system)
+    del big
+    high = peak_rss_bytes()
+    assert restart_rss_peak() == high
+    start = rss_peak_since_restart()
+    assert start < high - 200 * MiB  # the new peak starts at the RSS now, not at the 256 MiB high-water mark
+    block = torch.ones(64 * MiB // 4)
+    assert rss_peak_since_restart() >= start + 60 * MiB
+    assert peak_rss_bytes() >= high
+    del block
 
 
 def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):

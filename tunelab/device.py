@@ -89,14 +89,45 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return peak_rss_bytes(), "rss"
 
 
-def peak_rss_bytes() -> int:
-    """This process's own peak RSS. On Linux, VmHWM of /proc/self/status: ru_maxrss survives exec, so a run
-    started by a large process (a test runner, a notebook) would report the parent's RSS at fork instead."""
+_peak_before_restart = 0  # the process's peak RSS before the last restart_rss_peak()
+
+
+def _vm_hwm() -> int | None:
     try:
         for line in open("/proc/self/status", encoding="ascii"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. On Linux, VmHWM of /proc/self/status: ru_maxrss survives exec, so a run
+    started by a large process (a test runner, a notebook) would report the parent's RSS at fork instead."""
+    hwm = _vm_hwm()
+    if hwm is not None:
+        return max(hwm, _peak_before_restart)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # KiB on Linux, bytes on macOS
+
+
+def restart_rss_peak() -> int | None:
+    """Start measuring a new peak RSS from now (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the
+    current RSS), read with `rss_peak_since_restart`; `peak_rss_bytes` still covers the whole process. Returns
+    the peak so far, or None where the peak cannot be reset."""
+    global _peak_before_restart
+    hwm = _vm_hwm()
+    if hwm is None:
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    _peak_before_restart = max(_peak_before_restart, hwm)
+    return _peak_before_restart
+
+
+def rss_peak_since_restart() -> int | None:
+    return _vm_hwm()

@@ -491,6 +491,20 @@ def to_example(record: Record, fmt: str, path) -> Example:
     return example
 
 
+def alpaca_prompt(record: Record, path) -> list[dict]:
+    """An alpaca record's conversation up to its answer: system, history, then instruction + input as the
+    user's turn (also what a prompt without an answer is, for the distillation teacher)."""
+    instruction = _string(record, "instruction", path)
+    extra = _string(record, "input", path, required=False)
+    system = _string(record, "system", path, required=False)
+    user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return (
+        ([{"role": "system", "content": system}] if system else [])
+        + _history(record, path)
+        + [{"role": "user", "content": user}]
+    )
+
+
 def _to_example(record: Record, fmt: str, path) -> Example:
     d = record.data
     if fmt in PREFERENCE_FORMATS:
@@ -498,17 +512,10 @@ def _to_example(record: Record, fmt: str, path) -> Example:
 
         return to_pair(record, fmt, path)
     if fmt == "alpaca":
-        instruction = _string(record, "instruction", path)
-        extra = _string(record, "input", path, required=False)
-        output = _string(record, "output", path)
-        system = _string(record, "system", path, required=False)
-        user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
-        messages = (
-            ([{"role": "system", "content": system}] if system else [])
-            + _history(record, path)
-            + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        prompt = alpaca_prompt(record, path)
+        return Example(
+            record.line, messages=prompt + [{"role": "assistant", "content": _string(record, "output", path)}], source=d
         )
-        return Example(record.line, messages=messages, source=d)
     if fmt == "input_target":
         return Example(
             record.line,

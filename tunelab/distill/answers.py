@@ -43,7 +43,7 @@ def read_prompts(path) -> list[list[dict]]:
     """The conversations to answer, from records of any chat-like format: `messages` or ShareGPT
     `conversations`, alpaca `instruction` (+ `input`), `input` or `prompt` text. A final assistant turn (an
     existing answer) is dropped; what is left must end with the user's turn."""
-    from ..data.formats import _SHAREGPT_ROLES, ROLES, _string, _turns, read_records
+    from ..data.formats import _SHAREGPT_ROLES, ROLES, _string, _turns, alpaca_prompt, read_records
 
     prompts = []
     for record in read_records(path):
@@ -53,9 +53,7 @@ def read_prompts(path) -> list[list[dict]]:
         elif "conversations" in d:
             messages = _turns(record, "conversations", path, "from", "value", _SHAREGPT_ROLES, need_assistant=False)
         elif "instruction" in d:
-            extra = _string(record, "input", path, required=False)
-            text = _string(record, "instruction", path) + (f"\n\n{extra}" if extra and extra.strip() else "")
-            messages = [{"role": "user", "content": text}]
+            messages = alpaca_prompt(record, path)
         elif "input" in d or "prompt" in d:
             messages = [{"role": "user", "content": _string(record, "input" if "input" in d else "prompt", path)}]
         else:

@@ -76,7 +76,7 @@ def estimate(
     from ..methods import get_method
     from ..training.resolve import resolve_run_config
     from .arith import preset_counts, preset_shape
-    from .depth import depth_calibration
+    from .depth import at_depth, depth_calibration
     from .energy import device_power, energy_cost
     from .overhead import step_overhead
     from .params import PRESETS, count_params, model_config, shape_of
@@ -166,6 +166,17 @@ def estimate(
                 notes.append(f"per-step overhead not measured ({type(exc).__name__}): the time is FLOPs only, low")
         overhead_s = t.grad_accum * (over["fixed_s"] + over["per_block_s"] * shape.layers)
         seconds = compute_s + overhead_s
+    memory = mem(ckpt)
+    if depth is not None and base:  # a CPU's peak RSS: the copies' load and training peaks at this depth
+        load, trained = (at_depth(depth, kind, shape.layers) for kind in ("load_peak_bytes", "train_peak_bytes"))
+        if load is not None and trained is not None:
+            measured = int(max(load, trained))
+            memory = memory | {"copies_correction": measured - memory["total"], "total": measured}
+            notes.append(
+                f"peak memory measured on the same copies: loading {load / 2**20:,.0f} MiB, training "
+                f"{trained / 2**20:,.0f} MiB at {shape.layers} blocks (the terms above are the model's breakdown; "
+                "copies_correction is what the measurement adds to them)"
+            )
     steps = t.max_steps or (
         max(1, math.ceil(t.epochs * math.ceil(n_examples / (t.batch_size * t.grad_accum)))) if n_examples else None
     )
@@ -181,7 +192,7 @@ def estimate(
         "trainable_pct": 100.0 * counts.trainable / counts.total,
         "micro_batch": vars(work),
         "gradient_checkpointing": ckpt,
-        "memory": mem(ckpt),
+        "memory": memory,
         "memory_other_checkpointing": mem(not ckpt),
         "memory_baseline_kind": "peak RSS of the runtime before the model (measured, cached)" if base else "none",
         "step_flops": flops,

@@ -1,12 +1,15 @@
-"""Step time measured on shallow copies of the run: the run's own config, data, method and precision, trained
-for a few steps by tunelab's loop on its architecture cut to 1 and 4 blocks (random weights, full width and
-vocabulary), then extrapolated to the real depth: seconds per step = fixed + per_block x blocks.
+"""Step time and peak memory measured on shallow copies of the run: the run's own config, data, method and
+precision, trained for a few steps by tunelab's loop (each in its own process) on its architecture cut to 1 and 4
+blocks (random weights, full width and vocabulary), then extrapolated to the real depth: seconds per step =
+fixed + per_block x blocks, and so the peak RSS of loading and of training (on a CPU).
 
 Every cost of a step is in the measurement (the matmuls at the run's real shapes, attention, the loss, the
 frozen-weight casts, the optimizer, Python), not a FLOP count over a peak rate: that model was 55-93% low on
 small models on a CPU (README). Each timed step is paired across the two depths (the same data windows, so
-the same shapes), and the per-block time is the median of those differences. Cached per machine and config;
-a model whose 4-block copy would be too large to train here falls back to FLOPs + overhead.
+the same shapes), and the per-block time is the median of those differences. Memory likewise: what the
+allocator keeps, peft's own buffers and the loss's temporaries are in the copies' peaks, where the per-token
+model of memory.py missed up to 35% at smollm2's width. Cached per machine and config; a model whose 4-block
+copy would be too large to train here falls back to FLOPs + overhead and the memory model alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import hashlib
 import io
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,11 +52,9 @@ def _cut(config, blocks: int):
     return small
 
 
-def _write_copy(cfg, config, blocks: int, folder: Path) -> None:
+def _write_copy(cfg, config, tokenizer, blocks: int, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from ..models import load_tokenizer
 
     small = _cut(config, blocks)
     torch.manual_seed(0)
@@ -61,24 +64,35 @@ def _write_copy(cfg, config, blocks: int, folder: Path) -> None:
     else:
         model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
-    load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
-def _step_seconds(cfg, folder: Path, out: Path) -> list[float]:
-    """Seconds of each step of a short run of `cfg` on the model in `folder` (metrics.jsonl's train_s)."""
-    from ..training import train
-
+def _copy_run(cfg, folder: Path, out: Path) -> dict:
+    """A short run of `cfg` on the model in `folder`, in its own process (its RSS is its own, as the real run's
+    is): the seconds of each step (metrics.jsonl's train_s) and the peak RSS of its load and of its training
+    (summary.json; None where the peak cannot be reset)."""
     d = cfg.to_dict()
     d.update(model=str(folder), out_dir=str(out), run_name=folder.name, report_to=[])
     d.pop("mlflow", None)
     d.pop("wandb", None)
     d["train"] = dict(d["train"], max_steps=WARMUP + TIMED, eval_every=None, save_every=None, log_every=1)
     d["train"]["early_stopping_patience"] = None
-    result = train(d, progress=False)
-    cumulative = [
-        json.loads(line)["train_s"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if line
-    ]
-    return [b - a for a, b in zip([0.0] + cumulative, cumulative)]
+    path = out / f"{folder.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d), encoding="utf-8")  # JSON is YAML
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(path), "--no-progress"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["the run failed"])[-1])
+    run = out / folder.name
+    cumulative = [json.loads(line)["train_s"] for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    return {
+        "step_s": [b - a for a, b in zip([0.0] + cumulative, cumulative)],
+        "load_peak": summary.get("load_peak_mem_bytes"),
+        "train_peak": summary.get("train_peak_mem_bytes"),
+    }
 
 
 def _key(cfg, config) -> str:
@@ -110,21 +124,37 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
             f"estimate: timing {WARMUP + TIMED} steps of {cfg.method} on {' and '.join(map(str, DEPTHS))}-block "
             f"copies of {cfg.model} (once per machine and config)"
         )
-        times = {}
+        from ..models import load_tokenizer
+
+        runs, tokenizer = {}, load_tokenizer(cfg.model, cfg.trust_remote_code)
         with tempfile.TemporaryDirectory(prefix="tunelab-depth-") as tmp:
             for blocks in DEPTHS:
                 folder = Path(tmp) / f"blocks-{blocks}"
-                with contextlib.redirect_stderr(io.StringIO()):  # the runs' own logs: not this command's
-                    _write_copy(cfg, config, blocks, folder)
-                    times[blocks] = _step_seconds(cfg, folder, Path(tmp) / "runs")[WARMUP:]
+                with contextlib.redirect_stderr(io.StringIO()):
+                    _write_copy(cfg, config, tokenizer, blocks, folder)
+                runs[blocks] = _copy_run(cfg, folder, Path(tmp) / "runs")
         lo, hi = DEPTHS
+        times = {blocks: run["step_s"][WARMUP:] for blocks, run in runs.items()}
         per_block = statistics.median((b - a) / (hi - lo) for a, b in zip(times[lo], times[hi]))
         per_block = max(0.0, per_block)
-        return {
+        out = {
             "fixed_s": max(0.0, statistics.median(times[lo]) - per_block * lo),
             "per_block_s": per_block,
             "depths": list(DEPTHS),
             "timed_steps": TIMED,
         }
+        for kind in ("load_peak", "train_peak"):  # bytes at each depth, when the copies' peaks were measured
+            values = [runs[blocks][kind] for blocks in DEPTHS]
+            out[f"{kind}_bytes"] = values if all(isinstance(v, int) for v in values) else None
+        return out
 
-    return cached("depth", _key(cfg, config), measure, timing=True), "measured"
+    return cached("copies", _key(cfg, config), measure, timing=True), "measured"
+
+
+def at_depth(calibration: dict, kind: str, blocks: int) -> float | None:
+    """A copies' measurement (`load_peak_bytes`, `train_peak_bytes`) extrapolated linearly to `blocks`."""
+    values = calibration.get(kind)
+    if not values:
+        return None
+    (lo, hi), (a, b) = calibration["depths"], values
+    return a + (b - a) / (hi - lo) * (blocks - lo)

@@ -22,7 +22,15 @@ from ..attention import varlen_attention
 from ..config import Config, apply_overrides, build_config, load_config
 from ..data import prepare_data
 from ..data.collate import example_loss_tokens
-from ..device import autocast_dtype, cpu_capability, peak_memory, pick_device, resolve_precision
+from ..device import (
+    autocast_dtype,
+    cpu_capability,
+    peak_memory,
+    pick_device,
+    resolve_precision,
+    restart_rss_peak,
+    rss_peak_since_restart,
+)
 from ..errors import UserError
 from ..estimate.energy import EnergyMeter
 from ..eval.loss import evaluate_loss
@@ -429,6 +437,8 @@ class Trainer:
         )
 
         self.train_time = self.state["train_time"]
+        # on a CPU, the peak RSS of loading and of training apart (the estimator extrapolates both from copies)
+        self.load_peak = restart_rss_peak() if self.device.type == "cpu" else None
         if self.dist.is_main:
             self.observer.started(self.run_dir)
         self.energy_before, self.energy = self.state.get("energy_j", 0.0), EnergyMeter(self.device)
@@ -563,6 +573,8 @@ class Trainer:
             "train_tokens_per_s": self.state["tokens"] / self.train_time if self.train_time > 0 else 0.0,
             "peak_mem_bytes": peak,
             "peak_mem_kind": kind,
+            "load_peak_mem_bytes": self.load_peak,
+            "train_peak_mem_bytes": rss_peak_since_restart() if self.load_peak is not None else None,
             "energy_kwh": self.energy_j() / 3.6e6,
             "energy_source": self.energy.source,
             **self.base_footprint,
