@@ -33,7 +33,7 @@ def write_data(path: Path, n: int = 48) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def cell_config(model, method, batch, length, checkpointing, data, out_dir, steps=4) -> dict:
+def cell_config(model, method, batch, length, checkpointing, data, out_dir, steps=6) -> dict:
     return {
         "model": model,
         "method": method,

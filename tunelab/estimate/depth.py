@@ -1,5 +1,5 @@
 """Step time and peak memory measured on shallow copies of the run: the run's own config, data, method and
-precision, trained for a few steps by tunelab's loop (each in its own process) on its architecture cut to 1 and 4
+precision, trained for a few steps by tunelab's loop (each in its own process) on its architecture cut to 1 and 8
 blocks (random weights, full width and vocabulary), then extrapolated to the real depth: seconds per step =
 fixed + per_block x blocks, and so the peak RSS of loading and of training (on a CPU).
 
@@ -8,7 +8,7 @@ frozen-weight casts, the optimizer, Python), not a FLOP count over a peak rate: 
 small models on a CPU (README). Each timed step is paired across the two depths (the same data windows, so
 the same shapes), and the per-block time is the median of those differences. Memory likewise: what the
 allocator keeps, peft's own buffers and the loss's temporaries are in the copies' peaks, where the per-token
-model of memory.py missed up to 35% at smollm2's width. Cached per machine and config; a model whose 4-block
+model of memory.py missed up to 35% at smollm2's width. Cached per machine and config; a model whose 8-block
 copy would be too large to train here falls back to FLOPs + overhead and the memory model alone.
 """
 
@@ -26,11 +26,17 @@ from pathlib import Path
 
 from .cache import cached
 
-DEPTHS = (1, 4)
+DEEPEST = 8  # the deeper copy: its distance from the 1-block one divides the timing noise in the per-block cost
 WARMUP, TIMED = 2, 4
-MAX_PARAMS = 400_000_000  # the 4-block copy (weights, embeddings, head): above it, no calibration
+MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
 VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
+
+
+def copy_depths(layers: int) -> tuple[int, int]:
+    """1 block and DEEPEST (the model's own depth when it is shallower). From 1 and 4 blocks, the per-block cost
+    x 30 blocks amplified the copies' timing noise 10-fold: one smollm2 cell was 39% low, another 69% high."""
+    return 1, max(2, min(DEEPEST, layers))
 
 
 def copy_params(shape, counts, blocks: int) -> int:
@@ -112,39 +118,40 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
         return None, "no data file to time real steps on"
     if cfg.distill is not None:
         return None, "a distillation run (its teacher is not cut)"
-    size = copy_params(shape, counts, DEPTHS[-1])
+    depths = copy_depths(shape.layers)
+    size = copy_params(shape, counts, depths[-1])
     if size > MAX_PARAMS:
-        return None, f"its {DEPTHS[-1]}-block copy has {size / 1e6:.0f}M parameters, too many to time here"
+        return None, f"its {depths[-1]}-block copy has {size / 1e6:.0f}M parameters, too many to time here"
     config = get_config()
 
     def measure() -> dict:
         from ..log import log
 
         log(
-            f"estimate: timing {WARMUP + TIMED} steps of {cfg.method} on {' and '.join(map(str, DEPTHS))}-block "
+            f"estimate: timing {WARMUP + TIMED} steps of {cfg.method} on {' and '.join(map(str, depths))}-block "
             f"copies of {cfg.model} (once per machine and config)"
         )
         from ..models import load_tokenizer
 
         runs, tokenizer = {}, load_tokenizer(cfg.model, cfg.trust_remote_code)
         with tempfile.TemporaryDirectory(prefix="tunelab-depth-") as tmp:
-            for blocks in DEPTHS:
+            for blocks in depths:
                 folder = Path(tmp) / f"blocks-{blocks}"
                 with contextlib.redirect_stderr(io.StringIO()):
                     _write_copy(cfg, config, tokenizer, blocks, folder)
                 runs[blocks] = _copy_run(cfg, folder, Path(tmp) / "runs")
-        lo, hi = DEPTHS
+        lo, hi = depths
         times = {blocks: run["step_s"][WARMUP:] for blocks, run in runs.items()}
         per_block = statistics.median((b - a) / (hi - lo) for a, b in zip(times[lo], times[hi]))
         per_block = max(0.0, per_block)
         out = {
             "fixed_s": max(0.0, statistics.median(times[lo]) - per_block * lo),
             "per_block_s": per_block,
-            "depths": list(DEPTHS),
+            "depths": list(depths),
             "timed_steps": TIMED,
         }
         for kind in ("load_peak", "train_peak"):  # bytes at each depth, when the copies' peaks were measured
-            values = [runs[blocks][kind] for blocks in DEPTHS]
+            values = [runs[blocks][kind] for blocks in depths]
             out[f"{kind}_bytes"] = values if all(isinstance(v, int) for v in values) else None
         return out
 
