@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
-from .memory import LOAD_BYTES_PER_PARAM, Workload, breakdown, with_load
+from .memory import Workload, breakdown, with_load
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -170,9 +170,9 @@ def estimate(
     if depth is not None and base:  # a CPU's peak RSS: the copies' load and training peaks at this depth
         load, trained = (at_depth(depth, kind, shape.layers) for kind in ("load_peak_bytes", "train_peak_bytes"))
         if load is not None and trained is not None:
-            # a registry model's own load can peak above its copies' (they load their saved fp32 weights): the
-            # model's load term (with_load) stays the floor
-            measured = int(max(load, trained, base + LOAD_BYTES_PER_PARAM * counts.total))
+            # no floor from the model's load term: a frozen fp32 base loads zero-copy from its safetensors (pages
+            # resident only once the first forward reads them), so most runs peak in training, as their copies do
+            measured = int(max(load, trained))
             memory = memory | {"copies_correction": measured - memory["total"], "total": measured}
             notes.append(
                 f"peak memory measured on the same copies: loading {load / 2**20:,.0f} MiB, training "

@@ -35,9 +35,11 @@ LOGIT_BYTES = {"fp32": 12, "low": 12}
 # (bf16 and fp32 alike): ~9 bytes
 FUSED_LOGIT_BYTES = 9
 TRAINING_RUNTIME = 40 * 2**20  # autograd engine, allocator arenas, the checkpoint write: measured, CPU
-# loading a model on a CPU holds, for a moment, the fp32 weights materialised and the safetensors file's mapped
-# pages (resident once read: peak RSS counts them): 2 x 4 bytes a parameter. On smollm2 that moment is the
-# peak of every small LoRA/QLoRA/adapter cell (measured 1,376-1,493 MiB = baseline 426 + 8 x 134.5M bytes, 1,452)
+# the model's bound on a CPU load: the fp32 weights materialised and the safetensors file's mapped pages
+# (resident once read: peak RSS counts them), 2 x 4 bytes a parameter. Measured apart since (summary.json's
+# load_peak_mem_bytes), a smollm2 load peaks lower (1,082 MiB with LoRA's bf16 cast; a frozen fp32 base loads
+# zero-copy), and the small cells' 1,2xx-1,4xx MiB peaks are training: the copies' measurement replaces this
+# bound when a data file is given (estimate/depth.py)
 LOAD_BYTES_PER_PARAM = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + an 8-bit absmax per 64 weights + fp32 per 256 absmax
 FP4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantization: an fp32 absmax per 64 weights
