@@ -153,6 +153,39 @@ def test_bf16_frozen_base_equals_autocast_over_fp32_weights(smol_tokenizer):
         torch.testing.assert_close(grads_b[name], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()), msg=name)
 
 
+def test_a_lora_layer_keeps_a_small_update_under_bf16_autocast():
+    """peft adds the adapter's output to the base output and casts the sum to the base output's dtype, bf16
+    under autocast: an update of 1e-4 of the base output (an adapter's first steps) is rounded to the bf16
+    step of the base output (2^-8 of it), mostly away. With lora_sums_in_fp32 the sum is fp32, so the layer
+    output minus the base output is the adapter's own output; that is computed by bf16 matmuls, hence 2%."""
+    from peft.tuners.lora import LoraLayer
+
+    from tunelab.training.frozen import lora_sums_in_fp32, store_frozen_at
+
+    model = _lora_model()
+    store_frozen_at(model, torch.bfloat16)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    base = layer.get_base_layer()
+    x = torch.randn(4, 16, base.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out_size = float((x @ base.weight.float().T).abs().mean())
+        layer.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(1))
+        own = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        layer.lora_B["default"].weight.mul_(1e-4 * out_size / float(own.abs().mean()))
+        own = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]  # fp32
+
+    def update():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, plain = layer(x), base(x)
+        return out, (out.float() - plain.float() - own).norm() / own.norm()
+
+    out, error = update()
+    assert out.dtype == torch.bfloat16 and error > 0.3  # what peft does on its own
+    assert lora_sums_in_fp32(model) == sum(isinstance(m, LoraLayer) for m in model.modules())
+    out, error = update()
+    assert out.dtype == torch.float32 and error < 0.02
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "auto-avx2"])
 def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, precision, monkeypatch):
     """auto-avx2: precision auto on a CPU without native bf16 (TUNELAB_CPU_BF16=0) trains in fp32, base too."""
@@ -174,6 +207,9 @@ def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, pr
     frozen = {p.dtype for n, p in trainer.model.named_parameters() if "base_layer" in n}
     assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}  # fp32 masters
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj  # a LoRA layer's sum stays fp32
+    with torch.no_grad(), trainer.autocast():
+        assert layer(torch.randn(2, layer.in_features)).dtype == torch.float32
     assert trainer.precision == precision
     trainer.close()
 

@@ -55,7 +55,7 @@ from .checkpoint import (
 )
 from .compiled import compile_blocks, resolve_compile
 from .distributed import Distributed
-from .frozen import store_frozen_at
+from .frozen import lora_sums_in_fp32, store_frozen_at
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
 from .observer import RunObserver
@@ -160,6 +160,8 @@ class Trainer:
             # FSDP2 wants one dtype per sharded unit: a sharded base stays fp32
             cast = store_frozen_at(self.model, low)
             self.base_footprint["base_footprint_bytes"] -= cast * (4 - low.itemsize)
+        if low is not None:  # an adapter's small update is not rounded to the bf16 base output's step
+            lora_sums_in_fp32(self.model)
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
