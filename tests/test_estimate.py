@@ -303,6 +303,7 @@ def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monk
 def test_preset_counts_by_arithmetic_equal_the_meta_model(method, lora):
     """llama-3-8b's counts without transformers or peft equal the meta-device build's, term by term."""
     from tunelab.estimate.arith import preset_counts, preset_shape
+    from tunelab.estimate.memory import lora_output_bytes
     from tunelab.estimate.params import count_params, model_config
     from tunelab.methods import get_method
     from tunelab.training.resolve import resolve_run_config
@@ -311,10 +312,44 @@ def test_preset_counts_by_arithmetic_equal_the_meta_model(method, lora):
     cfg = resolve_run_config(
         build_config({"model": "llama-3-8b", "method": method} | ({"lora": lora} if lora is not None else {})), m, None
     )
-    counts, lora_inputs = preset_counts(cfg, preset_shape("llama-3-8b"))
+    counts, lora_inputs, adapted = preset_counts(cfg, preset_shape("llama-3-8b"))
     built, model = count_params(cfg, m, model_config(cfg))
     assert counts == built
-    assert lora_inputs == sum(
-        x.in_features for x in model.modules() if hasattr(x, "lora_A") and hasattr(x, "in_features")
-    )
+    lora_layers = [(n, x) for n, x in model.named_modules() if hasattr(x, "lora_A") and hasattr(x, "in_features")]
+    assert lora_inputs == sum(x.in_features for _, x in lora_layers)
+    assert lora_output_bytes(adapted) == lora_output_bytes([(n, x.out_features) for n, x in lora_layers])
+    assert len(adapted) == len(lora_layers)
     assert preset_counts(cfg.model_copy(update={"method": "ia3"}), preset_shape("llama-3-8b")) is None
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["gate_proj"], ["up_proj", "down_proj"]])
+def test_the_lora_fp32_output_term_is_what_autograd_saves_more(targets):
+    """Under bf16 autocast the LoRA layers' fp32 outputs (lora_sums_in_fp32) make the gated MLP save fp32
+    tensors where it saved bf16 ones: the estimator's term equals the difference in saved bytes, exactly."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.estimate.memory import lora_output_bytes
+    from tunelab.models import load_causal_lm
+    from tunelab.training.frozen import lora_sums_in_fp32, store_frozen_at
+
+    def saved(fp32_sums: bool) -> tuple[int, list]:
+        torch.manual_seed(0)
+        model = get_peft_model(load_causal_lm("tiny-llama"), LoraConfig(r=4, target_modules=targets))
+        store_frozen_at(model, torch.bfloat16)
+        if fp32_sums:
+            lora_sums_in_fp32(model)
+        tensors = {}
+
+        def pack(t):
+            tensors[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.randint(0, 1000, (2, 32)))
+        layers = [(n, m.out_features) for n, m in model.named_modules() if hasattr(m, "lora_A")]
+        return sum(tensors.values()), layers
+
+    plain, layers = saved(False)
+    fp32_sums, _ = saved(True)
+    assert fp32_sums - plain == 64 * lora_output_bytes(layers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
-from .memory import Workload, breakdown, with_load
+from .memory import Workload, breakdown, lora_output_bytes, with_load
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -99,13 +99,16 @@ def estimate(
         shape = preset_shape(cfg.model)
         arith = preset_counts(cfg, shape)
     if arith is not None:
-        (counts, lora_inputs), adapters, config = arith, 0, None
+        (counts, lora_inputs, adapted), adapters, config = arith, 0, None
     else:
         if teacher is None:
             config = model_config(cfg)
         shape = shape_of(config)
         counts, model = count_params(cfg, method, config)
         lora_inputs = sum(m.in_features for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
+        adapted = [
+            (n, m.out_features) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "out_features")
+        ]
         adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".adapter"))
         del model
 
@@ -125,7 +128,20 @@ def estimate(
 
     def mem(checkpointing, strategy="single", world=1, w=work, bits=quant_bits):
         terms = breakdown(
-            shape, counts, cfg, method, precision, w, checkpointing, lora_inputs, adapters, bits, base, world, strategy
+            shape,
+            counts,
+            cfg,
+            method,
+            precision,
+            w,
+            checkpointing,
+            lora_inputs,
+            adapters,
+            bits,
+            base,
+            world,
+            strategy,
+            lora_output_bytes(adapted),
         )
         if teacher is not None:
             from .distill import add_teacher_terms

@@ -51,8 +51,9 @@ def _targets(target_modules, names: list[str]) -> list[str] | None:
     return None  # a regex, or a name only the model can resolve (or reject)
 
 
-def preset_counts(cfg, shape: Shape) -> tuple[ParamCounts, int] | None:
-    """(counts, summed input features of the LoRA-adapted layers), or None where the model must be built."""
+def preset_counts(cfg, shape: Shape) -> tuple[ParamCounts, int, list[tuple[str, int]]] | None:
+    """(counts, summed input features of the LoRA-adapted layers, (name, out features) of each adapted layer),
+    or None where the model must be built."""
     if cfg.model not in PRESETS or cfg.task != "causal_lm" or cfg.method not in ("full", *LORA_FAMILY):
         return None
     linears = block_linears(shape)
@@ -63,7 +64,7 @@ def preset_counts(cfg, shape: Shape) -> tuple[ParamCounts, int] | None:
     if cfg.method == "full":
         tensors = 1 + shape.layers * (len(linears) + 2) + 1 + (0 if shape.tied else 1)
         counts = ParamCounts(base, base, shape.layers * per_block_linear, 0, embedding, tensors)
-        return counts, 0
+        return counts, 0, []
     lc = cfg.lora
     if lc.rank_pattern or lc.modules_to_save:
         return None
@@ -78,4 +79,5 @@ def preset_counts(cfg, shape: Shape) -> tuple[ParamCounts, int] | None:
     tensors = shape.layers * len(adapted) * (3 if dora else 2)
     frozen_linear = shape.layers * per_block_linear
     counts = ParamCounts(trainable, base + trainable, frozen_linear + lora_linear, frozen_linear, embedding, tensors)
-    return counts, shape.layers * sum(i for i, _ in adapted)
+    outputs = [(f"layers.{k}.{n}", o) for k in range(shape.layers) for n, _, o in linears if n in targets]
+    return counts, shape.layers * sum(i for i, _ in adapted), outputs

@@ -26,6 +26,12 @@ from ..losses import _PLAIN_HEAD_TYPES, CHUNK
 # block (two RMSNorms in fp32, q/k/v/o projections, RoPE, attention, gated MLP)
 ACT_COEFF = {"fp32": (36, 12, 16), "low": (38, 10, 10)}
 LORA_INPUT_BYTES = {"fp32": 5, "low": 7}  # per adapted module's input feature: dropout output + mask (+ cast)
+# under autocast a LoRA layer's output is fp32 (training.frozen.lora_sums_in_fp32), so part of what a gated MLP
+# saves for backward (gate_proj's output for SiLU, SiLU's and up_proj's outputs for their product) is fp32
+# instead of bf16. Bytes more per token and intermediate feature, by (gate_proj adapted, up_proj adapted), as
+# counted with saved_tensors_hooks on tiny-llama (tests/test_estimate.py); the attention projections and
+# down_proj add nothing (their outputs are cast to bf16 for SDPA or added to the fp32 residual stream)
+LORA_FP32_MLP_BYTES = {(True, True): 6, (True, False): 3, (False, True): 1, (False, False): 0}
 ADAPTER_BYTES = 12  # per adapter and hidden feature: input, bottleneck in/out, residual
 # per label position and vocab entry: logits (fp32 copy), log-softmax, its gradient; fitted to the measured
 # tiny-llama cells (README matrix): ~12 bytes, less than the sum of the buffers (some are freed before the peak)
@@ -86,8 +92,10 @@ def breakdown(
     baseline: int,
     nproc: int = 1,
     strategy: str = "single",
+    lora_fp32_outputs: int = 0,
 ) -> dict:
-    """Peak memory terms in bytes (one process); `strategy` ddp/fsdp: per rank of `nproc`."""
+    """Peak memory terms in bytes (one process); `strategy` ddp/fsdp: per rank of `nproc`. `lora_fp32_outputs`:
+    the bytes per token, over all blocks, that the LoRA layers' fp32 outputs add under autocast (lora_output_bytes)."""
     low = precision != "fp32"
     stored_low = low and not quant_bits and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg)
     frozen = counts.total - counts.trainable
@@ -123,6 +131,8 @@ def breakdown(
     per_block = _activations_per_block(
         shape, counts, work, low, lora_inputs / max(shape.layers, 1), adapters // max(shape.layers, 1)
     )
+    if low:
+        per_block += work.tokens * lora_fp32_outputs / max(shape.layers, 1)
     if checkpointing:
         terms["activations"] = shape.layers * work.tokens * shape.hidden * 4 + per_block
     else:
@@ -147,3 +157,17 @@ def with_load(terms: dict, baseline: int, params: int) -> dict:
         return terms
     excess = max(0, baseline + LOAD_BYTES_PER_PARAM * params - terms["total"])
     return terms | {"loading_excess": int(excess), "total": terms["total"] + int(excess)}
+
+
+def lora_output_bytes(adapted) -> int:
+    """Bytes per token that the fp32 outputs of LoRA layers add under autocast, from (module path, out features)
+    of every adapted layer: per gated MLP (llama-style names; other MLPs are approximated as adding nothing)."""
+    mlps: dict[str, dict[str, int]] = {}
+    for path, out in adapted:
+        parent, _, name = path.rpartition(".")
+        mlps.setdefault(parent, {})[name] = out
+    total = 0
+    for names in mlps.values():
+        width = names.get("gate_proj") or names.get("up_proj") or 0
+        total += LORA_FP32_MLP_BYTES["gate_proj" in names, "up_proj" in names] * width
+    return total
