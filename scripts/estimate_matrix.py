@@ -60,7 +60,12 @@ def measure(cfg: dict, workdir: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     # a step's time: the difference of the cumulative training seconds (metrics.jsonl's train_s); step 1 warms up
     seconds = [b["train_s"] - a["train_s"] for a, b in zip(records, records[1:])]
-    return {"peak_bytes": summary["peak_mem_bytes"], "step_s": statistics.median(seconds)}
+    return {
+        "peak_bytes": summary["peak_mem_bytes"],
+        "step_s": statistics.median(seconds),
+        "load_peak_bytes": summary.get("load_peak_mem_bytes"),
+        "train_peak_bytes": summary.get("train_peak_mem_bytes"),
+    }
 
 
 def predict(cfg: dict) -> dict:
@@ -98,6 +103,8 @@ def run_matrix(models, methods=METHODS, shapes=SHAPES, checkpointing=(False, Tru
                             "predicted_step_s": want["step_s"],
                             "step_error_pct": 100 * (want["step_s"] - got["step_s"]) / got["step_s"],
                             "baseline_mib": want["memory"]["runtime_baseline"] / 2**20,
+                            "measured_load_peak_mib": (got["load_peak_bytes"] or 0) / 2**20,
+                            "measured_train_peak_mib": (got["train_peak_bytes"] or 0) / 2**20,
                         }
                         print(json.dumps(row), flush=True)
                         rows.append(row)

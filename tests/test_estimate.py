@@ -353,3 +353,34 @@ def test_the_lora_fp32_output_term_is_what_autograd_saves_more(targets):
     plain, layers = saved(False)
     fp32_sums, _ = saved(True)
     assert fp32_sums - plain == 64 * lora_output_bytes(layers)
+
+
+def test_advice_when_the_peak_does_not_fit_says_what_each_change_gives_and_when_the_load_sets_it(monkeypatch):
+    """Over the free memory the report lists each change with its predicted peak; a change that lowers a
+    training term lowers the peak. On a CPU, llama-3-8b's fp32 load (8 bytes a parameter) is above every
+    change's training peak: each is marked load-bound and the text says no training setting helps."""
+    import tunelab.estimate as est
+    from tunelab.estimate.memory import LOAD_BYTES_PER_PARAM
+    from tunelab.estimate.report import text as render
+
+    monkeypatch.setattr(est, "free_memory", lambda device: 2**20)
+    monkeypatch.setattr("tunelab.estimate.baseline.runtime_baseline", lambda model: 300 * 2**20)
+    small = est.estimate(
+        build_config({"model": "tiny-llama", "data": {"max_length": 2048}, "train": {"batch_size": 8}})
+    )
+    changes = {a["change"]: a for a in small["advice"]}
+    assert set(changes) == {
+        "train.batch_size=4 train.grad_accum=2",
+        "train.gradient_checkpointing=true",
+        "method=qlora (4-bit frozen base)",
+        "data.max_length=1024",
+    }
+    assert changes["train.batch_size=4 train.grad_accum=2"]["peak_bytes"] < small["memory"]["total"]
+    assert not any(a["load_bound"] for a in small["advice"])
+    assert "no training setting" not in render(small)
+
+    big = est.estimate(build_config({"model": "llama-3-8b", "data": {"max_length": 512}, "train": {"batch_size": 2}}))
+    load = 300 * 2**20 + LOAD_BYTES_PER_PARAM * big["total_params"]
+    assert big["advice"] and all(a["load_bound"] and a["peak_bytes"] == load for a in big["advice"])
+    shown = render(big)
+    assert "loading the model sets it" in shown and "no training setting lowers the load's peak" in shown

@@ -256,39 +256,29 @@ def free_memory(device) -> int:
 
 
 def advice(report: dict, cfg, mem, free: int) -> list[dict]:
-    """When the predicted peak does not fit the free memory: what to change, with each change's predicted peak."""
+    """When the predicted peak does not fit the free memory: what to change, with each change's predicted peak
+    and `load_bound` where that peak is the model's load on a CPU (no training setting lowers it)."""
     peak = report["memory"]["total"]
     report["free_memory_bytes"] = free
     if not free or peak <= free:
         return []
     work = Workload(**report["micro_batch"])
-    t = cfg.train
-    out = []
+    t, ckpt = cfg.train, report["gradient_checkpointing"]
+    changes = []
     if t.batch_size > 1:
         half = Workload(work.tokens // 2, work.label_positions // 2, max(1, work.rows // 2), work.seq_len)
-        out.append(
-            {
-                "change": f"train.batch_size={t.batch_size // 2} train.grad_accum={t.grad_accum * 2}",
-                "peak_bytes": mem(report["gradient_checkpointing"], w=half)["total"],
-            }
-        )
-    if not report["gradient_checkpointing"]:
-        out.append(
-            {"change": "train.gradient_checkpointing=true", "peak_bytes": report["memory_other_checkpointing"]["total"]}
-        )
+        changes.append((f"train.batch_size={t.batch_size // 2} train.grad_accum={t.grad_accum * 2}", mem(ckpt, w=half)))
+    if not ckpt:
+        changes.append(("train.gradient_checkpointing=true", report["memory_other_checkpointing"]))
     if cfg.method in ("lora", "dora", "rslora", "pissa", "loraplus"):
-        peak_4bit = mem(report["gradient_checkpointing"], bits=4)["total"] if cfg.method != "full" else None
-        out.append({"change": "method=qlora (4-bit frozen base)", "peak_bytes": peak_4bit})
+        changes.append(("method=qlora (4-bit frozen base)", mem(ckpt, bits=4)))
     if cfg.data.max_length > 64:
-        short = max(1, work.seq_len // 2)
-        w = Workload(work.tokens // 2, work.label_positions // 2, work.rows, short)
-        out.append(
-            {
-                "change": f"data.max_length={cfg.data.max_length // 2}",
-                "peak_bytes": mem(report["gradient_checkpointing"], w=w)["total"],
-            }
-        )
-    return out
+        w = Workload(work.tokens // 2, work.label_positions // 2, work.rows, max(1, work.seq_len // 2))
+        changes.append((f"data.max_length={cfg.data.max_length // 2}", mem(ckpt, w=w)))
+    return [
+        {"change": change, "peak_bytes": terms["total"], "load_bound": terms.get("loading_excess", 0) > 0}
+        for change, terms in changes
+    ]
 
 
 def probe(cfg, report: dict, steps: int = 3) -> dict:

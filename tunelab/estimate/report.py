@@ -52,7 +52,10 @@ def text(r: dict) -> str:
     if r.get("advice"):
         lines.append(f"warning: predicted peak {_mib(r['memory']['total'])} > free {_mib(r['free_memory_bytes'])}")
     for a in r.get("advice", []):
-        lines.append(f"  try {a['change']}: peak {_mib(a['peak_bytes'])}")
+        bound = " (loading the model sets it: fp32 weights + the file's pages)" if a.get("load_bound") else ""
+        lines.append(f"  try {a['change']}: peak {_mib(a['peak_bytes'])}{bound}")
+    if r.get("advice") and all(a.get("load_bound") for a in r["advice"]):
+        lines.append("  no training setting lowers the load's peak: this model needs a machine with more memory")
     for note in r.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
