@@ -41,6 +41,9 @@ def block_causal_mask(bounds: list[int], device) -> torch.Tensor:
     return _mask_cache[1]
 
 
+# train.compile: left to eager (a graph break either way: the boundaries are read as Python ints); traced, dynamo
+# recompiled it for every new layout of a packed row until its recompile limit
+@torch.compiler.disable
 def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query (1, heads, T, d), key/value (1, kv_heads, T, d) -> (1, T, heads, d)."""
     bounds = kwargs["cu_seq_lens_q"].tolist()
