@@ -126,23 +126,13 @@ def estimate(
         base = runtime_baseline(cfg.model)  # measured QLoRA runs peak no higher than LoRA's: no bitsandbytes term
     ckpt = cfg.train.gradient_checkpointing
 
+    fp32_outputs = lora_output_bytes(adapted)
+
     def mem(checkpointing, strategy="single", world=1, w=work, bits=quant_bits):
         terms = breakdown(
-            shape,
-            counts,
-            cfg,
-            method,
-            precision,
-            w,
-            checkpointing,
-            lora_inputs,
-            adapters,
-            bits,
-            base,
-            world,
-            strategy,
-            lora_output_bytes(adapted),
-        )
+            shape, counts, cfg, method, precision, w, checkpointing, lora_inputs, adapters, bits, base, world, strategy,
+            lora_fp32_outputs=fp32_outputs,
+        )  # fmt: skip
         if teacher is not None:
             from .distill import add_teacher_terms
 
