@@ -15,8 +15,8 @@ from ..log import log
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
-    """auto: on CUDA only (on the shared 2-core CPU, inductor's C++ compile of even the tiny test model took
-    over 10 minutes, and no gain was measured: see README)."""
+    """auto: on CUDA only (on a 2-core AMX CPU, compiling smollm2's blocks took about 40 s and gained nothing
+    measurable in the bench's steps: README, issue #13)."""
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)
