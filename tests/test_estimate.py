@@ -254,21 +254,29 @@ def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_con
 def test_the_peak_rss_can_restart_and_the_process_peak_still_covers_the_whole_run():
     """The trainer restarts the peak once the model is loaded: summary.json keeps the load's and the training's
     apart (the estimator extrapolates each from shallow copies), and peak_mem_bytes still covers both."""
-    import torch
+    import mmap
 
     from tunelab.device import peak_rss_bytes, restart_rss_peak, rss_peak_since_restart
 
     MiB = 2**20
-    big = torch.ones(256 * MiB // 4)  # touched, then freed (a large block goes back to the system)
-    del big
+
+    def resident(size):  # an anonymous mapping of its own, every page written: `size` more resident, certainly
+        # (a tensor could be served from memory the allocator already holds, freed by earlier tests in this worker)
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        return block
+
+    big = resident(256 * MiB)
+    big.close()  # unmapped: back to the system
     high = peak_rss_bytes()
     assert restart_rss_peak() == high
     start = rss_peak_since_restart()
     assert start < high - 200 * MiB  # the new peak starts at the RSS now, not at the 256 MiB high-water mark
-    block = torch.ones(64 * MiB // 4)
+    block = resident(64 * MiB)
     assert rss_peak_since_restart() >= start + 60 * MiB
     assert peak_rss_bytes() >= high
-    del block
+    block.close()
 
 
 def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
