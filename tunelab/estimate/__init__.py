@@ -105,10 +105,9 @@ def estimate(
             config = model_config(cfg)
         shape = shape_of(config)
         counts, model = count_params(cfg, method, config)
-        lora_inputs = sum(m.in_features for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features"))
-        adapted = [
-            (n, m.out_features) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "out_features")
-        ]
+        lora_layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")]
+        lora_inputs = sum(m.in_features for _, m in lora_layers)
+        adapted = [(n, m.out_features) for n, m in lora_layers]
         adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".adapter"))
         del model
 
