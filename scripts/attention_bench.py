@@ -38,6 +38,15 @@ def per_example(q, k, v, bounds):
     return torch.cat(parts, dim=2)
 
 
+def per_example_gqa(q, k, v, bounds):
+    """The same with grouped-query heads inside SDPA (`enable_gqa`) instead of repeated key/value copies."""
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts, dim=2)
+
+
 def doc_ids(bounds):
     return torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
@@ -65,6 +74,7 @@ def main() -> int:
     mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
 
     variants = {"per_example_sdpa": lambda q, k, v: per_example(q, k, v, bounds)}
+    variants["per_example_sdpa_gqa"] = lambda q, k, v: per_example_gqa(q, k, v, bounds)
     variants["masked_sdpa"] = lambda q, k, v: masked_sdpa(q, k, v, mask)
     notes = {}
     try:

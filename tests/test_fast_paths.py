@@ -260,8 +260,8 @@ def test_masked_packed_attention_equals_per_example(monkeypatch):
     bounds = torch.tensor([0, 5, 17, 18, 30])
     q0, k0, v0 = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
     results = []
-    for limit in (attention.MASKED_MAX_TOKENS, 0):  # 0: every row goes per example
-        monkeypatch.setattr(attention, "MASKED_MAX_TOKENS", limit)
+    for masked in (True, False):  # either CPU kind runs both paths here
+        monkeypatch.setattr(attention, "masked_rows_on_this_cpu", lambda masked=masked: masked)
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
         out, _ = attention._varlen_sdpa(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds)
         out.backward(torch.ones_like(out))

@@ -4,8 +4,8 @@ A packed micro-batch is one row holding several examples back to back. Under thi
 each layer cuts queries, keys and values at the example boundaries (`cu_seq_lens_q`, as for
 flash-attention's varlen kernels) and runs causal sdpa on each example alone: exactly what the
 examples compute unpacked, with no padding and no (tokens x tokens) mask. On CPU, rows up to
-MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead (measured faster there;
-the same attention: masked positions weigh exactly zero). It is switched on only
+MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead where bf16 is native
+(measured faster there, slower on AVX2; the same attention: masked positions weigh exactly zero). It is switched on only
 around a packed training step's forward and backward (`varlen_attention`); evaluation and generation
 keep the model's own attention.
 """
@@ -21,11 +21,22 @@ NAME = "tunelab_varlen"
 _registered = False
 
 
-# On CPU, one SDPA call over the whole row with a block-diagonal causal mask beat per-example calls
-# (scripts/attention_bench.py, a bench-like row of 8 examples / 1,267 tokens, forward + backward: fp32
-# 0.22 vs 0.42 CPU s, bf16 0.18 vs 0.27; flex attention has no CPU backward in torch 2.13). It computes the
-# whole (T x T) score matrix, so it is used up to this many tokens per row; longer rows go per example.
+# Which is faster depends on the CPU (scripts/attention_bench.py: a bench-like row of 8 examples / 1,267
+# tokens, forward + backward, CPU s). An Intel Xeon with AMX: one SDPA call over the whole row with a
+# block-diagonal causal mask beat per-example calls (fp32 0.22 vs 0.42, bf16 0.18 vs 0.27); an AVX2-only AMD
+# EPYC: the reverse, by 3-4x (fp32 0.216 vs 0.065, bf16 1.15 vs 0.27). So the masked call is used where bf16
+# is native, up to this many tokens per row (it computes the whole T x T score matrix); flex attention has no
+# CPU backward in torch 2.13.
 MASKED_MAX_TOKENS = 4096
+
+
+def masked_rows_on_this_cpu() -> bool:
+    """Whether packed rows on this CPU run as one masked SDPA call (faster where bf16 is native) or per example."""
+    from .device import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 _mask_cache: tuple = ((), None)
 
 
@@ -48,7 +59,12 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     """query (1, heads, T, d), key/value (1, kv_heads, T, d) -> (1, T, heads, d)."""
     bounds = kwargs["cu_seq_lens_q"].tolist()
     groups = query.shape[1] // key.shape[1]
-    if query.device.type == "cpu" and 1 < len(bounds) - 1 and bounds[-1] <= MASKED_MAX_TOKENS:
+    if (
+        query.device.type == "cpu"
+        and 1 < len(bounds) - 1
+        and bounds[-1] <= MASKED_MAX_TOKENS
+        and masked_rows_on_this_cpu()
+    ):
         mask = block_causal_mask(bounds, query.device)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
