@@ -5,8 +5,9 @@ each layer cuts queries, keys and values at the example boundaries (`cu_seq_lens
 flash-attention's varlen kernels) and runs causal sdpa on each example alone: exactly what the
 examples compute unpacked, with no padding and no (tokens x tokens) mask. On CPU, rows up to
 MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead where bf16 is native
-(measured faster there, slower on AVX2; the same attention: masked positions weigh exactly zero). It is switched on only
-around a packed training step's forward and backward (`varlen_attention`); evaluation and generation
+(measured faster there, slower on AVX2; the same attention: masked positions weigh exactly zero). It is
+switched on only around a packed training step's forward and backward (`varlen_attention`); evaluation and
+generation
 keep the model's own attention.
 """
 
@@ -16,6 +17,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from .device import cpu_has_native_bf16
 
 NAME = "tunelab_varlen"
 _registered = False
@@ -32,8 +35,6 @@ MASKED_MAX_TOKENS = 4096
 
 def masked_rows_on_this_cpu() -> bool:
     """Whether packed rows on this CPU run as one masked SDPA call (faster where bf16 is native) or per example."""
-    from .device import cpu_has_native_bf16
-
     return cpu_has_native_bf16()
 
 
