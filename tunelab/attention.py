@@ -7,8 +7,7 @@ examples compute unpacked, with no padding and no (tokens x tokens) mask. On CPU
 MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead where bf16 is native
 (measured faster there, slower on AVX2; the same attention: masked positions weigh exactly zero). It is
 switched on only around a packed training step's forward and backward (`varlen_attention`); evaluation and
-generation
-keep the model's own attention.
+generation keep the model's own attention.
 """
 
 from __future__ import annotations
