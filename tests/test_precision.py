@@ -8,7 +8,7 @@ import torch
 
 import tunelab
 from helpers import toy_rows
-from tunelab.device import CPU_BF16_ENV, cpu_capability, cpu_has_native_bf16, resolve_precision
+from tunelab.device import CPU_BF16_ENV, cpu_capability, cpu_has_amx, cpu_has_native_bf16, resolve_precision
 
 
 def test_bf16_autocast_reaches_the_fp32_eval_loss(tmp_path, write_jsonl):
@@ -57,3 +57,5 @@ def test_capability_switch_unset_reads_the_cpu(monkeypatch):
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     flags = open("/proc/cpuinfo").read()
     assert cpu_has_native_bf16() is ((" avx512_bf16" in flags) or (" amx_bf16" in flags))
+    assert cpu_has_amx() is (" amx_tile" in flags)  # AMX is told apart from AVX512-BF16 alone (AMD Zen 4)
+    assert ("+amx" in cpu_capability()) is cpu_has_amx()

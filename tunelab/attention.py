@@ -4,10 +4,10 @@ A packed micro-batch is one row holding several examples back to back. Under thi
 each layer cuts queries, keys and values at the example boundaries (`cu_seq_lens_q`, as for
 flash-attention's varlen kernels) and runs causal sdpa on each example alone: exactly what the
 examples compute unpacked, with no padding and no (tokens x tokens) mask. On CPU, rows up to
-MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead where bf16 is native
-(measured faster there, slower on AVX2; the same attention: masked positions weigh exactly zero). It is
-switched on only around a packed training step's forward and backward (`varlen_attention`); evaluation and
-generation keep the model's own attention.
+MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead on a CPU with AMX
+(measured faster there, slower on AVX2 and on AVX512-BF16 alone; the same attention: masked positions weigh
+exactly zero). It is switched on only around a packed training step's forward and backward
+(`varlen_attention`); evaluation and generation keep the model's own attention.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .device import cpu_has_native_bf16
+from .device import cpu_has_amx
 
 NAME = "tunelab_varlen"
 _registered = False
@@ -26,15 +26,15 @@ _registered = False
 # Which is faster depends on the CPU (scripts/attention_bench.py: a bench-like row of 8 examples / 1,267
 # tokens, forward + backward, CPU s). An Intel Xeon with AMX: one SDPA call over the whole row with a
 # block-diagonal causal mask beat per-example calls (fp32 0.22 vs 0.42, bf16 0.18 vs 0.27); an AVX2-only AMD
-# EPYC: the reverse, by 3-4x (fp32 0.216 vs 0.065, bf16 1.15 vs 0.27). So the masked call is used where bf16
-# is native, up to this many tokens per row (it computes the whole T x T score matrix); flex attention has no
-# CPU backward in torch 2.13.
+# EPYC: the reverse, by 3-4x (fp32 0.216 vs 0.065, bf16 1.15 vs 0.27); an AMD EPYC with AVX512-BF16 but no
+# AMX: the reverse too (bf16 0.21 vs 0.098; a whole smollm2 LoRA step of that row, 16.4 vs 12.3 CPU s). So the masked call is used only with AMX, up to this many tokens
+# per row (it computes the whole T x T score matrix); flex attention has no CPU backward in torch 2.13.
 MASKED_MAX_TOKENS = 4096
 
 
 def masked_rows_on_this_cpu() -> bool:
-    """Whether packed rows on this CPU run as one masked SDPA call (faster where bf16 is native) or per example."""
-    return cpu_has_native_bf16()
+    """Whether packed rows on this CPU run as one masked SDPA call (faster with AMX) or per example."""
+    return cpu_has_amx()
 
 
 _mask_cache: tuple = ((), None)

@@ -44,8 +44,24 @@ def _detected_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX tiles (Intel Sapphire Rapids and later): bf16 and int8 matrix units beside
+    AVX512-BF16. Some choices differ between AMX and AVX512-BF16 alone (AMD Zen 4), so they are told apart."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if check is not None:
+        return bool(check())
+    try:  # older torch: read the CPU flags
+        return " amx_tile" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
 def cpu_capability() -> str:
+    """torch's vector ISA plus what decides bf16 speed, e.g. AVX2, AVX512+bf16, AVX512+amx+bf16."""
     cap = torch.backends.cpu.get_cpu_capability()
+    if cpu_has_amx():
+        cap += "+amx"
     return f"{cap}+bf16" if cpu_has_native_bf16() else cap
 
 

@@ -51,7 +51,7 @@ MFU_FORMULA = (
     "counted once, as the LM head); 4N FLOPs per useful token = forward 2N + backward through the frozen "
     "base for activation gradients 2N (LoRA weight gradients and attention-score FLOPs left out; padding "
     "and work the fast path skips never count); matmul_peak = the best timed square torch.matmul of this run "
-    "at the phase's precision (2048x2048 before the phases; fp32 also 1024x1024 before and after each)"
+    "at the phase's precision (2048x2048 before and after the phases; fp32 also 1024x1024 before and after each)"
 )
 
 
@@ -251,12 +251,17 @@ def run_bench(
             f"median {stats['p50']:.0f}, p90 {stats['p90']:.0f}, max {stats['max']}"
         )
 
-        fast_precision = resolve_precision("auto", device)
-        peak_flops = {p: matmul_peak_flops(p, device, matmul_size) for p in sorted({"fp32", fast_precision})}
-        log("bench: matmul peak " + ", ".join(f"{p} {f / 1e9:.1f} GFLOP/s" for p, f in peak_flops.items()))
+        precisions = sorted({"fp32", resolve_precision("auto", device)})
+        peak_probes = {p: {"before": matmul_peak_flops(p, device, matmul_size)} for p in precisions}
+        log("bench: matmul peak " + ", ".join(f"{p} {f['before'] / 1e9:.1f} GFLOP/s" for p, f in peak_probes.items()))
 
         base = run_phase_process("baseline", spec_path, workdir)
         fast = run_phase_process("fast", spec_path, workdir)
+        # probed again after the phases, the best kept: one probe slowed by the host once read the bf16 peak at
+        # 209 GFLOP/s against 381 in the runs around it, which nearly doubled the MFU it divided
+        for p in precisions:
+            peak_probes[p]["after"] = matmul_peak_flops(p, device, matmul_size)
+        peak_flops = {p: max(f.values()) for p, f in peak_probes.items()}
     report = {
         "model": model,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -279,6 +284,7 @@ def run_bench(
         "lengths": stats,
         "baseline_padding_fraction": base["padding_fraction"],
         **combine(spec, base, fast, peak_flops),
+        "peak_flops_probes_per_s": peak_probes,
         "baseline": base,
         "fast": fast,
         "wall_s": time.perf_counter() - t_start,
