@@ -32,11 +32,13 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_fused_head_cross_entropy_equals_plain_values_and_gradients_fp32():
+@pytest.mark.parametrize("scale", [1.0, 200.0])
+def test_fused_head_cross_entropy_equals_plain_values_and_gradients_fp32(scale):
     """Hidden states, a trainable head with a bias, several chunks: loss and all three gradients match
-    autograd through full logits. fp32 throughout, so only summation order differs: 1e-5 relative."""
+    autograd through full logits. fp32 throughout, so only summation order differs: 1e-5 relative. Scaled
+    hidden states give logits in the hundreds, where an unshifted softmax would overflow."""
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    hidden = (scale * torch.randn(37, 16, generator=g)).requires_grad_()
     head = torch.nn.Linear(16, 50)
     targets = torch.randint(0, 50, (37,), generator=g)
     ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
