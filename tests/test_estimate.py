@@ -213,8 +213,8 @@ def test_step_time_adds_the_measured_per_step_overhead():
 
 def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):
     """With a data file, the step time and (on a CPU) the peak RSS come from real steps of the run's own loop, in
-    their own processes, on 1-block and deeper copies of its architecture (full width), extrapolated to its depth;
-    too large a model falls back to FLOPs and the memory model."""
+    their own processes, on two copies of its architecture (full width: 16 blocks and 8, or the model's own depth
+    and half of it), extrapolated to its depth; too large a model falls back to FLOPs and the memory model."""
     from transformers import AutoConfig
 
     from tunelab.estimate import depth, estimate
@@ -239,6 +239,7 @@ def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_con
     r = estimate(build_config(tiny_config))
     layers = r["architecture"]["layers"]
     assert seen == list(depth.copy_depths(layers)) == [1, 2]  # tiny-llama has 2 blocks: the copy is the model
+    assert depth.copy_depths(30) == (8, 16) and depth.copy_depths(12) == (6, 12)  # smollm2; shallower than 16
     assert r["depth_calibration"]["per_block_s"] == pytest.approx(0.1)
     assert r["depth_calibration"]["fixed_s"] == pytest.approx(0.5 + 0.01 * 3.5)  # median of the timed steps
     assert r["step_seconds"] == pytest.approx(0.535 + 0.1 * layers)

@@ -1,14 +1,15 @@
 """Step time and peak memory measured on shallow copies of the run: the run's own config, data, method and
-precision, trained for a few steps by tunelab's loop (each in its own process) on its architecture cut to 1 and 8
-blocks (random weights, full width and vocabulary), then extrapolated to the real depth: seconds per step =
-fixed + per_block x blocks, and so the peak RSS of loading and of training (on a CPU).
+precision, trained for a few steps by tunelab's loop (each in its own process) on its architecture cut to 8 and
+16 blocks (random weights, full width and vocabulary; a shallower model: its own depth and half of it), then
+extrapolated to the real depth: seconds per step = fixed + per_block x blocks, and so the peak RSS of loading
+and of training (on a CPU).
 
 Every cost of a step is in the measurement (the matmuls at the run's real shapes, attention, the loss, the
 frozen-weight casts, the optimizer, Python), not a FLOP count over a peak rate: that model was 55-93% low on
 small models on a CPU (README). Each timed step is paired across the two depths (the same data windows, so
 the same shapes), and the per-block time is the median of those differences. Memory likewise: what the
 allocator keeps, peft's own buffers and the loss's temporaries are in the copies' peaks, where the per-token
-model of memory.py missed up to 35% at smollm2's width. Cached per machine and config; a model whose 8-block
+model of memory.py missed up to 35% at smollm2's width. Cached per machine and config; a model whose 16-block
 copy would be too large to train here falls back to FLOPs + overhead and the memory model alone.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from .cache import cached
 
-DEEPEST = 8  # the deeper copy: its distance from the 1-block one divides the timing noise in the per-block cost
+DEEPEST = 16  # the deeper copy; the shallower has half its blocks: their distance divides the timing noise
 WARMUP, TIMED = 2, 4
 MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
@@ -34,9 +35,14 @@ VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every"
 
 
 def copy_depths(layers: int) -> tuple[int, int]:
-    """1 block and DEEPEST (the model's own depth when it is shallower). From 1 and 4 blocks, the per-block cost
-    x 30 blocks amplified the copies' timing noise 10-fold: one smollm2 cell was 39% low, another 69% high."""
-    return 1, max(2, min(DEEPEST, layers))
+    """DEEPEST blocks (the model's own depth when it is shallower) and half as many. The real depth's time is
+    extrapolated from their difference, so the noise of each copy's timing is multiplied by about
+    (layers - lo) / (hi - lo): with 1 and 4 blocks and smollm2's 30, 10-fold (one cell 39% low, another 69%
+    high); with 1 and 8, 4-fold (6 of 36 cells outside 25% on an AMD EPYC, up to +75%; the 1- to 8-block
+    slope of one cell read 0.026 and 0.037 s a block in two runs, where 8 to 30 blocks read 0.034 in both);
+    with 8 and 16, under 2-fold."""
+    hi = max(2, min(DEEPEST, layers))
+    return max(1, hi // 2), hi
 
 
 def copy_params(shape, counts, blocks: int) -> int:
