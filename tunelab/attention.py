@@ -27,8 +27,9 @@ _registered = False
 # tokens, forward + backward, CPU s). An Intel Xeon with AMX: one SDPA call over the whole row with a
 # block-diagonal causal mask beat per-example calls (fp32 0.22 vs 0.42, bf16 0.18 vs 0.27); an AVX2-only AMD
 # EPYC: the reverse, by 3-4x (fp32 0.216 vs 0.065, bf16 1.15 vs 0.27); an AMD EPYC with AVX512-BF16 but no
-# AMX: the reverse too (bf16 0.21 vs 0.098; a whole smollm2 LoRA step of that row, 16.4 vs 12.3 CPU s). So the masked call is used only with AMX, up to this many tokens
-# per row (it computes the whole T x T score matrix); flex attention has no CPU backward in torch 2.13.
+# AMX: the reverse too (bf16 0.21 vs 0.098; a whole smollm2 LoRA step of that row, 16.4 vs 12.3 CPU s). So the
+# masked call is used only with AMX, up to this many tokens per row (it computes the whole T x T score matrix);
+# flex attention has no CPU backward in torch 2.13.
 MASKED_MAX_TOKENS = 4096
 
 

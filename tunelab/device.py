@@ -32,29 +32,28 @@ def cpu_has_native_bf16() -> bool:
     return _detected_native_bf16()
 
 
-@functools.cache
-def _detected_native_bf16() -> bool:
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+def _cpu_supports(torch_checks: tuple[str, ...], flags: tuple[str, ...]) -> bool:
+    """torch.cpu's own checks where this torch has them, else the CPU flags in /proc/cpuinfo."""
+    checks = [getattr(torch.cpu, name, None) for name in torch_checks]
     if any(c is not None for c in checks):
-        return any(c() for c in checks if c is not None)
+        return any(bool(c()) for c in checks if c is not None)
     try:  # older torch: read the CPU flags
-        flags = open("/proc/cpuinfo").read()
+        text = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return any(f" {flag}" in text for flag in flags)
+
+
+@functools.cache
+def _detected_native_bf16() -> bool:
+    return _cpu_supports(("_is_avx512_bf16_supported", "_is_amx_tile_supported"), ("avx512_bf16", "amx_bf16"))
 
 
 @functools.cache
 def cpu_has_amx() -> bool:
     """True when the CPU has AMX tiles (Intel Sapphire Rapids and later): bf16 and int8 matrix units beside
     AVX512-BF16. Some choices differ between AMX and AVX512-BF16 alone (AMD Zen 4), so they are told apart."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if check is not None:
-        return bool(check())
-    try:  # older torch: read the CPU flags
-        return " amx_tile" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
+    return _cpu_supports(("_is_amx_tile_supported",), ("amx_tile",))
 
 
 def cpu_capability() -> str:
