@@ -56,6 +56,9 @@ def test_bench_tiny_llama(tmp_path):
         assert math.isfinite(phase["final_train_loss"]) and math.isfinite(phase["heldout_loss"])
         assert phase["peak_mem_bytes"] > 0 and report["mfu"][name] > 0
     assert report["baseline"]["useful_tokens"] == report["fast"]["useful_tokens"] > 0
+    # the same model and adapter in both phases: the MFU of each counts the same base parameters
+    counts = [(report[n]["base_params"], report[n]["trainable_params"]) for n in ("baseline", "fast")]
+    assert counts[0] == counts[1] and counts[0][1] > 0
     assert all(report["checks"].values()), report["checks"]
     assert report["fast"]["packed_batches"] and report["packing_active"]
     # same examples, same order, same initial adapter: the two loss curves agree closely

@@ -36,6 +36,9 @@ def run_phase(name: str, spec: dict) -> dict:
     # the peak of training, before the held-out evaluation can add to it
     peak, kind = peak_memory(next(model.parameters()).device)
     probe_after = matmul_peak_flops("fp32", device, size=1024)
+    # counted on the model as trained: the fast phase's reloaded copy below is frozen for evaluation, and
+    # would count its adapter as base parameters (and inflate its MFU)
+    trainable, total = count_params(model)  # tied weights once
     if name == "fast":
         from .fast import trained_model
 
@@ -45,7 +48,6 @@ def run_phase(name: str, spec: dict) -> dict:
     result = step_log.summary(spec["warmup_steps"], torch.get_num_threads())
     # the trained model's mean token loss on a fixed held-out set: the same evaluation code for both phases
     result["heldout_loss"] = evaluate_loss(model, spec["heldout"], spec["pad_id"], batch_size=1)["eval_loss"]
-    trainable, total = count_params(model)  # tied weights once
     base_params = total - trainable
     result.update(
         peak_mem_bytes=peak,
