@@ -1,5 +1,7 @@
-"""Packed-row attention on this device: per-example SDPA (tunelab's varlen path) against one SDPA call with a
-block-diagonal causal mask and against flex attention with a document block mask.
+"""Packed-row attention on this device: per-example SDPA (with repeated key/value heads, or grouped-query heads
+inside SDPA as tunelab's CPU path does; for bf16 also computed in fp32 as on CPU) against one SDPA call with a
+block-diagonal causal mask, the examples right-padded into one causal batch, and flex attention with a
+document block mask.
 
     python scripts/attention_bench.py [--dtype bf16|fp32] [--repeats 5]
 
@@ -47,6 +49,39 @@ def per_example_gqa(q, k, v, bounds):
     return torch.cat(parts, dim=2)
 
 
+def per_example_fp32(q, k, v, bounds):
+    """Per-example SDPA computed in fp32 from bf16 inputs (cast in, cast the output back)."""
+    return per_example(q.float(), k.float(), v.float(), bounds).to(q.dtype)
+
+
+def pad_index(bounds):
+    """(examples * longest) row positions of a right-padded batch (padding points at row T, a zero row), and
+    the positions of its real tokens in that batch, in row order."""
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    longest, total = max(lengths), bounds[-1]
+    gather = torch.full((len(lengths), longest), total)
+    for i, (s, n) in enumerate(zip(bounds[:-1], lengths)):
+        gather[i, :n] = torch.arange(s, s + n)
+    real = torch.cat([torch.arange(n) + i * longest for i, n in enumerate(lengths)])
+    return gather.flatten(), real, len(lengths), longest
+
+
+def padded_batch(q, k, v, index, gqa: bool):
+    """The examples right-padded into one batch, one causal SDPA call: a real query never sees the padding
+    after it, and padded queries are dropped (so they get no gradient)."""
+    gather, real, n, longest = index
+
+    def pad(t):  # (1, h, T, d) -> (n, h, longest, d)
+        t = torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[-1])], dim=2)
+        return t[0].index_select(1, gather).unflatten(1, (n, longest)).transpose(0, 1)
+
+    q, k, v = pad(q), pad(k), pad(v)
+    if not gqa:
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (n, h, longest, d)
+    return out.transpose(0, 1).flatten(1, 2).index_select(1, real).unsqueeze(0)
+
+
 def doc_ids(bounds):
     return torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
@@ -76,6 +111,11 @@ def main() -> int:
     variants = {"per_example_sdpa": lambda q, k, v: per_example(q, k, v, bounds)}
     variants["per_example_sdpa_gqa"] = lambda q, k, v: per_example_gqa(q, k, v, bounds)
     variants["masked_sdpa"] = lambda q, k, v: masked_sdpa(q, k, v, mask)
+    index = pad_index(bounds)
+    variants["padded_batch_sdpa"] = lambda q, k, v: padded_batch(q, k, v, index, gqa=False)
+    variants["padded_batch_sdpa_gqa"] = lambda q, k, v: padded_batch(q, k, v, index, gqa=True)
+    if dtype == torch.bfloat16:
+        variants["per_example_sdpa_in_fp32"] = lambda q, k, v: per_example_fp32(q, k, v, bounds)
     notes = {}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention

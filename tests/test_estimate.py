@@ -364,6 +364,52 @@ def test_the_lora_fp32_output_term_is_what_autograd_saves_more(targets):
     assert fp32_sums - plain == 64 * lora_output_bytes(layers)
 
 
+@pytest.mark.parametrize("low", [False, True])
+def test_the_packed_cpu_attention_term_is_what_autograd_saves_more(low):
+    """On a CPU packed rows attend in fp32 (tunelab.attention): under bf16 autocast SDPA saves fp32 q, k, v and
+    output where the unpacked model's bf16 SDPA saves bf16 ones; the estimator's term is that difference,
+    exactly, and zero in fp32 (both save fp32, grouped-query heads unrepeated)."""
+    import torch
+
+    from tunelab.attention import varlen_attention
+    from tunelab.estimate.memory import PACKED_CPU_ATTENTION_BYTES
+    from tunelab.models import load_causal_lm
+    from tunelab.training.frozen import store_frozen_at
+
+    lengths = [40, 100, 16, 100]
+    torch.manual_seed(0)
+    model = load_causal_lm("tiny-llama")
+    if low:
+        store_frozen_at(model, torch.bfloat16)
+    ids = torch.randint(0, 1000, (1, sum(lengths)))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    packed = {
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+    def saved(kwargs) -> int:
+        tensors = {}
+
+        def pack(t):
+            tensors[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with varlen_attention(model, bool(kwargs)), hooks, torch.autocast("cpu", torch.bfloat16, enabled=low):
+            model(input_ids=ids, **kwargs)
+        return sum(tensors.values())
+
+    c = model.config
+    kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    assert kv < c.hidden_size  # grouped-query heads: the kv term is told apart from the hidden one
+    per_token = PACKED_CPU_ATTENTION_BYTES[0] * c.hidden_size + PACKED_CPU_ATTENTION_BYTES[1] * kv
+    assert saved(packed) - saved({}) == (per_token * ids.numel() * c.num_hidden_layers if low else 0)
+
+
 def test_advice_when_the_peak_does_not_fit_says_what_each_change_gives_and_when_the_load_sets_it(monkeypatch):
     """Over the free memory the report lists each change with its predicted peak; a change that lowers a
     training term lowers the peak. On a CPU, llama-3-8b's fp32 load (8 bytes a parameter) is above every

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tunelab.data.collate import pad_batch
 from tunelab.data.encode import IGNORE_INDEX
@@ -188,6 +189,45 @@ def test_a_lora_layer_keeps_a_small_update_under_bf16_autocast():
     assert out.dtype == torch.float32 and error < 0.02
 
 
+def test_shared_input_casts_equal_autocast_casts(smol_tokenizer):
+    """Casting a LoRA layer's fp32 input to bf16 once for its base, its A matrix and the layers after it that
+    read the same tensor (q/k/v, gate/up) gives autocast's values bit for bit: loss and every LoRA gradient
+    (each reader's gradient is cast back and summed in fp32, as before), with far fewer forward casts."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tunelab.training.frozen import lora_sums_in_fp32, shared_input_casts, store_frozen_at
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    plain = _lora_model()
+    store_frozen_at(plain, torch.bfloat16)
+    lora_sums_in_fp32(plain)
+    shared = copy.deepcopy(plain)
+    assert shared_input_casts(shared) == 2 * 7 * 2  # tiny-llama: 2 blocks x 7 LoRA layers x (base, A)
+    batch = _batch(smol_tokenizer.pad_token_id)
+    results = []
+    for model in (plain, shared):
+        with torch.autocast("cpu", dtype=torch.bfloat16), CountCasts() as counter:
+            loss = selected_loss_sum(model, batch, chunk=4)
+        loss.backward()
+        results.append((loss.detach(), _grads(model), counter.casts))
+    (loss_a, grads_a, casts_a), (loss_b, grads_b, casts_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    # per block, autocast cast the fp32 input of q/k/v (6 casts: base and A each), gate/up (4) and down (2):
+    # now once each (3); o_proj's bf16 input is cast for its A by peft either way
+    assert casts_b == casts_a - 2 * 9
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "auto-avx2"])
 def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, precision, monkeypatch):
     """auto-avx2: precision auto on a CPU without native bf16 (TUNELAB_CPU_BF16=0) trains in fp32, base too."""
@@ -253,23 +293,62 @@ def test_compiled_blocks_equal_eager(smol_tokenizer):
         torch.testing.assert_close(grads_b[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
 
 
-def test_masked_packed_attention_equals_per_example(monkeypatch):
-    """CPU packed rows: one SDPA with a block-diagonal causal mask (grouped-query heads) against SDPA on each
-    example alone: outputs and input gradients. fp32; only the softmax's blocking differs: 1e-5 relative."""
+def _per_example_reference(q, k, v, bounds, scale):
+    """Causal SDPA on each example alone, key/value heads repeated for grouped-query attention."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    cuts = list(zip(bounds[:-1], bounds[1:]))
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scale)
+        for s, e in cuts
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2)
+
+
+def _varlen_with_grads(q0, k0, v0, bounds, grad_out, autocast: bool):
     from tunelab import attention
 
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = attention._varlen_sdpa(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=torch.tensor(bounds))
+    out.backward(grad_out)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def test_packed_attention_equals_per_example_reference():
+    """CPU packed rows: grouped-query heads inside SDPA against repeated key/value heads, example by example:
+    outputs and input gradients, fp32 (only the kernels' blocking differs: 1e-5 relative)."""
     torch.manual_seed(0)
-    bounds = torch.tensor([0, 5, 17, 18, 30])
+    bounds = [0, 5, 17, 18, 30]
     q0, k0, v0 = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
-    results = []
-    for masked in (True, False):  # either CPU kind runs both paths here
-        monkeypatch.setattr(attention, "masked_rows_on_this_cpu", lambda masked=masked: masked)
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        out, _ = attention._varlen_sdpa(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds)
-        out.backward(torch.ones_like(out))
-        results.append([out.detach(), q.grad, k.grad, v.grad])
-    for masked, per_example in zip(*results):
-        torch.testing.assert_close(masked, per_example, rtol=1e-5, atol=1e-5 * float(per_example.abs().max()))
+    grad_out = torch.randn(1, 30, 4, 8)
+    ours = _varlen_with_grads(q0, k0, v0, bounds, grad_out, autocast=False)
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    ref = _per_example_reference(q, k, v, bounds, 0.3)
+    ref.backward(grad_out)
+    assert ours[0].is_contiguous() and ours[0].shape == ref.shape
+    for a, b in zip(ours, [ref.detach(), q.grad, k.grad, v.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_bf16_packed_attention_runs_in_fp32_on_cpu():
+    """bf16 rows (as under bf16 autocast) run SDPA in fp32: the output and the gradients are the fp32
+    computation of the same inputs rounded once to bf16, bit for bit, with autocast on too (it would cast
+    SDPA's inputs back to bf16); and closer to an fp64 reference than bf16 SDPA."""
+    torch.manual_seed(0)
+    bounds = [0, 40, 97, 110, 160]
+    q0, k0, v0 = (torch.randn(1, h, 160, 16).bfloat16() for h in (6, 2, 2))
+    grad_out = torch.randn(1, 160, 6, 16).bfloat16()
+    wide = _varlen_with_grads(q0.float(), k0.float(), v0.float(), bounds, grad_out.float(), autocast=False)
+    for autocast in (False, True):
+        ours = _varlen_with_grads(q0, k0, v0, bounds, grad_out, autocast=autocast)
+        assert [t.dtype for t in ours] == [torch.bfloat16] * 4
+        for a, b in zip(ours, wide):
+            assert torch.equal(a, b.bfloat16())
+    exact = _per_example_reference(q0.double(), k0.double(), v0.double(), bounds, 0.3)
+    narrow = _per_example_reference(q0, k0, v0, bounds, 0.3)
+    err = lambda t: float((t.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
+    assert err(ours[0]) <= err(narrow)
 
 
 def test_dora_inference_with_cached_norms_equals_recomputed(smol_tokenizer, monkeypatch):

@@ -3,11 +3,9 @@
 A packed micro-batch is one row holding several examples back to back. Under this attention function
 each layer cuts queries, keys and values at the example boundaries (`cu_seq_lens_q`, as for
 flash-attention's varlen kernels) and runs causal sdpa on each example alone: exactly what the
-examples compute unpacked, with no padding and no (tokens x tokens) mask. On CPU, rows up to
-MASKED_MAX_TOKENS run as one sdpa call with a block-diagonal causal mask instead on a CPU with AMX
-(measured faster there, slower on AVX2 and on AVX512-BF16 alone; the same attention: masked positions weigh
-exactly zero). It is switched on only around a packed training step's forward and backward
-(`varlen_attention`); evaluation and generation keep the model's own attention.
+examples compute unpacked, with no padding and no (tokens x tokens) mask. It is switched on only around a
+packed training step's forward and backward (`varlen_attention`); evaluation and generation keep the
+model's own attention.
 """
 
 from __future__ import annotations
@@ -17,40 +15,19 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .device import cpu_has_amx
-
 NAME = "tunelab_varlen"
 _registered = False
 
 
-# Which is faster depends on the CPU (scripts/attention_bench.py: a bench-like row of 8 examples / 1,267
-# tokens, forward + backward, CPU s). An Intel Xeon with AMX: one SDPA call over the whole row with a
-# block-diagonal causal mask beat per-example calls (fp32 0.22 vs 0.42, bf16 0.18 vs 0.27); an AVX2-only AMD
-# EPYC: the reverse, by 3-4x (fp32 0.216 vs 0.065, bf16 1.15 vs 0.27); an AMD EPYC with AVX512-BF16 but no
-# AMX: the reverse too (bf16 0.21 vs 0.098; a whole smollm2 LoRA step of that row, 16.4 vs 12.3 CPU s). So the
-# masked call is used only with AMX, up to this many tokens per row (it computes the whole T x T score matrix);
-# flex attention has no CPU backward in torch 2.13.
-MASKED_MAX_TOKENS = 4096
-
-
-def masked_rows_on_this_cpu() -> bool:
-    """Whether packed rows on this CPU run as one masked SDPA call (faster with AMX) or per example."""
-    return cpu_has_amx()
-
-
-_mask_cache: tuple = ((), None)
-
-
-def block_causal_mask(bounds: list[int], device) -> torch.Tensor:
-    """(T, T) bool: query i sees key j when both are in the same example and j <= i (cached per layout)."""
-    global _mask_cache
-    key = (tuple(bounds), str(device))
-    if _mask_cache[0] != key:
-        lengths = torch.tensor(bounds[1:], device=device) - torch.tensor(bounds[:-1], device=device)
-        doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-        pos = torch.arange(bounds[-1], device=device)
-        _mask_cache = (key, (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :]))
-    return _mask_cache[1]
+# Measured on CPU (scripts/attention_bench.py: forward + backward of a bench-like row of 8 examples / 1,267
+# tokens, smollm2's 9/3 heads, idle 2-core machines): per-example SDPA beat one SDPA call over the row with a
+# block-diagonal causal mask on an AVX2-only EPYC (3-4x), an AVX512-BF16 EPYC (2x) and an AMX Xeon (bf16 0.069
+# vs 0.119 s wall, fp32 0.042 vs 0.105), and beat the examples right-padded into one batched call (0.137 bf16).
+# torch's CPU flash kernel is slower in bf16 than in fp32 (on the Xeon: 0.056 s against 0.027 for the same
+# shapes), so bf16/fp16 rows run it in fp32: cast in and back out, 0.031-0.036 s, and ten times closer to an
+# fp64 reference (8e-4 against 8e-3 relative). Flex attention has no CPU backward in torch 2.13.
+def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 # train.compile: left to eager (a graph break either way: the boundaries are read as Python ints); traced, dynamo
@@ -60,29 +37,28 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     """query (1, heads, T, d), key/value (1, kv_heads, T, d) -> (1, T, heads, d)."""
     bounds = kwargs["cu_seq_lens_q"].tolist()
     groups = query.shape[1] // key.shape[1]
-    if (
-        query.device.type == "cpu"
-        and 1 < len(bounds) - 1
-        and bounds[-1] <= MASKED_MAX_TOKENS
-        and masked_rows_on_this_cpu()
-    ):
-        mask = block_causal_mask(bounds, query.device)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
-        )
-        return out.transpose(1, 2).contiguous(), None
-    if groups > 1:  # grouped-query attention: one key/value head serves `groups` query heads
+    dtype = query.dtype
+    on_cpu, gqa = query.device.type == "cpu", False
+    if on_cpu:  # fp32 SDPA (see above), outside autocast, which would cast its inputs back to bf16
+        compute = _cpu_compute_dtype(dtype)
+        query, key, value = query.to(compute), key.to(compute), value.to(compute)
+        gqa = groups > 1  # one key/value head serves `groups` query heads inside SDPA: no repeated copies
+    elif groups > 1:  # CUDA: repeated key/value heads, as transformers' sdpa attention does
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     # split, not slices: a slice's backward writes its gradient into a zero tensor the size of the whole row
     # (one per example, then summed: a profile showed fill_/copy_/add_ of those at a third of a step); a
     # split's backward is one cat
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    out = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
-    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+    with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+        out = [
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+        ]
+    # one copy: to (1, T, heads, d), and back to the layer's dtype (shared by o_proj and its adapter, which
+    # autocast would cast apart); `to` returns a view unchanged when the dtype already matches
+    out = torch.cat(out, dim=2).transpose(1, 2)
+    return (out.contiguous() if out.dtype == dtype else out.to(dtype, memory_format=torch.contiguous_format)), None
 
 
 def register() -> None:

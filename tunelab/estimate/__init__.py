@@ -7,6 +7,7 @@ so a 70B config takes seconds. See memory.py for the terms and what a CPU peak i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..errors import UserError
 from .memory import Workload, breakdown, lora_output_bytes, with_load
@@ -31,7 +32,13 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
             else ("no tokenizer for this model: every example assumed max_length tokens long")
         )
         return (
-            Workload(tokens, t.batch_size * (cfg.data.max_length - 1), t.batch_size, cfg.data.max_length + virtual),
+            Workload(
+                tokens,
+                t.batch_size * (cfg.data.max_length - 1),
+                t.batch_size,
+                cfg.data.max_length + virtual,
+                bool(t.packing),
+            ),
             0,
             [note],
         )
@@ -54,7 +61,8 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
                 width = int((batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).max()) + virtual
             tokens = ids.numel() + rows * virtual
             if tokens > best.tokens:
-                best = Workload(tokens, int((labels[..., 1:] != -100).sum()), rows, width)
+                packed = "cu_seq_lens_q" in batch
+                best = Workload(tokens, int((labels[..., 1:] != -100).sum()), rows, width, packed)
     return best, len(examples), [f"token lengths from {cfg.data.train} ({len(examples)} training examples)"]
 
 
@@ -130,7 +138,7 @@ def estimate(
     def mem(checkpointing, strategy="single", world=1, w=work, bits=quant_bits):
         terms = breakdown(
             shape, counts, cfg, method, precision, w, checkpointing, lora_inputs, adapters, bits, base, world, strategy,
-            lora_fp32_outputs=fp32_outputs,
+            lora_fp32_outputs=fp32_outputs, cpu=device.type == "cpu",
         )  # fmt: skip
         if teacher is not None:
             from .distill import add_teacher_terms
@@ -255,14 +263,18 @@ def advice(report: dict, cfg, mem, free: int) -> list[dict]:
     t, ckpt = cfg.train, report["gradient_checkpointing"]
     changes = []
     if t.batch_size > 1:
-        half = Workload(work.tokens // 2, work.label_positions // 2, max(1, work.rows // 2), work.seq_len)
+        half = replace(
+            work, tokens=work.tokens // 2, label_positions=work.label_positions // 2, rows=max(1, work.rows // 2)
+        )
         changes.append((f"train.batch_size={t.batch_size // 2} train.grad_accum={t.grad_accum * 2}", mem(ckpt, w=half)))
     if not ckpt:
         changes.append(("train.gradient_checkpointing=true", report["memory_other_checkpointing"]))
     if cfg.method in ("lora", "dora", "rslora", "pissa", "loraplus"):
         changes.append(("method=qlora (4-bit frozen base)", mem(ckpt, bits=4)))
     if cfg.data.max_length > 64:
-        w = Workload(work.tokens // 2, work.label_positions // 2, work.rows, max(1, work.seq_len // 2))
+        w = replace(
+            work, tokens=work.tokens // 2, label_positions=work.label_positions // 2, seq_len=max(1, work.seq_len // 2)
+        )
         changes.append((f"data.max_length={cfg.data.max_length // 2}", mem(ckpt, w=w)))
     return [
         {"change": change, "peak_bytes": terms["total"], "load_bound": terms.get("loading_excess", 0) > 0}

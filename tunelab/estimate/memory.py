@@ -25,6 +25,10 @@ from ..losses import _PLAIN_HEAD_TYPES, CHUNK
 # bytes per token and block, as (x hidden, x kv width, x intermediate): what autograd saves in a llama
 # block (two RMSNorms in fp32, q/k/v/o projections, RoPE, attention, gated MLP)
 ACT_COEFF = {"fp32": (36, 12, 16), "low": (38, 10, 10)}
+# packed rows on a CPU under autocast: tunelab.attention attends in fp32 (SDPA saves fp32 q, k, v and output
+# where the unpacked model's bf16 SDPA saves bf16 ones), bytes more per token and block (x hidden, x kv width),
+# counted with saved_tensors_hooks on tiny-llama (tests/test_estimate.py); in fp32 both save the same
+PACKED_CPU_ATTENTION_BYTES = (4, 4)
 LORA_INPUT_BYTES = {"fp32": 5, "low": 7}  # per adapted module's input feature: dropout output + mask (+ cast)
 # under autocast a LoRA layer's output is fp32 (training.frozen.lora_sums_in_fp32), so part of what a gated MLP
 # saves for backward (gate_proj's output for SiLU, SiLU's and up_proj's outputs for their product) is fp32
@@ -59,12 +63,17 @@ class Workload:
     label_positions: int
     rows: int
     seq_len: int  # the longest row
+    packed: bool = False  # rows of several examples, attended per example (tunelab.attention)
 
 
-def _activations_per_block(shape, counts, work, low: bool, lora_inputs_per_block: float, adapters_per_block: int):
+def _activations_per_block(
+    shape, counts, work, low: bool, lora_inputs_per_block: float, adapters_per_block: int, cpu: bool
+):
     kind = "low" if low else "fp32"
     a_h, a_kv, a_i = ACT_COEFF[kind]
     per_token = a_h * shape.hidden + a_kv * shape.kv_hidden + a_i * shape.intermediate
+    if low and cpu and work.packed:
+        per_token += PACKED_CPU_ATTENTION_BYTES[0] * shape.hidden + PACKED_CPU_ATTENTION_BYTES[1] * shape.kv_hidden
     per_token += LORA_INPUT_BYTES[kind] * lora_inputs_per_block + ADAPTER_BYTES * shape.hidden * adapters_per_block
     return per_token * work.tokens
 
@@ -93,9 +102,11 @@ def breakdown(
     nproc: int = 1,
     strategy: str = "single",
     lora_fp32_outputs: int = 0,
+    cpu: bool = True,
 ) -> dict:
     """Peak memory terms in bytes (one process); `strategy` ddp/fsdp: per rank of `nproc`. `lora_fp32_outputs`:
-    the bytes per token, over all blocks, that the LoRA layers' fp32 outputs add under autocast (lora_output_bytes)."""
+    the bytes per token, over all blocks, that the LoRA layers' fp32 outputs add under autocast (lora_output_bytes);
+    `cpu`: the run trains on a CPU (packed rows attend in fp32 there)."""
     low = precision != "fp32"
     stored_low = low and not quant_bits and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg)
     frozen = counts.total - counts.trainable
@@ -129,7 +140,7 @@ def breakdown(
         casts = 2 * (cast_blocks + head)
     terms["weight_casts"] = casts
     per_block = _activations_per_block(
-        shape, counts, work, low, lora_inputs / max(shape.layers, 1), adapters // max(shape.layers, 1)
+        shape, counts, work, low, lora_inputs / max(shape.layers, 1), adapters // max(shape.layers, 1), cpu
     )
     if low:
         per_block += work.tokens * lora_fp32_outputs / max(shape.layers, 1)

@@ -15,6 +15,8 @@ from fp32's within the bench's 5 steps. With the sum in fp32 it stays within 0.5
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -49,3 +51,56 @@ def lora_sums_in_fp32(model: nn.Module) -> int:
     for layer in layers:
         layer.get_base_layer().register_forward_hook(_to_fp32)
     return len(layers)
+
+
+class _SharedCast(torch.autograd.Function):
+    """Hands a consumer the low-precision copy `low` of `x` made once for all of them; each consumer's gradient
+    is cast back to x's dtype on its own, so x's gradient is still summed in fp32, as with one autocast cast per
+    consumer: the same values, forward and backward, with one forward cast instead of one per matmul."""
+
+    @staticmethod
+    def forward(ctx, x, low):
+        ctx.dtype = x.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+class _InputCasts:
+    """A one-entry cache of the last input cast: a block's q/k/v projections (and gate/up) and their adapters'
+    A matrices read one tensor in a row. Keyed by identity and version (an in-place change misses); the input is
+    held weakly, and only the last low-precision copy is kept (the matmuls' backward saves it anyway)."""
+
+    def __init__(self):
+        self.key, self.low = None, None
+
+    def pre_hook(self, module, args):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return None
+        key = self.key
+        if key is None or key[0]() is not x or key[1] != x._version:
+            with torch.no_grad():
+                self.low = x.to(torch.get_autocast_dtype(x.device.type))
+            self.key = (weakref.ref(x), x._version)
+        return (_SharedCast.apply(x, self.low), *args[1:])
+
+
+def shared_input_casts(model: nn.Module) -> int:
+    """Under autocast, cast a LoRA layer's fp32 input to the compute dtype once for its plain-linear base and its
+    A matrices, and for the layers after it reading the same tensor (autocast casts it for every matmul: six
+    times for q/k/v with adapters); returns how many modules read the shared casts."""
+    from peft.tuners.lora import LoraLayer
+
+    casts = _InputCasts()
+    hooked = 0
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+        base = layer.get_base_layer()
+        readers = [base] if type(base) is nn.Linear else []  # not a 4-bit base: autocast does not cast for it
+        readers += [a for a in layer.lora_A.values() if type(a) is nn.Linear]
+        for module in readers:
+            module.register_forward_pre_hook(casts.pre_hook)
+        hooked += len(readers)
+    return hooked

@@ -55,7 +55,7 @@ from .checkpoint import (
 )
 from .compiled import compile_blocks, resolve_compile
 from .distributed import Distributed
-from .frozen import lora_sums_in_fp32, store_frozen_at
+from .frozen import lora_sums_in_fp32, shared_input_casts, store_frozen_at
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
 from .observer import RunObserver
@@ -162,6 +162,7 @@ class Trainer:
             self.base_footprint["base_footprint_bytes"] -= cast * (4 - low.itemsize)
         if low is not None:  # an adapter's small update is not rounded to the bf16 base output's step
             lora_sums_in_fp32(self.model)
+            shared_input_casts(self.model)  # base and lora_A read one bf16 copy of x, not two
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
