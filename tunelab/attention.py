@@ -21,8 +21,8 @@ _registered = False
 
 # Measured on CPU (scripts/attention_bench.py: forward + backward of a bench-like row of 8 examples / 1,267
 # tokens, smollm2's 9/3 heads, idle 2-core machines): per-example SDPA beat one SDPA call over the row with a
-# block-diagonal causal mask on an AVX2-only EPYC (3-4x), an AVX512-BF16 EPYC (2x) and an AMX Xeon (bf16 0.069
-# vs 0.119 s wall, fp32 0.042 vs 0.105), and beat the examples right-padded into one batched call (0.137 bf16).
+# block-diagonal causal mask on an AVX2-only EPYC (3-4x), an AVX512-BF16 EPYC (2x) and an AMX Xeon (bf16 0.067
+# vs 0.113 s wall, fp32 0.046 vs 0.130), and beat the examples right-padded into one batched call (0.126 bf16).
 # torch's CPU flash kernel is slower in bf16 than in fp32 (on the Xeon: 0.056 s against 0.027 for the same
 # shapes), so bf16/fp16 rows run it in fp32: cast in and back out, 0.031-0.036 s, and ten times closer to an
 # fp64 reference (8e-4 against 8e-3 relative). Flex attention has no CPU backward in torch 2.13.

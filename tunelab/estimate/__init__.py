@@ -25,20 +25,15 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
     if method.virtual_tokens and cfg.method in ("prompt", "ptuning"):
         virtual = getattr(cfg, cfg.method).num_virtual_tokens  # prepended to every row's input
     if not cfg.data.train or not tokenizer_ok:
-        tokens = t.batch_size * (cfg.data.max_length + virtual)
+        max_length = cfg.data.max_length + virtual
+        tokens = t.batch_size * max_length
         note = (
             "no data file: every example assumed max_length tokens long"
             if not cfg.data.train
             else ("no tokenizer for this model: every example assumed max_length tokens long")
         )
         return (
-            Workload(
-                tokens,
-                t.batch_size * (cfg.data.max_length - 1),
-                t.batch_size,
-                cfg.data.max_length + virtual,
-                bool(t.packing),
-            ),
+            Workload(tokens, t.batch_size * (cfg.data.max_length - 1), t.batch_size, max_length, packed=t.packing),
             0,
             [note],
         )
