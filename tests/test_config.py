@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import SECTION_USERS, Config, apply_overrides, build_config, load_config, parse_override, read_yaml
+from tunelab.config import SECTION_USERS, Config, apply_overrides, build_config, load_config, parse_override
 from tunelab.errors import ConfigError
+from tunelab.yamlio import read_yaml
 
 
 def write(tmp_path, text, name="config.yaml"):

@@ -24,7 +24,7 @@ Properties:
      UserError.
   4. run folders: runs.list_runs never raises and gives each run folder one row with a known status
      (running while locked, finished for a readable summary, broken with nothing to go on);
-     checkpoint.latest_unfinished_run returns an unfinished checkpointed run or raises UserError
+     checkpoint_dirs.latest_unfinished_run returns an unfinished checkpointed run or raises UserError
      exactly when there is none; tunelab.load on a run whose config.yaml is invalid raises UserError
      before any tokenizer or model loads; io.read_metrics on any bytes returns dicts with an int step
      and keeps every whole record, in order.
@@ -80,7 +80,7 @@ from tunelab.io import atomic_write_text, read_metrics
 from tunelab.methods import METHODS
 from tunelab.methods.adapter import _read_artifact_config
 from tunelab.runs import list_runs
-from tunelab.training.checkpoint import latest_unfinished_run
+from tunelab.training.checkpoint_dirs import latest_unfinished_run
 from tunelab.training.lock import RunLock
 from tunelab.trust import PICKLE_SUFFIXES, check_adapter_folder
 

@@ -162,7 +162,8 @@ def test_resume_reaches_the_same_final_loss(tmp_path, tiny_config):
 
 def test_incomplete_checkpoint_is_ignored_and_corrupt_one_is_a_clear_error(tmp_path, tiny_config):
     from tunelab.errors import UserError
-    from tunelab.training.checkpoint import MARKER, latest_checkpoint, load_checkpoint
+    from tunelab.training.checkpoint import load_checkpoint
+    from tunelab.training.checkpoint_dirs import MARKER, latest_checkpoint
 
     tiny_config["train"].update(max_steps=4, save_every=2)
     result = tunelab.train(tiny_config, progress=False)

@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
         args.resume = "latest"
     if args.resume == "latest":  # `--resume` alone: the newest unfinished run of this config's out_dir
         from .config import load_config
-        from .training.checkpoint import latest_unfinished_run
+        from .training.checkpoint_dirs import latest_unfinished_run
 
         cfg = load_config(args.config, overrides) if args.config else load_config(None, overrides)
         args.resume = latest_unfinished_run(cfg.out_dir)

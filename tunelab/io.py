@@ -147,3 +147,17 @@ def read_safetensors(path, missing: str = "missing") -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: corrupted or truncated safetensors file ({exc})") from None
+
+
+def plain_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder name directly inside another (None when it can): run names
+    must not reach outside out_dir."""
+    if not name or name in (".", ".."):
+        return f"'{name}' is not a folder name"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if any(ord(c) < 32 for c in name):
+        return "it contains a control character (NUL, newline, ...)"
+    if len(name.encode("utf-8")) > 200:
+        return "it is longer than 200 bytes"
+    return None

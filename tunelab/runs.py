@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import flatten_dotted, read_yaml
 from .errors import UserError
 from .io import dir_bytes, read_json_object
-from .training.checkpoint import latest_checkpoint
+from .training.checkpoint_dirs import latest_checkpoint
 from .training.lock import is_locked
 from .training.run_dir import FAILURE_FILE, PARENT_FILE
+from .yamlio import flatten_dotted, read_yaml
 
 
 def _number(value):

@@ -22,10 +22,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from ..config import load_config, plain_name_problem
+from ..config import load_config
 from ..errors import UserError, did_you_mean
 from ..eval.metrics import lower_is_better
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, plain_name_problem
 from ..log import log
 from ..methods import get_method
 from ..training import train

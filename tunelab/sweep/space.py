@@ -18,17 +18,10 @@ from pathlib import Path
 import optuna
 import yaml
 
-from ..config import (
-    SECTIONS,
-    build_config,
-    drop_unused_sections,
-    flatten_dotted,
-    read_yaml,
-    set_dotted,
-    yaml_lines,
-)
+from ..config import SECTIONS, build_config, drop_unused_sections, yaml_lines
 from ..errors import ConfigError
 from ..methods import METHODS
+from ..yamlio import flatten_dotted, read_yaml, set_dotted
 
 RANGE_KEYS = {"low", "high", "log", "step"}
 # PyYAML (YAML 1.1) reads `1e-5` as a string: a range or choice written that way is still a number

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,9 +27,7 @@ from safetensors.torch import save_file
 from ..errors import UserError
 from ..io import atomic_write_json, fsync_dir, read_json_object, read_safetensors
 from . import sharding
-
-MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from .checkpoint_dirs import MARKER, complete_checkpoints
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -162,35 +159,6 @@ def save_checkpoint(
             if old.name != f"step-{best}":  # the best evaluated step's checkpoint stays (resume or inspect it)
                 shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete step-N folders, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = []
-    for d in ckpt_root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and (d / MARKER).exists():
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
-
-
-def latest_unfinished_run(out_dir) -> Path:
-    """The most recently checkpointed run under out_dir that has no summary.json yet."""
-    candidates = []
-    for run in Path(out_dir).glob("*/checkpoints"):
-        ckpt = latest_checkpoint(run)
-        if ckpt is not None and not (run.parent / "summary.json").exists():
-            candidates.append((ckpt.stat().st_mtime, run.parent))
-    if not candidates:
-        raise UserError(f"no unfinished run with a checkpoint under {out_dir}; name one: --resume RUN")
-    return max(candidates)[1]
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    found = complete_checkpoints(ckpt_root)
-    return found[-1] if found else None
 
 
 def _load_safetensors(path: Path) -> dict:

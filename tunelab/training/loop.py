@@ -46,13 +46,13 @@ from ..tracking import Tracking, check_available
 from .accounting import count_params
 from .batching import epoch_windows, packing_layout, step_batches
 from .checkpoint import (
-    latest_checkpoint,
     load_best_weights,
     load_checkpoint,
     load_trainable_state,
     save_checkpoint,
     trainable_state,
 )
+from .checkpoint_dirs import latest_checkpoint
 from .compiled import compile_blocks, resolve_compile
 from .distributed import Distributed
 from .frozen import lora_sums_in_fp32, shared_input_casts, store_frozen_at

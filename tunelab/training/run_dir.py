@@ -11,9 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import plain_name_problem
 from ..errors import UserError
-from ..io import atomic_write_text, read_metrics
+from ..io import atomic_write_text, plain_name_problem, read_metrics
 
 FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
 PARENT_FILE = "parent.json"  # what started the run, written by it (a sweep): {"parent", ...}

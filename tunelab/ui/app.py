@@ -27,7 +27,7 @@ from ..eval.plots import label_names
 from ..generation import GenerationSettings
 from ..io import read_json_object, read_jsonl_objects
 from ..runs import diff_run_folders, run_status
-from ..training.checkpoint import complete_checkpoints
+from ..training.checkpoint_dirs import complete_checkpoints
 from .index import RunsIndex, with_x_axes
 from .jobs import UI_DIR, Jobs, StartForm
 from .playground import Playground

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from ..config import apply_overrides, load_config, plain_name_problem, read_yaml
+from ..config import apply_overrides, load_config
 from ..errors import ConfigError, UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, plain_name_problem
 from ..training.lock import LOCK_FILE, is_locked
 from ..training.run_dir import default_run_name
+from ..yamlio import read_yaml
 
 UI_DIR = ".tunelab-ui"  # inside a runs directory; not a run folder (no config.yaml), so never listed
 
