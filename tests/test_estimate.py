@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -175,6 +176,20 @@ def test_runs_filters_json_and_diff(tmp_path):
     d = json.loads(proc.stdout)
     assert d["config"]["method"] == ["lora", "full"] and d["metrics"]["final_train_loss"] == [1.0, 0.5]
     assert run_cli(["runs", str(root), "--since", "yesterday"], tmp_path).returncode == 2
+
+
+def test_runs_lists_without_loading_torch(tmp_path):
+    """`tunelab runs` is a listing: it reads YAML, JSON and folder names, so it starts in a fraction of a second
+    instead of the seconds torch, transformers and peft take to import."""
+    _fake_run(tmp_path / "runs", "a")
+    code = (
+        "import sys; from tunelab.cli import main; main(['runs', sys.argv[1], '--json']); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "
+        "print('imported:', heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.strip().endswith("imported: []") and '"run": "a"' in proc.stdout
 
 
 def test_runs_rm_never_deletes_outside_the_runs_directory(tmp_path):
