@@ -276,6 +276,9 @@ def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_con
     assert r["depth_calibration"]["per_block_s"] == pytest.approx(0.1)
     assert r["depth_calibration"]["fixed_s"] == pytest.approx(0.5 + 0.01 * 3.5)  # median of the timed steps
     assert r["step_seconds"] == pytest.approx(0.535 + 0.1 * layers)
+    # the 1-block copy's timed steps 0.62-0.65 s, the widest spread relative to its median (0.635)
+    assert r["depth_calibration"]["step_spread"] == pytest.approx(0.03 / 0.635)
+    assert any("differed by up to 5%" in n for n in r["notes"])
     memory = r["memory"]
     assert memory["total"] == max(500 + 10 * layers, 480 + 30 * layers) * MiB
     assert sum(v for k, v in memory.items() if k != "total") == memory["total"]  # the correction is a term

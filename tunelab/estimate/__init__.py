@@ -164,6 +164,12 @@ def estimate(
             f"step time measured on {depth['depths'][0]}- and {depth['depths'][1]}-block copies of this run "
             f"(random weights, its data, method and precision): {depth['fixed_s']:.3f} s + "
             f"{depth['per_block_s']:.3f} s per block"
+            + (
+                f"; their timed steps, the same shapes, differed by up to {100 * depth['step_spread']:.0f}% "
+                "(this machine's noise: the step time is no closer than that)"
+                if depth.get("step_spread") is not None  # calibrations cached before it was recorded lack it
+                else ""
+            )
         )
     else:
         notes.append(f"step time from FLOPs and the per-step overhead ({why})")

@@ -155,6 +155,8 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
             "per_block_s": per_block,
             "depths": list(depths),
             "timed_steps": TIMED,
+            # how far this machine moved steps of the same shapes: the estimate is no closer than that
+            "step_spread": max((max(ts) - min(ts)) / statistics.median(ts) for ts in times.values()),
         }
         for kind in ("load_peak", "train_peak"):  # bytes at each depth, when the copies' peaks were measured
             values = [runs[blocks][kind] for blocks in depths]
