@@ -1,5 +1,5 @@
 """The fast paths compute what the plain path computes: the fused LM-head cross-entropy (values and
-gradients), the bf16 frozen base, the compiled model."""
+gradients), the bf16 frozen base, the fused gated MLP, the compiled model."""
 
 import contextlib
 import os
@@ -228,6 +228,72 @@ def test_shared_input_casts_equal_autocast_casts(smol_tokenizer):
     assert casts_b == casts_a - 2 * 9
 
 
+@pytest.mark.parametrize("low", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_gated_mlp_equals_autograd_and_saves_no_silu_output(smol_tokenizer, low, lora):
+    """SiLUMul(gate, up) gives autograd's silu(gate) * up bit for bit: loss and every gradient, fp32 and under
+    bf16 autocast (with a LoRA model's fp32 sums: gate and up fp32, down's input cast), full fine-tuning and LoRA.
+    It saves one (tokens x intermediate) tensor per MLP fewer: SiLU's output, 4 bytes a feature (2 in bf16)."""
+    import copy
+
+    from tunelab.training.frozen import lora_sums_in_fp32, shared_input_casts, store_frozen_at
+    from tunelab.training.gated_mlp import fuse_gated_mlps
+
+    if lora:
+        plain = _lora_model()
+        if low:
+            store_frozen_at(plain, torch.bfloat16)
+            lora_sums_in_fp32(plain)
+            shared_input_casts(plain)
+    else:
+        torch.manual_seed(0)
+        plain = load_causal_lm("tiny-llama")
+    fused = copy.deepcopy(plain)
+    assert fuse_gated_mlps(fused) == 2 and fuse_gated_mlps(torch.nn.Linear(2, 2)) == 0
+    batch = _batch(smol_tokenizer.pad_token_id)
+    results = []
+    for model in (plain, fused):
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[(t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16) if low else contextlib.nullcontext(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            loss = selected_loss_sum(model, batch, chunk=4)
+        loss.backward()
+        results.append((loss.detach(), _grads(model), sum(saved.values())))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    silu_dtype = torch.float32 if lora or not low else torch.bfloat16  # a LoRA gate's sum is fp32
+    config = plain.config
+    tokens = batch["input_ids"].numel()
+    assert saved_a - saved_b == config.num_hidden_layers * tokens * config.intermediate_size * silu_dtype.itemsize
+
+
+def test_only_llamas_own_gated_forward_is_fused():
+    """A gated MLP with llama's submodules and another forward (here: a scaled product), or another activation,
+    keeps its forward: fusing it would silently change the model."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from tunelab.training.gated_mlp import fuse_gated_mlps
+
+    class ScaledMLP(LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0.5)
+
+    config = load_causal_lm("tiny-llama").config
+    assert fuse_gated_mlps(ScaledMLP(config)) == 0
+    gelu = LlamaMLP(config)
+    gelu.act_fn = torch.nn.GELU()
+    assert fuse_gated_mlps(gelu) == 0
+    assert fuse_gated_mlps(LlamaMLP(config)) == 1
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "auto-avx2"])
 def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, precision, monkeypatch):
     """auto-avx2: precision auto on a CPU without native bf16 (TUNELAB_CPU_BF16=0) trains in fp32, base too."""
@@ -253,6 +319,7 @@ def test_trainer_stores_the_frozen_base_at_the_compute_precision(tiny_config, pr
     with torch.no_grad(), trainer.autocast():
         assert layer(torch.randn(2, layer.in_features)).dtype == torch.float32
     assert trainer.precision == precision
+    assert trainer.fused_mlps == 2  # every precision: tiny-llama's two gated MLPs
     trainer.close()
 
 

@@ -15,9 +15,10 @@ from .memory import Workload, breakdown, lora_output_bytes, with_load
 STRATEGIES = ("ddp", "fsdp")
 
 
-def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, list[str]]:
+def workload(cfg, method, shape, tokenizer_ok: bool, first: int = 1) -> tuple[Workload, Workload, int, list[str]]:
     """The run's largest micro-batch (from the data file's token lengths when there is one, with packing
-    as the run does it), the number of training examples (0: unknown) and notes."""
+    as the run does it), the largest of its first `first` steps (what the shallow copies train on), the number
+    of training examples (0: unknown) and notes."""
     from ..training.batching import epoch_windows, step_batches
 
     t = cfg.train
@@ -32,11 +33,8 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
             if not cfg.data.train
             else ("no tokenizer for this model: every example assumed max_length tokens long")
         )
-        return (
-            Workload(tokens, t.batch_size * (cfg.data.max_length - 1), t.batch_size, max_length, packed=t.packing),
-            0,
-            [note],
-        )
+        work = Workload(tokens, t.batch_size * (cfg.data.max_length - 1), t.batch_size, max_length, packed=t.packing)
+        return work, work, 0, [note]
     from ..data import prepare_data
     from ..models import load_tokenizer
 
@@ -45,8 +43,10 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
     examples = data.train
     lengths = [len(e["input_ids"]) for e in examples]
     steps = t.max_steps or math.ceil(t.epochs * math.ceil(len(examples) / (t.batch_size * t.grad_accum)))
-    best = Workload(0, 0, 0, 0)
-    for window in epoch_windows(lengths, cfg, 0)[: max(1, min(steps, 64))]:
+    best = early = Workload(0, 0, 0, 0)
+    for step, window in enumerate(epoch_windows(lengths, cfg, 0)[: max(1, min(steps, 64))]):
+        if step == first:
+            early = best
         for batch in step_batches(
             [examples[i] for i in window], t.batch_size, tok.pad_token_id, t.packing, cfg.data.max_length, "varlen"
         ):
@@ -58,7 +58,13 @@ def workload(cfg, method, shape, tokenizer_ok: bool) -> tuple[Workload, int, lis
             if tokens > best.tokens:
                 packed = "cu_seq_lens_q" in batch
                 best = Workload(tokens, int((labels[..., 1:] != -100).sum()), rows, width, packed)
-    return best, len(examples), [f"token lengths from {cfg.data.train} ({len(examples)} training examples)"]
+    early = early if early.tokens else best  # a run of `first` steps or fewer
+    return best, early, len(examples), [f"token lengths from {cfg.data.train} ({len(examples)} training examples)"]
+
+
+def _training_bytes(terms: dict) -> int:
+    """A breakdown's total without its load term: what a micro-batch's size moves."""
+    return terms["total"] - terms.get("loading_excess", 0)
 
 
 def estimate(
@@ -79,7 +85,7 @@ def estimate(
     from ..methods import get_method
     from ..training.resolve import resolve_run_config
     from .arith import preset_counts, preset_shape
-    from .depth import at_depth, depth_calibration
+    from .depth import COPY_STEPS, at_depth, depth_calibration
     from .energy import device_power, energy_cost
     from .overhead import step_overhead
     from .params import PRESETS, count_params, model_config, shape_of
@@ -120,7 +126,7 @@ def estimate(
     quant_bits = None
     if hasattr(method, "quant_bits"):
         quant_bits = method.quant_bits(cfg)
-    work, n_examples, notes = workload(cfg, method, shape, cfg.model not in PRESETS)
+    work, copies_work, n_examples, notes = workload(cfg, method, shape, cfg.model not in PRESETS, COPY_STEPS)
     base = 0
     if device.type == "cpu" and baseline:
         from .baseline import runtime_baseline
@@ -165,8 +171,8 @@ def estimate(
             f"(random weights, its data, method and precision): {depth['fixed_s']:.3f} s + "
             f"{depth['per_block_s']:.3f} s per block"
             + (
-                f"; their timed steps, the same shapes, differed by up to {100 * depth['step_spread']:.0f}% "
-                "(this machine's noise: the step time is no closer than that)"
+                f"; step by step, the two copies' times (the same data windows) moved apart by up to "
+                f"{100 * depth['step_spread']:.0f}% (this machine's noise: the step time is no closer than that)"
                 if depth.get("step_spread") is not None  # calibrations cached before it was recorded lack it
                 else ""
             )
@@ -186,12 +192,21 @@ def estimate(
         if load is not None and trained is not None:
             # no floor from the model's load term: a frozen fp32 base loads zero-copy from its safetensors (pages
             # resident only once the first forward reads them), so most runs peak in training, as their copies do
-            measured = int(max(load, trained))
+            # the copies train the run's first steps: a larger micro-batch later in the run adds what the model
+            # says its extra tokens add (activations, loss buffers)
+            later = max(0, _training_bytes(memory) - _training_bytes(mem(ckpt, w=copies_work)))
+            measured = int(max(load, trained + later))
             memory = memory | {"copies_correction": measured - memory["total"], "total": measured}
             notes.append(
                 f"peak memory measured on the same copies: loading {load / 2**20:,.0f} MiB, training "
-                f"{trained / 2**20:,.0f} MiB at {shape.layers} blocks (the terms above are the model's breakdown; "
-                "copies_correction is what the measurement adds to them)"
+                f"{trained / 2**20:,.0f} MiB at {shape.layers} blocks"
+                + (
+                    f", + {later / 2**20:,.0f} MiB for the run's largest micro-batch ({work.tokens:,} tokens; the "
+                    f"copies' first {COPY_STEPS} steps: {copies_work.tokens:,}) by the model"
+                    if later
+                    else ""
+                )
+                + " (the terms above are the model's breakdown; copies_correction is what the measurement adds to them)"
             )
     steps = t.max_steps or (
         max(1, math.ceil(t.epochs * math.ceil(n_examples / (t.batch_size * t.grad_accum)))) if n_examples else None

@@ -29,6 +29,7 @@ from .cache import cached
 
 DEEPEST = 16  # the deeper copy; the shallower has half its blocks: their distance divides the timing noise
 WARMUP, TIMED = 2, 4
+COPY_STEPS = WARMUP + TIMED  # the run's first steps: the copies train on these windows
 MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
 VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
@@ -87,7 +88,7 @@ def _copy_run(cfg, folder: Path, out: Path) -> dict:
     d.update(model=str(folder), out_dir=str(out), run_name=folder.name, report_to=[])
     d.pop("mlflow", None)
     d.pop("wandb", None)
-    d["train"] = dict(d["train"], max_steps=WARMUP + TIMED, eval_every=None, save_every=None, log_every=1)
+    d["train"] = dict(d["train"], max_steps=COPY_STEPS, eval_every=None, save_every=None, log_every=1)
     d["train"]["early_stopping_patience"] = None
     path = out / f"{folder.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +156,7 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
             "per_block_s": per_block,
             "depths": list(depths),
             "timed_steps": TIMED,
-            # how far this machine moved steps of the same shapes: the estimate is no closer than that
-            "step_spread": max((max(ts) - min(ts)) / statistics.median(ts) for ts in times.values()),
+            "step_spread": step_spread(times[lo], times[hi]),
         }
         for kind in ("load_peak", "train_peak"):  # bytes at each depth, when the copies' peaks were measured
             values = [runs[blocks][kind] for blocks in depths]
@@ -164,6 +164,15 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
         return out
 
     return cached("copies", _key(cfg, config), measure, timing=True), "measured"
+
+
+def step_spread(shallow: list[float], deep: list[float]) -> float:
+    """How far this machine moved the copies' steps: (max - min) / median of the deeper copy's time over the
+    shallower one's, step by step. Both ran the same data windows, so a window's shapes change both times alike
+    and their ratio only with the machine's speed (a spread over one copy's steps would count a long window
+    as noise: a bench-like data file's windows of 555-1,414 tokens read 208%). The estimate is no closer."""
+    ratios = [b / a for a, b in zip(shallow, deep) if a > 0]
+    return (max(ratios) - min(ratios)) / statistics.median(ratios) if ratios else 0.0
 
 
 def at_depth(calibration: dict, kind: str, blocks: int) -> float | None:

@@ -23,19 +23,21 @@ from dataclasses import dataclass
 from ..losses import _PLAIN_HEAD_TYPES, CHUNK
 
 # bytes per token and block, as (x hidden, x kv width, x intermediate): what autograd saves in a llama
-# block (two RMSNorms in fp32, q/k/v/o projections, RoPE, attention, gated MLP)
-ACT_COEFF = {"fp32": (36, 12, 16), "low": (38, 10, 10)}
+# block (two RMSNorms in fp32, q/k/v/o projections, RoPE, attention, gated MLP). The MLP's SiLU output is not
+# among them (training.gated_mlp recomputes it in backward): 4 bytes an intermediate feature fewer in fp32, 2 in
+# bf16, counted with saved_tensors_hooks on tiny-llama (tests/test_estimate.py)
+ACT_COEFF = {"fp32": (36, 12, 12), "low": (38, 10, 8)}
 # packed rows on a CPU under autocast: tunelab.attention attends in fp32 (SDPA saves fp32 q, k, v and output
 # where the unpacked model's bf16 SDPA saves bf16 ones), bytes more per token and block (x hidden, x kv width),
 # counted with saved_tensors_hooks on tiny-llama (tests/test_estimate.py); in fp32 both save the same
 PACKED_CPU_ATTENTION_BYTES = (4, 4)
 LORA_INPUT_BYTES = {"fp32": 5, "low": 7}  # per adapted module's input feature: dropout output + mask (+ cast)
 # under autocast a LoRA layer's output is fp32 (training.frozen.lora_sums_in_fp32), so part of what a gated MLP
-# saves for backward (gate_proj's output for SiLU, SiLU's and up_proj's outputs for their product) is fp32
-# instead of bf16. Bytes more per token and intermediate feature, by (gate_proj adapted, up_proj adapted), as
-# counted with saved_tensors_hooks on tiny-llama (tests/test_estimate.py); the attention projections and
-# down_proj add nothing (their outputs are cast to bf16 for SDPA or added to the fp32 residual stream)
-LORA_FP32_MLP_BYTES = {(True, True): 6, (True, False): 3, (False, True): 1, (False, False): 0}
+# saves for backward (gate_proj's and up_proj's outputs, for training.gated_mlp's SiLU x up) is fp32 instead of
+# bf16. Bytes more per token and intermediate feature, by (gate_proj adapted, up_proj adapted), as counted with
+# saved_tensors_hooks on tiny-llama (tests/test_estimate.py); the attention projections and down_proj add
+# nothing (their outputs are cast to bf16 for SDPA or added to the fp32 residual stream)
+LORA_FP32_MLP_BYTES = {(True, True): 4, (True, False): 2, (False, True): 2, (False, False): 0}
 ADAPTER_BYTES = 12  # per adapter and hidden feature: input, bottleneck in/out, residual
 # per label position and vocab entry: logits (fp32 copy), log-softmax, its gradient; fitted to the measured
 # tiny-llama cells (README matrix): ~12 bytes, less than the sum of the buffers (some are freed before the peak)

@@ -56,6 +56,7 @@ from .checkpoint_dirs import latest_checkpoint
 from .compiled import compile_blocks, resolve_compile
 from .distributed import Distributed
 from .frozen import lora_sums_in_fp32, shared_input_casts, store_frozen_at
+from .gated_mlp import fuse_gated_mlps
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
 from .observer import RunObserver
@@ -163,6 +164,7 @@ class Trainer:
         if low is not None:  # an adapter's small update is not rounded to the bf16 base output's step
             lora_sums_in_fp32(self.model)
             shared_input_casts(self.model)  # base and lora_A read one bf16 copy of x, not two
+        self.fused_mlps = fuse_gated_mlps(self.model)  # SiLU's output recomputed in backward, not saved
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
