@@ -61,6 +61,7 @@ def test_bench_tiny_llama(tmp_path):
     assert counts[0] == counts[1] and counts[0][1] > 0
     assert all(report["checks"].values()), report["checks"]
     assert report["fast"]["packed_batches"] and report["packing_active"]
+    assert report["fused_mlps"] == 2  # tiny-llama's gated MLPs
     # same examples, same order, same initial adapter: the two loss curves agree closely
     assert report["loss_rel_diff"] < 1e-3
 

@@ -101,6 +101,7 @@ def train_fast(spec: dict, step_log: StepLog):
     step_log.notes["precision"] = trainer.precision
     step_log.notes["packing"] = trainer.cfg.train.packing  # as the loop resolved it
     step_log.notes["compiled_blocks"] = trainer.compiled_blocks
+    step_log.notes["fused_mlps"] = trainer.fused_mlps
     step_log.mark_train_start()
     t0 = time.perf_counter()
     result = trainer.run()

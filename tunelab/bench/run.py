@@ -130,6 +130,7 @@ def combine(spec: dict, base: dict, fast: dict, peak_flops: dict) -> dict:
         "speedup_incl_warmup": fast["useful_tokens_per_s_incl_warmup"] / base["useful_tokens_per_s_incl_warmup"],
         "step_breakdown_s": {"baseline": base["step_breakdown_s"], "fast": fast["step_breakdown_s"]},
         "compiled_blocks": fast["notes"].get("compiled_blocks", 0),
+        "fused_mlps": fast["notes"].get("fused_mlps", 0),  # gated MLPs without SiLU's saved output
         "mem_ratio": fast["peak_mem_bytes"] / base["peak_mem_bytes"],
         # what training adds on top of the loaded model (the part packing and the fast loss can change)
         "mem_ratio_training": (

@@ -590,6 +590,7 @@ class Trainer:
             "cpu_capability": cpu_capability(),
             "precision": self.precision,
             "compiled_blocks": self.compiled_blocks,
+            "fused_mlps": self.fused_mlps,
             "hints": hints,
             "config_hash": cfg.hash(),
             "versions": versions(),
