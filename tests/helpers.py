@@ -1,6 +1,7 @@
 """Helpers the tests share (fixtures stay in conftest.py): toy data, a tiny training run, a faked
-interruption, the CLI in a subprocess, learning rates for tiny random models."""
+interruption, the CLI in a subprocess, learning rates for tiny random models, the bytes autograd saves."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -79,3 +80,29 @@ def only_method_sections(cfg: dict) -> dict:
 
     reads = METHODS[cfg.get("method", DEFAULT_METHOD)].sections
     return {k: v for k, v in cfg.items() if k not in SECTIONS or k in reads}
+
+
+class SavedBytes(contextlib.AbstractContextManager):
+    """Inside the block, counts the bytes autograd saves for backward (`.total`), each tensor once (by address,
+    dtype and shape): what the estimator's per-token activation terms are checked against."""
+
+    def __init__(self):
+        import torch
+
+        self.tensors = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        self.tensors[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.tensors.values())

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import SavedBytes, run_cli
 from tunelab.config import build_config
 
 
@@ -436,16 +436,10 @@ def test_the_lora_fp32_output_term_is_what_autograd_saves_more(targets):
         assert fuse_gated_mlps(model) == 2
         if fp32_sums:
             lora_sums_in_fp32(model)
-        tensors = {}
-
-        def pack(t):
-            tensors[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        with SavedBytes() as saved_bytes, torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=torch.randint(0, 1000, (2, 32)))
         layers = [(n, m.out_features) for n, m in model.named_modules() if hasattr(m, "lora_A")]
-        return sum(tensors.values()), layers
+        return saved_bytes.total, layers
 
     plain, layers = saved(False)
     fp32_sums, _ = saved(True)
@@ -482,16 +476,10 @@ def test_the_packed_cpu_attention_term_is_what_autograd_saves_more(low):
     }
 
     def saved(kwargs) -> int:
-        tensors = {}
-
-        def pack(t):
-            tensors[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        with varlen_attention(model, bool(kwargs)), hooks, torch.autocast("cpu", torch.bfloat16, enabled=low):
-            model(input_ids=ids, **kwargs)
-        return sum(tensors.values())
+        with varlen_attention(model, bool(kwargs)), SavedBytes() as saved_bytes:
+            with torch.autocast("cpu", torch.bfloat16, enabled=low):
+                model(input_ids=ids, **kwargs)
+        return saved_bytes.total
 
     c = model.config
     kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads

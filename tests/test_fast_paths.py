@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import SavedBytes
 from tunelab.data.collate import pad_batch
 from tunelab.data.encode import IGNORE_INDEX
 from tunelab.losses import (
@@ -253,19 +254,10 @@ def test_fused_gated_mlp_equals_autograd_and_saves_no_silu_output(smol_tokenizer
     batch = _batch(smol_tokenizer.pad_token_id)
     results = []
     for model in (plain, fused):
-        saved = {}
-
-        def pack(t, saved=saved):
-            saved[(t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
-        with (
-            torch.autocast("cpu", dtype=torch.bfloat16) if low else contextlib.nullcontext(),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        ):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), SavedBytes() as saved:
             loss = selected_loss_sum(model, batch, chunk=4)
         loss.backward()
-        results.append((loss.detach(), _grads(model), sum(saved.values())))
+        results.append((loss.detach(), _grads(model), saved.total))
     (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
