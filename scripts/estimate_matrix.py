@@ -4,15 +4,17 @@ process (so each peak RSS is its own). Writes JSON and a Markdown table (for the
     python scripts/estimate_matrix.py --models tiny-llama smollm2-135m-instruct --out docs/estimate-matrix
 
 Measured: summary.json's peak_mem_bytes (peak RSS on a CPU: the whole process) and the median step time
-of steps 2.. (differences of metrics.jsonl's cumulative train_s; step 1 warms up). Predicted: `tunelab estimate` on the
-same config, its runtime baseline included; its step time is FLOPs over the matmul calibration plus the
-per-step overhead calibration (tunelab/estimate/overhead.py), both measured on this machine.
+of steps 2.. (differences of metrics.jsonl's cumulative train_s; step 1 warms up), over enough steps to fill
+MEASURE_SECONDS (a shared machine's speed moves for seconds at a time: 6 steps of 0.3 s can meet one phase
+only). Predicted: `tunelab estimate` on the same config, its runtime baseline included; its step time is
+measured on shallow copies of the run (tunelab/estimate/depth.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -23,6 +25,7 @@ from pathlib import Path
 METHODS = ("full", "lora", "qlora", "adapter", "prefix")
 NO_CHECKPOINTING = {"prefix"}  # peft's prefix tuning refuses gradient checkpointing (tunelab says so)
 SHAPES = ((2, 64), (4, 256))  # (batch_size, max_length)
+MEASURE_SECONDS, MIN_STEPS, MAX_STEPS = 10.0, 6, 60  # the measured run: as many steps as fill 10 s
 WORDS = "the quick brown fox jumps over a lazy dog while seven red birds sing in the old tall tree".split()
 
 
@@ -89,13 +92,25 @@ def run_matrix(models, methods=METHODS, shapes=SHAPES, checkpointing=(False, Tru
                         if ckpt and method in NO_CHECKPOINTING:
                             continue
                         cfg = cell_config(model, method, batch, length, ckpt, data, tmp / "runs")
-                        got, want = measure(cfg, tmp), predict(cfg)
+                        steps = math.ceil(MEASURE_SECONDS / predict(cfg)["step_s"])
+                        cfg = cell_config(
+                            model,
+                            method,
+                            batch,
+                            length,
+                            ckpt,
+                            data,
+                            tmp / "runs",
+                            min(MAX_STEPS, max(MIN_STEPS, steps)),
+                        )
+                        want, got = predict(cfg), measure(cfg, tmp)  # the copies' calibration is cached by now
                         row = {
                             "model": model,
                             "method": method,
                             "batch_size": batch,
                             "max_length": length,
                             "checkpointing": ckpt,
+                            "measured_steps": cfg["train"]["max_steps"],
                             "measured_peak_mib": got["peak_bytes"] / 2**20,
                             "predicted_peak_mib": want["peak_bytes"] / 2**20,
                             "peak_error_pct": 100 * (want["peak_bytes"] - got["peak_bytes"]) / got["peak_bytes"],
@@ -114,14 +129,15 @@ def run_matrix(models, methods=METHODS, shapes=SHAPES, checkpointing=(False, Tru
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | method | batch x length | checkpointing | measured peak MiB | predicted MiB | error | "
-        "measured step s | predicted step s | error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "steps | measured step s | predicted step s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['batch_size']} x {r['max_length']} | "
             f"{'yes' if r['checkpointing'] else 'no'} | {r['measured_peak_mib']:.0f} | {r['predicted_peak_mib']:.0f} | "
-            f"{r['peak_error_pct']:+.1f}% | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"{r['peak_error_pct']:+.1f}% | {r.get('measured_steps', 6)} | {r['measured_step_s']:.3f} | "
+            f"{r['predicted_step_s']:.3f} | "
             f"{r['step_error_pct']:+.0f}% |"
         )
     return "\n".join(lines) + "\n"

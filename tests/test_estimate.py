@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -86,29 +87,36 @@ def test_a_distillation_estimate_holds_the_teacher_and_the_student_cut_from_it()
 def test_predicted_peak_within_ten_percent_of_a_real_run(tmp_path, long_data, cell, monkeypatch):
     """As the README's matrix: the estimate's copies really train (in their own processes, one time per step,
     both peaks measured), and the peak they predict is within 10% of the real run's."""
-    from tunelab.estimate import depth, estimate
+    from tunelab.estimate import depth, estimate, paired
     from tunelab.models import load_causal_lm, load_tokenizer
 
     # build the model and tokenizer caches first: a first build (GGUF conversion) in the measured process
     # would raise its peak far above what training needs
     load_tokenizer("tiny-llama"), load_causal_lm("tiny-llama")
     cfg = _cfg(tmp_path, long_data, **cell)
-    copies, real = [], depth._copy_run
+    copies, pairs, real, real_pairs = [], [], depth._copy_run, depth._paired_run
 
     def recorded(run_cfg, folder, out):
         run = real(run_cfg, folder, out)
         copies.append(run)
         return run
 
+    def recorded_pairs(run_cfg, folders, out):
+        pairs.append(real_pairs(run_cfg, folders, out))
+        return pairs[-1]
+
     monkeypatch.setattr(depth, "_copy_run", recorded)
+    monkeypatch.setattr(depth, "_paired_run", recorded_pairs)
     # the runtime baseline and the copies are measured now, beside the runs they are compared with, not read
     # from a cache an older environment (other package versions) may have written
     monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
     report = estimate(build_config(cfg))
     assert report["depth_calibration"]["depths"] == [1, 2] and len(copies) == 2  # tiny-llama: 2 blocks
     MiB = 2**20
+    (times,) = pairs  # one process timed both copies, step by step in turns
+    assert paired.MIN_PAIRS <= len(times["lo"]) == len(times["hi"]) <= paired.MAX_PAIRS
+    assert min(times["lo"] + times["hi"]) > 0 and report["depth_calibration"]["timed_steps"] == len(times["lo"])
     for run in copies:
-        assert len(run["step_s"]) == depth.WARMUP + depth.TIMED and min(run["step_s"]) > 0
         assert 100 * MiB < run["load_peak"] < 4096 * MiB and 100 * MiB < run["train_peak"] < 4096 * MiB
     assert "copies_correction" in report["memory"]
     predicted = report["memory"]["total"]
@@ -254,11 +262,8 @@ def test_a_larger_micro_batch_after_the_copies_steps_adds_the_models_difference(
     tiny_config["train"].update(max_steps=12, batch_size=2)
     rows = [{"instruction": "Repeat the word: red", "output": "red"}] * 24  # equal rows but one, made long below
     windows = epoch_windows([1] * len(rows), build_config(tiny_config), 0)  # the order depends on the count only
-    monkeypatch.setattr(
-        depth,
-        "_copy_run",
-        lambda cfg, folder, out: {"step_s": [1.0] * depth.COPY_STEPS, "load_peak": 400 * MiB, "train_peak": 900 * MiB},
-    )
+    monkeypatch.setattr(depth, "_copy_run", lambda cfg, folder, out: {"load_peak": 400 * MiB, "train_peak": 900 * MiB})
+    monkeypatch.setattr(depth, "_paired_run", lambda cfg, folders, out: {"lo": [1.0] * 4, "hi": [1.5] * 4})
     monkeypatch.setattr(baseline, "runtime_baseline", lambda *a, **k: 300 * MiB)
     monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
 
@@ -301,16 +306,21 @@ def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_con
     def scripted(cfg, folder, out):  # the real copies train in the peak test above: here, their numbers scripted
         seen.append(AutoConfig.from_pretrained(folder).num_hidden_layers)
         blocks = seen[-1]
-        steps = [0.5 + 0.1 * blocks + 0.01 * i for i in range(depth.WARMUP + depth.TIMED)]  # 0.5 s + 0.1 s a block
-        if blocks == 2:
-            steps[depth.WARMUP + 1] *= 1.1  # the host slowed one step of the deeper copy
         return {
-            "step_s": steps,
             "load_peak": (500 + 10 * blocks) * MiB,
             "train_peak": (480 + 30 * blocks) * MiB,  # below the load at 1 block, above it deeper
         }
 
+    def scripted_pairs(cfg, folders, out):  # 0.5 s + 0.1 s a block, the windows' shapes moving both copies alike
+        assert [AutoConfig.from_pretrained(f).num_hidden_layers for f in folders] == [1, 2]
+        lo = [0.6 + 0.01 * i for i in range(5)]
+        hi = [0.7 + 0.01 * i for i in range(5)]
+        hi[1] *= 1.1  # the host slowed one step of the deeper copy
+        hi[3] *= 1.05  # and another one, less
+        return {"lo": lo, "hi": hi}
+
     monkeypatch.setattr(depth, "_copy_run", scripted)
+    monkeypatch.setattr(depth, "_paired_run", scripted_pairs)
     monkeypatch.setattr(baseline, "runtime_baseline", lambda *a, **k: 300 * MiB)  # what the copies measure covers it
     # the 8B model's fallback: FLOPs and the shrunk model's overhead (its own test times that one)
     monkeypatch.setattr(overhead, "step_overhead", lambda *a, **k: {"fixed_s": 0.0, "per_block_s": 0.0})
@@ -319,15 +329,17 @@ def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_con
     layers = r["architecture"]["layers"]
     assert seen == list(depth.copy_depths(layers)) == [1, 2]  # tiny-llama has 2 blocks: the copy is the model
     assert depth.copy_depths(30) == (8, 16) and depth.copy_depths(12) == (6, 12)  # smollm2; shallower than 16
+    # the median pair's difference: 0.1 s a block; the shallow copy's median step, less its block
     assert r["depth_calibration"]["per_block_s"] == pytest.approx(0.1)
-    assert r["depth_calibration"]["fixed_s"] == pytest.approx(0.5 + 0.01 * 3.5)  # median of the timed steps
-    assert r["step_seconds"] == pytest.approx(0.535 + 0.1 * layers)
-    # step by step the 2-block copy's time over the 1-block one's: 0.72/0.62, 0.803/0.63, 0.74/0.64, 0.75/0.65; the
-    # steps' own drift (1 to 5%, as a window's shapes would move them) is not counted, the slowed step is
-    ratios = [0.72 / 0.62, 0.73 * 1.1 / 0.63, 0.74 / 0.64, 0.75 / 0.65]
-    spread = (max(ratios) - min(ratios)) / ((ratios[0] + ratios[2]) / 2)
-    assert r["depth_calibration"]["step_spread"] == pytest.approx(spread) and 0.10 < spread < 0.11
-    assert any("moved apart by up to 10%" in n for n in r["notes"])
+    assert r["depth_calibration"]["fixed_s"] == pytest.approx(0.62 - 0.1)
+    assert r["step_seconds"] == pytest.approx(0.52 + 0.1 * layers)
+    # pair by pair the 2-block copy's time over the 1-block one's; the windows' own drift (as their shapes would
+    # move both) is not counted, the slowed steps are: the interquartile range over the median
+    ratios = sorted([0.70 / 0.60, 0.71 * 1.1 / 0.61, 0.72 / 0.62, 0.73 * 1.05 / 0.63, 0.74 / 0.64])
+    q1, q3 = statistics.quantiles(ratios, n=4)[0::2]
+    assert r["depth_calibration"]["step_spread"] == pytest.approx((q3 - q1) / ratios[2])
+    assert r["depth_calibration"]["timed_steps"] == 5
+    assert any(f"spread {100 * (q3 - q1) / ratios[2]:.0f}% (interquartile" in n for n in r["notes"])
     memory = r["memory"]
     assert memory["total"] == max(500 + 10 * layers, 480 + 30 * layers) * MiB
     assert sum(v for k, v in memory.items() if k != "total") == memory["total"]  # the correction is a term
@@ -517,3 +529,60 @@ def test_advice_when_the_peak_does_not_fit_says_what_each_change_gives_and_when_
     assert big["advice"] and all(a["load_bound"] and a["peak_bytes"] == load for a in big["advice"])
     shown = render(big)
     assert "loading the model sets it" in shown and "no training setting lowers the load's peak" in shown
+
+
+def test_the_copies_are_timed_by_turns_on_the_runs_own_windows(tmp_path, write_jsonl, monkeypatch):
+    """paired.py steps both copies in one process by turns (shallow then deep, then deep then shallow), each pair
+    on one data window, in the run's own order across epochs, with the run's own Trainer (here a preference
+    run's: answer pairs)."""
+    from tunelab.estimate import paired
+    from tunelab.training.batching import epoch_windows
+    from tunelab.training.preference import PreferenceTrainer
+
+    rows = [{"prompt": f"Repeat: {c}", "chosen": c, "rejected": f"{c} {c} {c}"} for c in ("red", "blue", "green")] * 4
+    cfg = {
+        "model": "tiny-llama",
+        "task": "preference",
+        "seed": 0,
+        "out_dir": str(tmp_path / "runs"),
+        "data": {"train": str(write_jsonl(rows)), "val_fraction": 0.0, "max_length": 32},
+        "train": {"batch_size": 4, "max_steps": 10, "precision": "fp32"},  # 3 windows an epoch
+    }
+    paths = []
+    for name in ("lo", "hi"):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(json.dumps(cfg | {"run_name": name}))
+    steps, trainers, real = [], {}, PreferenceTrainer.train_step
+
+    def recorded(self, window):
+        trainers[self.cfg.run_name] = self
+        steps.append((self.cfg.run_name, list(window)))
+        return real(self, window)
+
+    monkeypatch.setattr(PreferenceTrainer, "train_step", recorded)
+    monkeypatch.setattr(paired, "MIN_PAIRS", 3)
+    monkeypatch.setattr(paired, "MAX_PAIRS", 3)
+    times = paired.paired_steps(*map(str, paths))
+    assert len(times["lo"]) == len(times["hi"]) == 3 and min(times["lo"] + times["hi"]) > 0  # after 2 warm-up pairs
+    assert [name for name, _ in steps] == ["lo", "hi", "hi", "lo"] * 2 + ["lo", "hi"]
+    first = trainers["lo"]
+    run_order = [w for epoch in (0, 1) for w in epoch_windows(first.lengths, first.cfg, epoch)]
+    assert [w for _, w in steps[0::2]] == [w for _, w in steps[1::2]] == run_order[:5]
+    assert trainers["lo"].state["step"] == trainers["hi"].state["step"] == 5
+    for name in ("lo", "hi"):  # each step's record written as the loop writes it, TensorBoard's too
+        run = tmp_path / "runs" / name
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["train_s"] > 0
+        assert any((run / "tb").iterdir())
+
+
+def test_the_copies_report_to_tensorboard_as_the_run_does_and_to_no_other_tracker(tmp_path, tiny_config):
+    """TensorBoard's writer thread is part of a step's cost (5-15 ms at tiny-llama's 2 x 64); an MLflow or W&B
+    run per copy would litter the user's tracking."""
+    from tunelab.estimate import depth
+
+    for trackers, kept in ((["tensorboard", "mlflow"], ["tensorboard"]), (["mlflow"], []), ([], [])):
+        cfg = build_config(tiny_config | {"report_to": trackers})
+        path = depth._copy_config(cfg, tmp_path / "blocks-1", tmp_path / "runs", 6)
+        copy = json.loads(path.read_text())
+        assert copy["report_to"] == kept and "mlflow" not in copy and copy["train"]["max_steps"] == 6

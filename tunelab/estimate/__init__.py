@@ -171,8 +171,9 @@ def estimate(
             f"(random weights, its data, method and precision): {depth['fixed_s']:.3f} s + "
             f"{depth['per_block_s']:.3f} s per block"
             + (
-                f"; step by step, the two copies' times (the same data windows) moved apart by up to "
-                f"{100 * depth['step_spread']:.0f}% (this machine's noise: the step time is no closer than that)"
+                f"; {depth['timed_steps']} pairs of steps on the same data windows, back to back: the deeper "
+                f"copy's time over the shallower one's spread {100 * depth['step_spread']:.0f}% (interquartile "
+                "range: this machine's noise from step to step)"
                 if depth.get("step_spread") is not None  # calibrations cached before it was recorded lack it
                 else ""
             )

@@ -6,11 +6,13 @@ and of training (on a CPU).
 
 Every cost of a step is in the measurement (the matmuls at the run's real shapes, attention, the loss, the
 frozen-weight casts, the optimizer, Python), not a FLOP count over a peak rate: that model was 55-93% low on
-small models on a CPU (README). Each timed step is paired across the two depths (the same data windows, so
-the same shapes), and the per-block time is the median of those differences. Memory likewise: what the
-allocator keeps, peft's own buffers and the loss's temporaries are in the copies' peaks, where the per-token
-model of memory.py missed up to 35% at smollm2's width. Cached per machine and config; a model whose 16-block
-copy would be too large to train here falls back to FLOPs + overhead and the memory model alone.
+small models on a CPU (README). The times come from one more process that steps both copies by turns on the
+same data windows (paired.py: a shared machine's phases of speed then move both alike), and the per-block
+time is the median of those pairs' differences. Memory comes from each copy's own process (its peak RSS is its
+own, as the real run's is): what the allocator keeps, peft's own buffers and the loss's temporaries are in the
+copies' peaks, where the per-token model of memory.py missed up to 35% at smollm2's width. Cached per machine
+and config; a model whose 16-block copy would be too large to train here falls back to FLOPs + overhead and
+the memory model alone.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 from .cache import cached
 
 DEEPEST = 16  # the deeper copy; the shallower has half its blocks: their distance divides the timing noise
-WARMUP, TIMED = 2, 4
-COPY_STEPS = WARMUP + TIMED  # the run's first steps: the copies train on these windows
+COPY_STEPS = 6  # the run's first steps: each copy's own process trains these windows (their peak RSS)
 MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
+METHOD_VERSION = (
+    2  # in the cache key: a calibration taken another way (1: each copy timed in its own process) is redone
+)
 VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
 
 
@@ -80,32 +84,45 @@ def _write_copy(cfg, config, tokenizer, blocks: int, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _copy_run(cfg, folder: Path, out: Path) -> dict:
-    """A short run of `cfg` on the model in `folder`, in its own process (its RSS is its own, as the real run's
-    is): the seconds of each step (metrics.jsonl's train_s) and the peak RSS of its load and of its training
-    (summary.json; None where the peak cannot be reset)."""
+def _copy_config(cfg, folder: Path, out: Path, steps: int) -> Path:
+    """`cfg` on the model in `folder`, for `steps` steps, saved under `out`: its path."""
     d = cfg.to_dict()
-    d.update(model=str(folder), out_dir=str(out), run_name=folder.name, report_to=[])
+    # TensorBoard as the run has it: its writer thread costs a short step 5-15 ms (tiny-llama at 2 x 64: 0.033 s a
+    # step without it, 0.042-0.058 with it); MLflow and W&B are not told of the copies
+    report_to = [tracker for tracker in cfg.report_to if tracker == "tensorboard"]
+    d.update(model=str(folder), out_dir=str(out), run_name=folder.name, report_to=report_to)
     d.pop("mlflow", None)
     d.pop("wandb", None)
-    d["train"] = dict(d["train"], max_steps=COPY_STEPS, eval_every=None, save_every=None, log_every=1)
+    d["train"] = dict(d["train"], max_steps=steps, eval_every=None, save_every=None, log_every=1)
     d["train"]["early_stopping_patience"] = None
-    path = out / f"{folder.name}.yaml"
+    path = out / f"{folder.name}-{steps}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(d), encoding="utf-8")  # JSON is YAML
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", str(path), "--no-progress"], capture_output=True, text=True
-    )
+    return path
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["the run failed"])[-1])
-    run = out / folder.name
-    cumulative = [json.loads(line)["train_s"] for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    return {
-        "step_s": [b - a for a, b in zip([0.0] + cumulative, cumulative)],
-        "load_peak": summary.get("load_peak_mem_bytes"),
-        "train_peak": summary.get("train_peak_mem_bytes"),
-    }
+    return proc.stdout
+
+
+def _copy_run(cfg, folder: Path, out: Path) -> dict:
+    """COPY_STEPS steps of `cfg` on the model in `folder`, in its own process (its RSS is its own, as the real
+    run's is): the peak RSS of its load and of its training (summary.json; None where the peak cannot be reset)."""
+    path = _copy_config(cfg, folder, out, COPY_STEPS)
+    _run([sys.executable, "-m", "tunelab", "train", str(path), "--no-progress"])
+    summary = json.loads((out / folder.name / "summary.json").read_text(encoding="utf-8"))
+    return {"load_peak": summary.get("load_peak_mem_bytes"), "train_peak": summary.get("train_peak_mem_bytes")}
+
+
+def _paired_run(cfg, folders: list[Path], out: Path) -> dict:
+    """Both copies' step times, taken by turns in one process (paired.py): {'lo': [...], 'hi': [...]}."""
+    from .paired import MAX_PAIRS, WARMUP
+
+    paths = [str(_copy_config(cfg, folder, out / "paired", WARMUP + MAX_PAIRS)) for folder in folders]
+    return json.loads(_run([sys.executable, "-m", "tunelab.estimate.paired", *paths]).strip().splitlines()[-1])
 
 
 def _key(cfg, config) -> str:
@@ -113,7 +130,9 @@ def _key(cfg, config) -> str:
     d["train"] = {k: v for k, v in d["train"].items() if k not in VOLATILE_TRAIN}
     data = Path(cfg.data.train)
     stat = data.stat()
-    blob = json.dumps([d, config.to_dict(), str(data), stat.st_size, stat.st_mtime_ns], sort_keys=True, default=str)
+    blob = json.dumps(
+        [METHOD_VERSION, d, config.to_dict(), str(data), stat.st_size, stat.st_mtime_ns], sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -133,31 +152,21 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
 
     def measure() -> dict:
         from ..log import log
-
-        log(
-            f"estimate: timing {WARMUP + TIMED} steps of {cfg.method} on {' and '.join(map(str, depths))}-block "
-            f"copies of {cfg.model} (once per machine and config)"
-        )
         from ..models import load_tokenizer
 
+        log(
+            f"estimate: timing {cfg.method} on {' and '.join(map(str, depths))}-block copies of {cfg.model} "
+            "(once per machine and config)"
+        )
         runs, tokenizer = {}, load_tokenizer(cfg.model, cfg.trust_remote_code)
         with tempfile.TemporaryDirectory(prefix="tunelab-depth-") as tmp:
-            for blocks in depths:
-                folder = Path(tmp) / f"blocks-{blocks}"
+            folders = [Path(tmp) / f"blocks-{blocks}" for blocks in depths]
+            for blocks, folder in zip(depths, folders):
                 with contextlib.redirect_stderr(io.StringIO()):
                     _write_copy(cfg, config, tokenizer, blocks, folder)
                 runs[blocks] = _copy_run(cfg, folder, Path(tmp) / "runs")
-        lo, hi = depths
-        times = {blocks: run["step_s"][WARMUP:] for blocks, run in runs.items()}
-        per_block = statistics.median((b - a) / (hi - lo) for a, b in zip(times[lo], times[hi]))
-        per_block = max(0.0, per_block)
-        out = {
-            "fixed_s": max(0.0, statistics.median(times[lo]) - per_block * lo),
-            "per_block_s": per_block,
-            "depths": list(depths),
-            "timed_steps": TIMED,
-            "step_spread": step_spread(times[lo], times[hi]),
-        }
+            times = _paired_run(cfg, folders, Path(tmp) / "runs")
+        out = {"depths": list(depths), **fit_depth(times["lo"], times["hi"], *depths)}
         for kind in ("load_peak", "train_peak"):  # bytes at each depth, when the copies' peaks were measured
             values = [runs[blocks][kind] for blocks in depths]
             out[f"{kind}_bytes"] = values if all(isinstance(v, int) for v in values) else None
@@ -166,13 +175,30 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
     return cached("copies", _key(cfg, config), measure, timing=True), "measured"
 
 
+def fit_depth(shallow: list[float], deep: list[float], lo: int, hi: int) -> dict:
+    """Seconds per step = fixed_s + per_block_s x blocks, from paired steps of the lo- and hi-block copies: the
+    median of the pairs' differences per block, and the shallow copy's median time less its blocks."""
+    per_block = max(0.0, statistics.median((b - a) / (hi - lo) for a, b in zip(shallow, deep)))
+    return {
+        "fixed_s": max(0.0, statistics.median(shallow) - per_block * lo),
+        "per_block_s": per_block,
+        "timed_steps": len(shallow),
+        "step_spread": step_spread(shallow, deep),
+    }
+
+
 def step_spread(shallow: list[float], deep: list[float]) -> float:
-    """How far this machine moved the copies' steps: (max - min) / median of the deeper copy's time over the
-    shallower one's, step by step. Both ran the same data windows, so a window's shapes change both times alike
-    and their ratio only with the machine's speed (a spread over one copy's steps would count a long window
-    as noise: a bench-like data file's windows of 555-1,414 tokens read 208%). The estimate is no closer."""
+    """How much this machine moves steps of the same shapes: the interquartile range over the median of the
+    deeper copy's time over the shallower one's, pair by pair. A pair ran one data window back to back, so the
+    window's shapes move both times alike and their ratio moves with the machine's speed only (a spread over one
+    copy's steps would count a long window as noise: a bench-like data file's windows of 555-1,414 tokens read
+    208%). The middle half of the pairs, not all of them: one step caught by a phase change is no measure of
+    the other 23 (their median is what the estimate takes)."""
     ratios = [b / a for a, b in zip(shallow, deep) if a > 0]
-    return (max(ratios) - min(ratios)) / statistics.median(ratios) if ratios else 0.0
+    if len(ratios) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return (q3 - q1) / statistics.median(ratios)
 
 
 def at_depth(calibration: dict, kind: str, blocks: int) -> float | None:

@@ -229,6 +229,7 @@ class Trainer:
             self.run_dir = Path(self.dist.broadcast_str(str(self.run_dir) if self.dist.is_main else ""))
         if self.dist.rank > 0:  # dropout differs between ranks; rank 0 keeps the single-process stream
             torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + self.state["step"])
+        self.train_time = self.state["train_time"]  # seconds in train_step, this session's and the ones before
         self.saved_step = self.state["step"] if resume_dir is not None else None
         self.pad_id = self.tokenizer.pad_token_id
         self.lengths = self.example_lengths(self.data.train)
@@ -307,6 +308,21 @@ class Trainer:
     def batch_loss(self, batch: dict) -> torch.Tensor:
         """The summed token loss of one micro-batch (a subclass may observe or replace it: the benchmark does)."""
         return loss_sum(self.model, batch)
+
+    def step_record(self, loss: float, grad_norm: float, tokens: int, seconds: float) -> dict:
+        """The metrics.jsonl record of the step just taken (counted in state and train_time)."""
+        step = self.state["step"]
+        return {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            # cumulative: the x-axes a comparison of runs can choose (tokens seen, training time)
+            "tokens_seen": self.state["tokens"],
+            "train_s": round(self.train_time, 3),
+        } | self.step_metrics()
 
     def step_metrics(self) -> dict:
         """Extra metrics of the step just taken, for its metrics.jsonl record (the same call on every process)."""
@@ -441,7 +457,6 @@ class Trainer:
             + (", packed" if t.packing else "")
         )
 
-        self.train_time = self.state["train_time"]
         # on a CPU, the peak RSS of loading and of training apart (the estimator extrapolates both from copies)
         self.load_peak = restart_rss_peak() if self.device.type == "cpu" else None
         if self.dist.is_main:
@@ -490,17 +505,7 @@ class Trainer:
                     step = self.state["step"]
                     record = None
                     if step % t.log_every == 0 or step == self.total_steps:
-                        record = {
-                            "step": step,
-                            "epoch": round(step / self.steps_per_epoch, 4),
-                            "loss": loss,
-                            "lr": self.scheduler.get_last_lr()[0],
-                            "grad_norm": grad_norm,
-                            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                            # cumulative: the x-axes a comparison of runs can choose (tokens seen, training time)
-                            "tokens_seen": self.state["tokens"],
-                            "train_s": round(self.train_time, 3),
-                        } | self.step_metrics()
+                        record = self.step_record(loss, grad_norm, tokens, dt)
                     if t.eval_every and step % t.eval_every == 0 and self.data.val:
                         last_eval = self.evaluate() | {"step": step}
                         record = (record or {"step": step}) | last_eval
@@ -609,6 +614,19 @@ class Trainer:
         return TrainResult(self.run_dir, summary)
 
 
+def trainer_for(cfg) -> type[Trainer]:
+    """The Trainer of this config's objective: a distillation's, answer pairs', or next tokens'."""
+    if cfg.distill is not None:
+        from .distill import DistillTrainer
+
+        return DistillTrainer
+    if cfg.task == "preference":
+        from .preference import PreferenceTrainer
+
+        return PreferenceTrainer
+    return Trainer
+
+
 def train(
     config,
     overrides: list[str] | None = None,
@@ -633,22 +651,15 @@ def train(
     else:
         data = config.to_dict() if isinstance(config, Config) else copy.deepcopy(dict(config))
         cfg = build_config(apply_overrides(data, overrides or []))
-    trainer_class = Trainer
-    if cfg.task == "preference":
-        from .preference import PreferenceTrainer
-
-        trainer_class = PreferenceTrainer
     if cfg.distill is not None:
         from ..distill import with_student
-        from .distill import DistillTrainer
 
         cfg = with_student(cfg) if resume is None else cfg
         if cfg.distill.prompts:
             from ..distill.answers import write_answers
 
             write_answers(cfg, progress)
-        trainer_class = DistillTrainer
-    trainer = trainer_class(cfg, resume_dir=resume, progress=progress, resume_changes=changes, observer=observer)
+    trainer = trainer_for(cfg)(cfg, resume_dir=resume, progress=progress, resume_changes=changes, observer=observer)
     status = "FAILED"  # what the trackers record when the run does not finish
     try:
         return trainer.run()
