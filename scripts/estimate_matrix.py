@@ -93,16 +93,7 @@ def run_matrix(models, methods=METHODS, shapes=SHAPES, checkpointing=(False, Tru
                             continue
                         cfg = cell_config(model, method, batch, length, ckpt, data, tmp / "runs")
                         steps = math.ceil(MEASURE_SECONDS / predict(cfg)["step_s"])
-                        cfg = cell_config(
-                            model,
-                            method,
-                            batch,
-                            length,
-                            ckpt,
-                            data,
-                            tmp / "runs",
-                            min(MAX_STEPS, max(MIN_STEPS, steps)),
-                        )
+                        cfg["train"]["max_steps"] = min(MAX_STEPS, max(MIN_STEPS, steps))
                         want, got = predict(cfg), measure(cfg, tmp)  # the copies' calibration is cached by now
                         row = {
                             "model": model,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
 
 WARMUP = 2  # steps of each copy before timing: the kernels' first calls, the allocator's growth
 MIN_PAIRS, MAX_PAIRS = 4, 48
@@ -35,10 +34,7 @@ def run_windows(trainer):
 def _timed_step(trainer, window) -> float:
     """One step as Trainer.run takes it: timed, counted, and its record written every log_every steps (the
     trackers' writes, TensorBoard's writer thread among them, overlap the next step there as here)."""
-    t0 = time.perf_counter()
-    loss, grad_norm, tokens = trainer.train_step(window)
-    seconds = time.perf_counter() - t0
-    trainer.train_time += seconds
+    loss, grad_norm, tokens, seconds = trainer.timed_step(window)
     trainer.state["step"] += 1  # what a method's per-step schedule reads (AdaLoRA's budget)
     trainer.state["tokens"] += tokens
     if trainer.metrics is not None and trainer.state["step"] % trainer.cfg.train.log_every == 0:

@@ -353,6 +353,14 @@ class Trainer:
             grad_norm = self.optimizer_step()
         return loss, grad_norm, tokens
 
+    def timed_step(self, window: list[int]) -> tuple[float, float, int, float]:
+        """train_step, timed and added to train_time: (loss, grad_norm, tokens, seconds)."""
+        t0 = time.perf_counter()
+        loss, grad_norm, tokens = self.train_step(window)
+        seconds = time.perf_counter() - t0
+        self.train_time += seconds
+        return loss, grad_norm, tokens, seconds
+
     def section(self, name: str):
         """A part of a step (forward, backward, optimizer): the benchmark times these; nothing by default."""
         return contextlib.nullcontext()
@@ -483,10 +491,7 @@ class Trainer:
             while self.state["step"] < self.total_steps and stop_reason is None:
                 windows = epoch_windows(self.lengths, cfg, self.state["epoch"], self.dist.world)
                 while self.state["window"] < len(windows) and self.state["step"] < self.total_steps:
-                    t0 = time.perf_counter()
-                    loss, grad_norm, tokens = self.train_step(windows[self.state["window"]])
-                    dt = time.perf_counter() - t0
-                    self.train_time += dt
+                    loss, grad_norm, tokens, dt = self.timed_step(windows[self.state["window"]])
                     self.state["window"] += 1
                     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                         self.state["bad_steps"] += 1
