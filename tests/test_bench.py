@@ -3,11 +3,14 @@
 import json
 import math
 import re
+import sys
+import time
 
 import pytest
 
 from tunelab.bench.data import length_stats, make_bench_rows
 from tunelab.bench.run import encode_rows, run_bench
+from tunelab.bench.turns import run_by_turns
 from tunelab.cli import main
 from tunelab.data.encode import resolve_chat_template
 
@@ -64,6 +67,51 @@ def test_bench_tiny_llama(tmp_path):
     assert report["fused_mlps"] == 2  # tiny-llama's gated MLPs
     # same examples, same order, same initial adapter: the two loss curves agree closely
     assert report["loss_rel_diff"] < 1e-3
+    # by turns: the phases' steps alternate, baseline first, and none overlaps another
+    assert report["phases_by_turns"]
+    spans = sorted((start, end, name) for name in ("baseline", "fast") for start, end in report[name]["step_spans"])
+    assert [name for *_, name in spans] == ["baseline", "fast"] * 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+TURNS_CHILD = """
+import sys, time
+from tunelab.bench.turns import Turns
+turns = Turns(sys.argv[-1])
+turns.ready()
+for step in range({steps}):
+    start = time.perf_counter()
+    time.sleep(0.02)
+    if step == {fail_at}:
+        sys.exit(3)
+    print("{name}", start, time.perf_counter(), file=open(sys.argv[1], "a"))
+    turns.give()
+    turns.take()
+"""
+
+
+def _child(name, log, steps, fail_at=-1):
+    code = TURNS_CHILD.format(name=name, steps=steps, fail_at=fail_at)
+    return [sys.executable, "-c", code, str(log)]
+
+
+def test_phases_by_turns_never_overlap(tmp_path):
+    log = tmp_path / "spans.txt"
+    run_by_turns({"a": _child("a", log, 3), "b": _child("b", log, 5)})
+    rows = [line.split() for line in log.read_text().splitlines()]
+    spans = sorted((float(s), float(e), n) for n, s, e in rows)
+    # one turn each in the given order; the longer one has the turns left
+    assert [n for *_, n in spans] == ["a", "b", "a", "b", "a", "b", "b", "b"]
+    assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:]))
+
+
+def test_a_failing_phase_stops_the_other(tmp_path):
+    log = tmp_path / "spans.txt"
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="the b phase failed .exit 3."):
+        run_by_turns({"a": _child("a", log, 1000), "b": _child("b", log, 1000, fail_at=1)})
+    assert time.perf_counter() - t0 < 15  # not a's 1,000 turns
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["a", "b", "a"]
 
 
 def test_bench_cli_rejects_too_few_steps(capsys):

@@ -419,7 +419,13 @@ def cmd_bench(args) -> int:
     from .bench.run import run_bench
 
     report = run_bench(
-        model=args.model, steps=args.steps, quick=args.quick, out=args.out, profile=args.profile, compile=args.compile
+        model=args.model,
+        steps=args.steps,
+        quick=args.quick,
+        out=args.out,
+        profile=args.profile,
+        compile=args.compile,
+        sequential=args.sequential,
     )
     _print_json(report)
     return 0
@@ -765,6 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "true", "false"],
         default="auto",
         help="the fast phase's train.compile (torch.compile); its compile time is in the warm-up step, reported apart",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the phases one after the other, not by turns of one step: only one model in memory at a time, "
+        "but the machine's drift between the phases then moves the speedup",
     )
     p.set_defaults(func=cmd_bench)
 

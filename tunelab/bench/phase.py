@@ -1,6 +1,8 @@
 """One benchmark phase in a process of its own, so its peak memory (ru_maxrss) is its own:
 
-python -m tunelab.bench.phase baseline|fast --spec SPEC.json --out RESULT.json
+python -m tunelab.bench.phase baseline|fast --spec SPEC.json --out RESULT.json [--turns GO_FD,DONE_FD]
+
+With --turns it runs only while it holds the turn the parent hands it (bench/turns.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from ..eval.loss import evaluate_loss
 from ..io import atomic_write_json
 from ..training.accounting import count_params
 from .steps import StepLog, log
+from .turns import Turns
 
 
-def run_phase(name: str, spec: dict) -> dict:
+def run_phase(name: str, spec: dict, turns: Turns | None = None) -> dict:
     if name == "baseline":
         from .baseline import train_baseline as train
     else:
@@ -31,7 +34,7 @@ def run_phase(name: str, spec: dict) -> dict:
     # between the phases moves the speedup without either trainer changing
     probe_before = matmul_peak_flops("fp32", device, size=1024)
     profile = str(Path(spec["profile_dir"]) / f"bench-profile-{name}.txt") if spec.get("profile_dir") else None
-    step_log = StepLog(name, spec["steps"], profile_path=profile)
+    step_log = StepLog(name, spec["steps"], profile_path=profile, turns=turns)
     model = train(spec, step_log)
     # the peak of training, before the held-out evaluation can add to it
     peak, kind = peak_memory(next(model.parameters()).device)
@@ -77,9 +80,13 @@ def main(argv=None) -> int:
     parser.add_argument("phase", choices=["baseline", "fast"])
     parser.add_argument("--spec", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--turns", help="GO_FD,DONE_FD: run by turns with the other phase")
     args = parser.parse_args(argv)
     spec = json.loads(open(args.spec, encoding="utf-8").read())
-    atomic_write_json(args.out, run_phase(args.phase, spec))
+    turns = Turns(args.turns) if args.turns else None
+    if turns:
+        turns.ready()
+    atomic_write_json(args.out, run_phase(args.phase, spec, turns))
     return 0
 
 

@@ -3,7 +3,8 @@
 1. generate the bundled dataset and encode it once with tunelab's encoder (chat template, answer-only loss);
 2. work out the order tunelab's loop will train in, and hand the baseline the examples in that order;
 3. measure the matmul peak FLOP/s of this machine at each precision used (for MFU);
-4. run the baseline, then the fast path, each in its own process (so each peak RSS is its own);
+4. run the baseline and the fast path, each in its own process (so each peak RSS is its own), by turns of one
+   step (so the machine's drift meets both alike);
 5. combine: useful tokens/s, step times, peak memory, losses, MFU, and the ratios between the two.
 """
 
@@ -29,6 +30,7 @@ from ..models import DEFAULT_MODEL, load_tokenizer
 from ..reproducible import versions
 from .data import length_stats, make_bench_rows
 from .steps import log
+from .turns import run_by_turns
 
 # quick: 1 warm-up + 4 timed steps, about 2.2 minutes on 2 idle AVX2 cores with smollm2: a baseline step
 # takes about 15 s there (batch 8 padded to its longest example, full-vocabulary logits), ours about 7 s,
@@ -83,15 +85,26 @@ def matmul_peak_flops(precision: str, device: torch.device, size: int = 2048, re
     return 2 * size**3 / best
 
 
-def run_phase_process(name: str, spec_path: Path, workdir: Path) -> dict:
-    """Run one phase in a fresh interpreter; its progress goes to our stderr, its result comes back as JSON."""
-    out = workdir / f"{name}.json"
-    cmd = [sys.executable, "-m", "tunelab.bench.phase", name, "--spec", str(spec_path), "--out", str(out)]
-    log(f"bench: {name} phase ...")
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {name} phase failed (exit {proc.returncode}); see its output above")
-    return json.loads(out.read_text(encoding="utf-8"))
+def run_phases(spec_path: Path, workdir: Path, sequential: bool = False) -> tuple[dict, dict]:
+    """The baseline and the fast phase, each in a fresh interpreter (its progress on our stderr, its result back as
+    JSON): by turns of one step each (bench/turns.py), or with `sequential` one after the other (half the memory
+    at once; the machine's drift between the phases then moves the speedup)."""
+    names = ("baseline", "fast")
+    outs = {name: workdir / f"{name}.json" for name in names}
+    commands = {
+        name: [sys.executable, "-m", "tunelab.bench.phase", name, "--spec", str(spec_path), "--out", str(outs[name])]
+        for name in names
+    }
+    if sequential:
+        for name, cmd in commands.items():
+            log(f"bench: {name} phase ...")
+            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {name} phase failed (exit {proc.returncode}); see its output above")
+    else:
+        log("bench: baseline and fast phases, by turns of one step ...")
+        run_by_turns(commands)
+    return tuple(json.loads(outs[name].read_text(encoding="utf-8")) for name in names)
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -227,6 +240,7 @@ def run_bench(
     matmul_size: int = 2048,
     profile: bool = False,
     compile: str = "auto",
+    sequential: bool = False,
 ) -> dict:
     """Run the benchmark; returns the report (and writes it to `out` when given). Progress goes to stderr."""
     steps = steps or (QUICK_STEPS if quick else FULL_STEPS)
@@ -256,8 +270,7 @@ def run_bench(
         peak_probes = {p: {"before": matmul_peak_flops(p, device, matmul_size)} for p in precisions}
         log("bench: matmul peak " + ", ".join(f"{p} {f['before'] / 1e9:.1f} GFLOP/s" for p, f in peak_probes.items()))
 
-        base = run_phase_process("baseline", spec_path, workdir)
-        fast = run_phase_process("fast", spec_path, workdir)
+        base, fast = run_phases(spec_path, workdir, sequential)
         # probed again after the phases, the best kept: one probe slowed by the host once read the bf16 peak at
         # 209 GFLOP/s against 381 in the runs around it, which nearly doubled the MFU it divided
         for p in precisions:
@@ -284,6 +297,7 @@ def run_bench(
         "max_length": max_length,
         "lengths": stats,
         "baseline_padding_fraction": base["padding_fraction"],
+        "phases_by_turns": not sequential,
         **combine(spec, base, fast, peak_flops),
         "peak_flops_probes_per_s": peak_probes,
         "baseline": base,

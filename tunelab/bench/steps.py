@@ -19,6 +19,7 @@ import torch
 
 from ..io import atomic_write_text
 from ..log import log
+from .turns import Turns
 
 FINAL_LOSS_STEPS = 3  # the "final loss" is the mean of the last few step losses
 SECTIONS = ("forward", "backward", "optimizer")  # timed inside a step; "data" is the rest of it
@@ -37,6 +38,7 @@ class StepLog:
     _last_cpu: float = 0.0
     _current: dict | None = None
     profile_path: str | None = None  # write a torch.profiler table of the last step here
+    turns: Turns | None = None  # hand the turn to the other phase after each step
     _profiler: object = None
     micro_end: float = (
         0.0  # when the last micro-batch of the current step finished (the baseline times its optimizer from here)
@@ -88,6 +90,8 @@ class StepLog:
         c["packed"] = c["packed"] or packed
 
     def end(self, **extra) -> None:
+        if torch.cuda.is_available():  # the step's kernels done before its time is taken (and its turn given)
+            torch.cuda.synchronize()
         if self._profiler is not None:
             self._profiler.__exit__(None, None, None)
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -95,7 +99,9 @@ class StepLog:
             atomic_write_text(self.profile_path, f"{self.phase} phase, step {len(self.steps) + 1}\n{table}\n")
             self._profiler, extra = None, extra | {"profiled": True}
         now, cpu = time.perf_counter(), cpu_seconds()
-        record = (self._current or {}) | extra | {"seconds": now - self._last_end, "cpu_seconds": cpu - self._last_cpu}
+        record = (self._current or {}) | extra
+        # span: perf_counter is CLOCK_MONOTONIC on Linux, so the phases' spans compare across processes
+        record |= {"seconds": now - self._last_end, "cpu_seconds": cpu - self._last_cpu, "span": (self._last_end, now)}
         times = record.setdefault("times", {})
         times["data"] = max(0.0, record["seconds"] - sum(times.get(k, 0.0) for k in SECTIONS))
         self._last_end, self._last_cpu, self._current = now, cpu, None
@@ -105,6 +111,10 @@ class StepLog:
             f"[{self.phase}] step {len(self.steps)}/{self.total_steps}  loss {record['loss']:.4f}  "
             f"{record['seconds']:.2f} s  {rate:.0f} useful tok/s"
         )
+        if self.turns is not None:  # the other phase's step; this one's next step is timed from its turn
+            self.turns.give()
+            self.turns.take()
+            self._last_end, self._last_cpu = time.perf_counter(), cpu_seconds()
 
     def summary(self, warmup_steps: int, threads: int) -> dict:
         """Throughput and step times over the steps after the warm-up (and not profiled); losses over all steps."""
@@ -153,6 +163,7 @@ class StepLog:
             "step_losses": losses,
             "final_train_loss": statistics.fmean(losses[-FINAL_LOSS_STEPS:]),
             "step_seconds": [s["seconds"] for s in self.steps],
+            "step_spans": [s["span"] for s in self.steps],
             "step_useful_tokens": [s["useful_tokens"] for s in self.steps],
         }
 
