@@ -74,6 +74,14 @@ def test_bench_tiny_llama(tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
+def test_bench_sequential_runs_one_phase_after_the_other():
+    report = run_bench("tiny-llama", steps=2, batch_size=4, matmul_size=256, sequential=True)
+    assert not report["phases_by_turns"]
+    base, fast = (report[name]["step_spans"] for name in ("baseline", "fast"))
+    assert len(base) == len(fast) == 2 and base[-1][1] <= fast[0][0]
+    assert all(report["checks"].values()) and report["loss_rel_diff"] < 1e-3
+
+
 TURNS_CHILD = """
 import sys, time
 from tunelab.bench.turns import Turns

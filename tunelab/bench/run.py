@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from ..models import DEFAULT_MODEL, load_tokenizer
 from ..reproducible import versions
 from .data import length_stats, make_bench_rows
 from .steps import log
-from .turns import run_by_turns
+from .turns import run_by_turns, run_one_after_another
 
 # quick: 1 warm-up + 4 timed steps, about 2.2 minutes on 2 idle AVX2 cores with smollm2: a baseline step
 # takes about 15 s there (batch 8 padded to its longest example, full-vocabulary logits), ours about 7 s,
@@ -96,11 +95,7 @@ def run_phases(spec_path: Path, workdir: Path, sequential: bool = False) -> tupl
         for name in names
     }
     if sequential:
-        for name, cmd in commands.items():
-            log(f"bench: {name} phase ...")
-            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the {name} phase failed (exit {proc.returncode}); see its output above")
+        run_one_after_another(commands)
     else:
         log("bench: baseline and fast phases, by turns of one step ...")
         run_by_turns(commands)

@@ -88,8 +88,18 @@ def run_by_turns(commands: dict[str, list[str]]) -> None:
             p.close()
 
 
-def _exited(phase: Phase, running: list[Phase]) -> None:
-    code = phase.proc.wait()
+def run_one_after_another(commands: dict[str, list[str]]) -> None:
+    """Run the phases' commands one after the other, in the order given, with no turns."""
+    for name, cmd in commands.items():
+        log(f"bench: {name} phase ...")
+        check_exit(name, subprocess.run(cmd, stdout=2, stderr=2).returncode)
+
+
+def check_exit(name: str, code: int) -> None:
     if code != 0:
-        raise RuntimeError(f"the {phase.name} phase failed (exit {code}); see its output above")
+        raise RuntimeError(f"the {name} phase failed (exit {code}); see its output above")
+
+
+def _exited(phase: Phase, running: list[Phase]) -> None:
+    check_exit(phase.name, phase.proc.wait())
     running.remove(phase)
