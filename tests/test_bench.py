@@ -10,7 +10,7 @@ import pytest
 
 from tunelab.bench.data import length_stats, make_bench_rows
 from tunelab.bench.run import encode_rows, run_bench
-from tunelab.bench.turns import run_by_turns
+from tunelab.bench.turns import run_by_turns, run_one_after_another
 from tunelab.cli import main
 from tunelab.data.encode import resolve_chat_template
 
@@ -74,14 +74,6 @@ def test_bench_tiny_llama(tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
-def test_bench_sequential_runs_one_phase_after_the_other():
-    report = run_bench("tiny-llama", steps=2, batch_size=4, matmul_size=256, sequential=True)
-    assert not report["phases_by_turns"]
-    base, fast = (report[name]["step_spans"] for name in ("baseline", "fast"))
-    assert len(base) == len(fast) == 2 and base[-1][1] <= fast[0][0]
-    assert all(report["checks"].values()) and report["loss_rel_diff"] < 1e-3
-
-
 TURNS_CHILD = """
 import sys, time
 from tunelab.bench.turns import Turns
@@ -111,6 +103,24 @@ def test_phases_by_turns_never_overlap(tmp_path):
     # one turn each in the given order; the longer one has the turns left
     assert [n for *_, n in spans] == ["a", "b", "a", "b", "a", "b", "b", "b"]
     assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:]))
+
+
+def test_sequential_phases_run_one_after_the_other(tmp_path):
+    log = tmp_path / "spans.txt"
+    ran = tmp_path / "b-ran"
+    # without turns each phase runs to its end before the next starts (the children get no --turns)
+    child = 'import sys, time; t = time.perf_counter(); time.sleep(0.05); print(sys.argv[2], t, time.perf_counter(), file=open(sys.argv[1], "a"))'
+    run_one_after_another({n: [sys.executable, "-c", child, str(log), n] for n in ("a", "b")})
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert [r[0] for r in rows] == ["a", "b"] and float(rows[0][2]) <= float(rows[1][1])
+    with pytest.raises(RuntimeError, match="the a phase failed .exit 4."):
+        run_one_after_another(
+            {
+                "a": [sys.executable, "-c", "raise SystemExit(4)"],
+                "b": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", str(ran)],
+            }
+        )
+    assert not ran.exists()  # b never ran
 
 
 def test_a_failing_phase_stops_the_other(tmp_path):
