@@ -1,7 +1,7 @@
 """The two benchmark phases by turns: both processes live at once, and only one of them runs at a time.
 
 A shared machine's speed drifts over tens of seconds (the 2-core VMs this was measured on: the same fast phase
-at 158-216 useful tok/s in three runs of the same code). Run one phase after the other and a slow spell falls on
+at 158-216 useful tok/s in five runs of the same code). Run one phase after the other and a slow spell falls on
 one of them only, moving the speedup by its whole size; by turns of one optimizer step each, both phases meet
 the same spells. Each phase keeps its own process, so its peak memory is still its own.
 
