@@ -78,15 +78,14 @@ TURNS_CHILD = """
 import sys, time
 from tunelab.bench.turns import Turns
 turns = Turns(sys.argv[-1])
-turns.ready()
+turns.pass_turn()
 for step in range({steps}):
     start = time.perf_counter()
     time.sleep(0.02)
     if step == {fail_at}:
         sys.exit(3)
     print("{name}", start, time.perf_counter(), file=open(sys.argv[1], "a"))
-    turns.give()
-    turns.take()
+    turns.pass_turn()
 """
 
 

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     spec = json.loads(open(args.spec, encoding="utf-8").read())
     turns = Turns(args.turns) if args.turns else None
     if turns:
-        turns.ready()
+        turns.pass_turn()  # ready: wait for the first turn
     atomic_write_json(args.out, run_phase(args.phase, spec, turns))
     return 0
 

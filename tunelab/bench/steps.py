@@ -112,8 +112,7 @@ class StepLog:
             f"{record['seconds']:.2f} s  {rate:.0f} useful tok/s"
         )
         if self.turns is not None:  # the other phase's step; this one's next step is timed from its turn
-            self.turns.give()
-            self.turns.take()
+            self.turns.pass_turn()
             self._last_end, self._last_cpu = time.perf_counter(), cpu_seconds()
 
     def summary(self, warmup_steps: int, threads: int) -> dict:

@@ -31,8 +31,8 @@ class Turns:
     def give(self) -> None:
         os.write(self.done, b".")
 
-    def ready(self) -> None:
-        """Say the phase can start, then wait for its first turn."""
+    def pass_turn(self) -> None:
+        """Hand the turn back (or, at the start, say the phase is ready), then wait for the next one."""
         self.give()
         self.take()
 
