@@ -106,3 +106,40 @@ class SavedBytes(contextlib.AbstractContextManager):
     @property
     def total(self) -> int:
         return sum(self.tensors.values())
+
+
+def tiny_lm_batch(pad_id):
+    """Three padded causal-LM examples of 7-12 tokens, the second half of each labelled."""
+    from tunelab.data.collate import pad_batch
+    from tunelab.data.encode import IGNORE_INDEX
+
+    examples = [
+        {"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
+        for n in (7, 12, 9)
+    ]
+    return pad_batch(examples, pad_id)
+
+
+def grads_of(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_lora_model(b_std: float = 0.0, **overrides):
+    """tiny-llama with r=4 LoRA on every linear layer, A drawn gaussian; B drawn with `b_std` when given (peft
+    starts it at zero: a test of A's gradient or of the adapter's update needs it non-zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models import load_causal_lm
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        **{"r": 4, "target_modules": "all-linear", "init_lora_weights": "gaussian", "lora_dropout": 0.0, **overrides}
+    )
+    model = get_peft_model(load_causal_lm("tiny-llama"), config)
+    if b_std:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=b_std)
+    return model

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SavedBytes
-from tunelab.data.collate import pad_batch
+from helpers import SavedBytes, grads_of, tiny_lm_batch, tiny_lora_model
 from tunelab.data.encode import IGNORE_INDEX
 from tunelab.losses import (
     FusedLinearCrossEntropy,
@@ -20,18 +19,6 @@ from tunelab.losses import (
     selected_loss_sum,
 )
 from tunelab.models import load_causal_lm
-
-
-def _batch(pad_id):
-    examples = [
-        {"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * (n // 2) + list(range(5 + n // 2, 5 + n))}
-        for n in (7, 12, 9)
-    ]
-    return pad_batch(examples, pad_id)
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("scale", [1.0, 200.0])
@@ -58,14 +45,14 @@ def test_selected_loss_gradients_equal_the_plain_path(smol_tokenizer, trainable_
     loss equals the plain full-logits loss's. fp32: 1e-5 relative to each gradient's scale."""
     model = load_causal_lm("tiny-llama")
     model.get_output_embeddings().weight.requires_grad_(trainable_head)
-    batch = _batch(smol_tokenizer.pad_token_id)
+    batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
     plain = plain_loss_sum(model, batch, suffix=False)
     plain.backward()
-    g_plain = _grads(model)
+    g_plain = grads_of(model)
     model.zero_grad(set_to_none=True)
     fast = selected_loss_sum(model, batch, chunk=4)  # several chunks
     fast.backward()
-    g_fast = _grads(model)
+    g_fast = grads_of(model)
     assert float(fast) == pytest.approx(float(plain), rel=1e-5)
     assert g_fast.keys() == g_plain.keys() and len(g_fast) > 10
     for name, ref in g_plain.items():
@@ -93,15 +80,15 @@ def test_virtual_token_methods_take_the_label_suffix_of_the_logits_with_the_same
     asks for the logits from the first label on only. Value, every trainable gradient and the per-token
     log-probs (DPO) equal the full-logits path; fp32, so 1e-5 relative."""
     model = _prompt_learning(kind)
-    batch = _batch(smol_tokenizer.pad_token_id)
+    batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
     assert 0 < label_suffix(batch["labels"]) < batch["input_ids"].shape[1]
     full = plain_loss_sum(model, batch, suffix=False)
     full.backward()
-    g_full = _grads(model)
+    g_full = grads_of(model)
     model.zero_grad(set_to_none=True)
     short = plain_loss_sum(model, batch)
     short.backward()
-    g_short = _grads(model)
+    g_short = grads_of(model)
     assert float(short) == pytest.approx(float(full), rel=1e-5)
     assert g_short.keys() == g_full.keys() and g_full
     for name, ref in g_full.items():
@@ -121,15 +108,6 @@ def test_fused_loss_keeps_no_vocabulary_sized_tensor_for_backward():
     assert [tuple(t.shape) for t in saved] == [(64, 8)]
 
 
-def _lora_model():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    # gaussian B: a non-zero update, so the adapter's path is part of what is compared
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian", lora_dropout=0.0)
-    return get_peft_model(load_causal_lm("tiny-llama"), config)
-
-
 def test_bf16_frozen_base_equals_autocast_over_fp32_weights(smol_tokenizer):
     """Under bf16 autocast, a base stored in bf16 runs the same matmuls as an fp32 base that autocast
     casts: the same loss and LoRA gradients. Only kernel-internal ordering could differ: 1e-6 relative."""
@@ -137,19 +115,19 @@ def test_bf16_frozen_base_equals_autocast_over_fp32_weights(smol_tokenizer):
 
     from tunelab.training.frozen import store_frozen_at
 
-    plain = _lora_model()
+    plain = tiny_lora_model()
     low = copy.deepcopy(plain)
     assert store_frozen_at(low, torch.bfloat16) > 0
     dtypes = {n: p.dtype for n, p in low.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n)
     assert {d for n, d in dtypes.items() if "base_layer" in n} == {torch.bfloat16}
-    batch = _batch(smol_tokenizer.pad_token_id)
+    batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
     results = []
     for model in (plain, low):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = selected_loss_sum(model, batch, chunk=4)
         loss.backward()
-        results.append((float(loss), _grads(model)))
+        results.append((float(loss), grads_of(model)))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-6)
     assert grads_a.keys() == grads_b.keys() and all("lora_" in n for n in grads_a)
@@ -166,7 +144,7 @@ def test_a_lora_layer_keeps_a_small_update_under_bf16_autocast():
 
     from tunelab.training.frozen import lora_sums_in_fp32, store_frozen_at
 
-    model = _lora_model()
+    model = tiny_lora_model()
     store_frozen_at(model, torch.bfloat16)
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     base = layer.get_base_layer()
@@ -209,18 +187,18 @@ def test_shared_input_casts_equal_autocast_casts(smol_tokenizer):
             self.casts += func is torch.ops.aten._to_copy.default
             return func(*args, **(kwargs or {}))
 
-    plain = _lora_model()
+    plain = tiny_lora_model()
     store_frozen_at(plain, torch.bfloat16)
     lora_sums_in_fp32(plain)
     shared = copy.deepcopy(plain)
     assert shared_input_casts(shared) == 2 * 7 * 2  # tiny-llama: 2 blocks x 7 LoRA layers x (base, A)
-    batch = _batch(smol_tokenizer.pad_token_id)
+    batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
     results = []
     for model in (plain, shared):
         with torch.autocast("cpu", dtype=torch.bfloat16), CountCasts() as counter:
             loss = selected_loss_sum(model, batch, chunk=4)
         loss.backward()
-        results.append((loss.detach(), _grads(model), counter.casts))
+        results.append((loss.detach(), grads_of(model), counter.casts))
     (loss_a, grads_a, casts_a), (loss_b, grads_b, casts_b) = results
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
@@ -241,7 +219,7 @@ def test_fused_gated_mlp_equals_autograd_and_saves_no_silu_output(smol_tokenizer
     from tunelab.training.gated_mlp import fuse_gated_mlps
 
     if lora:
-        plain = _lora_model()
+        plain = tiny_lora_model()
         if low:
             store_frozen_at(plain, torch.bfloat16)
             lora_sums_in_fp32(plain)
@@ -251,13 +229,13 @@ def test_fused_gated_mlp_equals_autograd_and_saves_no_silu_output(smol_tokenizer
         plain = load_causal_lm("tiny-llama")
     fused = copy.deepcopy(plain)
     assert fuse_gated_mlps(fused) == 2 and fuse_gated_mlps(torch.nn.Linear(2, 2)) == 0
-    batch = _batch(smol_tokenizer.pad_token_id)
+    batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
     results = []
     for model in (plain, fused):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), SavedBytes() as saved:
             loss = selected_loss_sum(model, batch, chunk=4)
         loss.backward()
-        results.append((loss.detach(), _grads(model), saved.total))
+        results.append((loss.detach(), grads_of(model), saved.total))
     (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
@@ -331,7 +309,7 @@ def test_compiled_blocks_equal_eager(smol_tokenizer):
     from tunelab.training.compiled import compile_blocks
 
     torch._dynamo.reset()
-    eager = _lora_model()
+    eager = tiny_lora_model()
     compiled = copy.deepcopy(eager)
     assert compile_blocks(compiled, backend="aot_eager") == 2
     examples = [
@@ -344,7 +322,7 @@ def test_compiled_blocks_equal_eager(smol_tokenizer):
             with varlen_attention(model):
                 loss = selected_loss_sum(model, batch, chunk=4)
                 loss.backward()
-        results.append((float(loss.detach()), _grads(model)))
+        results.append((float(loss.detach()), grads_of(model)))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert grads_a.keys() == grads_b.keys()

@@ -20,7 +20,7 @@ from .data.encode import IGNORE_INDEX
 
 # model types whose logits are exactly lm_head(final hidden state): no soft-capping or scaling
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
-CHUNK = 1024  # label positions per LM-head chunk
+CHUNK = 256  # label positions per LM-head chunk: 50 MB of fp32 logits at a 49,152 vocabulary
 # on an FSDP-sharded model: selected_loss_sum registered as a forward method, so the root's weights are gathered
 SHARDED_LOSS = "tunelab_selected_loss_sum"
 
@@ -120,10 +120,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if train_head and b is not None else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        low, f32 = _logit_workspace(weight, min(chunk, targets.numel()), dtype)
         for start in range(0, targets.numel(), chunk):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
-            logits = F.linear(h, w, b).float()
+            n = t.numel()
+            logits = f32[:n]
+            _linear_into(low[:n], h, w, b)
+            if low is not f32:
+                logits.copy_(low[:n])
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp and softmax in place on the one chunk (torch.logsumexp allocates its own shifted
             # copy and exponentiates it again: 2.5x the time of this at smollm2's vocabulary, and one more
@@ -134,9 +139,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             total += (row_max + row_sum.log()).squeeze(1).sub_(target_logit).sum()
             # d(sum CE)/d(logits), in place: softmax minus the one-hot target
             grad = exp.div_(row_sum)
-            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            grad = grad.to(dtype)
-            grad_hidden[start : start + chunk] = grad @ w
+            grad[torch.arange(n, device=t.device), t] -= 1.0
+            if low is not f32:
+                grad = low[:n].copy_(grad)
+            if grad_hidden.dtype == dtype:
+                torch.mm(grad, w, out=grad_hidden[start : start + chunk])
+            else:
+                grad_hidden[start : start + chunk] = grad @ w
             if grad_w is not None:
                 grad_w += (grad.t() @ h).float()
                 if grad_b is not None:
@@ -150,6 +159,29 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         gw = (grad_w * grad_out) if grad_w is not None else None
         gb = (grad_b * grad_out) if grad_b is not None else None
         return grad_hidden * grad_out.to(grad_hidden.dtype), gw, gb, None, None, None
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _logit_workspace(head: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows x vocab) buffers for a chunk's logits in `dtype` and in fp32 (one buffer when dtype is fp32), kept
+    on the head's weight and reused by every chunk and step: a fresh chunk-sized buffer is a fresh mapping whose
+    pages fault in on first write (an fp32 chunk of 381 x 49,152 took 17 ms to allocate and fill, 4 to refill). They
+    grow to the largest chunk seen, never past `CHUNK` rows, which the estimator counts at the peak anyway."""
+    vocab = head.shape[0]
+    kept = getattr(head, "_tunelab_logit_workspace", None)
+    if kept is not None and kept[0].dtype == dtype and kept[0].shape[0] >= rows and kept[0].device == head.device:
+        return kept
+    rows = max(rows, kept[0].shape[0] if kept is not None and kept[0].dtype == dtype else 0)
+    f32 = torch.empty(rows, vocab, dtype=torch.float32, device=head.device)
+    kept = (f32 if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=head.device), f32)
+    head._tunelab_logit_workspace = kept
+    return kept
 
 
 def frozen_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

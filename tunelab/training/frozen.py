@@ -47,7 +47,9 @@ def lora_sums_in_fp32(model: nn.Module) -> int:
     is); returns how many layers. Also where the base is fp32 under autocast: its matmul output is bf16."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    from .fused_lora import is_fused
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not is_fused(m)]
     for layer in layers:
         layer.get_base_layer().register_forward_hook(_to_fp32)
     return len(layers)
@@ -68,24 +70,31 @@ class _SharedCast(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
-class _InputCasts:
+class InputCasts:
     """A one-entry cache of the last input cast: a block's q/k/v projections (and gate/up) and their adapters'
-    A matrices read one tensor in a row. Keyed by identity and version (an in-place change misses); the input is
-    held weakly, and only the last low-precision copy is kept (the matmuls' backward saves it anyway)."""
+    A matrices read one tensor in a row. Keyed by identity, version and dtype (an in-place change misses); the
+    input is held weakly, and only the last low-precision copy is kept (the matmuls' backward saves it anyway)."""
 
     def __init__(self):
         self.key, self.low = None, None
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x in `dtype`, without autograd history (x itself when it already is)."""
+        if x.dtype == dtype:
+            return x
+        key = self.key
+        if key is None or key[0]() is not x or key[1] != x._version or key[2] != dtype:
+            with torch.no_grad():
+                self.low = x.to(dtype)
+            self.key = (weakref.ref(x), x._version, dtype)
+        return self.low
 
     def pre_hook(self, module, args):
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
             return None
-        key = self.key
-        if key is None or key[0]() is not x or key[1] != x._version:
-            with torch.no_grad():
-                self.low = x.to(torch.get_autocast_dtype(x.device.type))
-            self.key = (weakref.ref(x), x._version)
-        return (_SharedCast.apply(x, self.low), *args[1:])
+        low = self.get(x, torch.get_autocast_dtype(x.device.type))
+        return (_SharedCast.apply(x, low), *args[1:])
 
 
 def shared_input_casts(model: nn.Module) -> int:
@@ -94,9 +103,11 @@ def shared_input_casts(model: nn.Module) -> int:
     times for q/k/v with adapters); returns how many modules read the shared casts."""
     from peft.tuners.lora import LoraLayer
 
-    casts = _InputCasts()
+    casts = InputCasts()
     hooked = 0
-    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+    from .fused_lora import is_fused
+
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer) and not is_fused(m)]:
         base = layer.get_base_layer()
         readers = [base] if type(base) is nn.Linear else []  # not a 4-bit base: autocast does not cast for it
         readers += [a for a in layer.lora_A.values() if type(a) is nn.Linear]

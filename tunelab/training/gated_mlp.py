@@ -9,13 +9,13 @@ ops as autograd's, so the same values forward and backward, bit for bit (tests/t
 
 from __future__ import annotations
 
-import functools
-import inspect
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .source_match import same_code
 
 
 class SiLUMul(torch.autograd.Function):
@@ -47,19 +47,18 @@ def _is_silu(act) -> bool:
     return type(act) in (nn.SiLU, SiLUActivation)
 
 
-_GATED = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
-
-
-@functools.cache
-def _plain_gated_forward(cls) -> bool:
-    """Whether the class's forward is exactly llama's down_proj(act_fn(gate_proj(x)) * up_proj(x)): a class
-    with the same submodule names and another forward (dropout, experts, extra scaling) is left alone."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    code = "".join(line.split("#")[0] for line in source.splitlines()[1:]).replace(" ", "")
-    return code in (f"return{_GATED}", f"down_proj={_GATED}returndown_proj")
+# llama's gated MLP forward, in the two forms transformers has written it
+_GATED_FORWARDS = (
+    """
+def forward(self, x):
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+""",
+    """
+def forward(self, x):
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+""",
+)
 
 
 def fuse_gated_mlps(model: nn.Module) -> int:
@@ -68,7 +67,7 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     changes: its submodules (adapters, hooks, quantized layers) are called as before."""
     fused = 0
     for module in model.modules():
-        if _plain_gated_forward(type(module)) and _is_silu(getattr(module, "act_fn", None)):
+        if same_code(type(module).forward, *_GATED_FORWARDS) and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_silu_mul_forward, module)
             fused += 1
     return fused

@@ -56,6 +56,9 @@ from .checkpoint_dirs import latest_checkpoint
 from .compiled import compile_blocks, resolve_compile
 from .distributed import Distributed
 from .frozen import lora_sums_in_fp32, shared_input_casts, store_frozen_at
+from .fused_lora import fuse_lora_layers
+from .fused_norm import fuse_rms_norms
+from .fused_rope import fused_rotary, llama_rotary_modules
 from .gated_mlp import fuse_gated_mlps
 from .hints import curve_hints
 from .lock import RunLock, remove_stale_temporaries
@@ -161,10 +164,15 @@ class Trainer:
             # FSDP2 wants one dtype per sharded unit: a sharded base stays fp32
             cast = store_frozen_at(self.model, low)
             self.base_footprint["base_footprint_bytes"] -= cast * (4 - low.itemsize)
+        self.fused_lora = 0
+        if not self.dist.sharded and not resolve_compile(cfg.train.compile, self.device):
+            self.fused_lora = fuse_lora_layers(self.model)  # a plain LoRA layer as one autograd function
         if low is not None:  # an adapter's small update is not rounded to the bf16 base output's step
             lora_sums_in_fp32(self.model)
             shared_input_casts(self.model)  # base and lora_A read one bf16 copy of x, not two
         self.fused_mlps = fuse_gated_mlps(self.model)  # SiLU's output recomputed in backward, not saved
+        self.fused_norms = fuse_rms_norms(self.model)  # RMSNorm as one function: its input and 1/rms saved
+        self.rotary_modules = llama_rotary_modules(self.model)  # rotary embedding by halves in training steps
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
@@ -282,7 +290,7 @@ class Trainer:
         for batch in batches:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             # backward too: gradient checkpointing re-runs the forward there
-            with varlen_attention(self.model, self.layout == "varlen"):
+            with varlen_attention(self.model, self.layout == "varlen"), fused_rotary(self.rotary_modules):
                 with self.section("forward"), self.autocast():
                     s = self.batch_loss(batch)
                 scaled = s / n_loss_tokens
