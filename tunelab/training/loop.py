@@ -164,20 +164,22 @@ class Trainer:
             # FSDP2 wants one dtype per sharded unit: a sharded base stays fp32
             cast = store_frozen_at(self.model, low)
             self.base_footprint["base_footprint_bytes"] -= cast * (4 - low.itemsize)
+        # the hand-fused functions are for eager runs: inductor fuses a compiled block's elementwise ops itself
+        eager = not resolve_compile(cfg.train.compile, self.device)
         self.fused_lora = 0
-        if not self.dist.sharded and not resolve_compile(cfg.train.compile, self.device):
+        if eager and not self.dist.sharded:
             self.fused_lora = fuse_lora_layers(self.model)  # a plain LoRA layer as one autograd function
         if low is not None:  # an adapter's small update is not rounded to the bf16 base output's step
             lora_sums_in_fp32(self.model)
             shared_input_casts(self.model)  # base and lora_A read one bf16 copy of x, not two
         self.fused_mlps = fuse_gated_mlps(self.model)  # SiLU's output recomputed in backward, not saved
-        self.fused_norms = fuse_rms_norms(self.model)  # RMSNorm as one function: its input and 1/rms saved
-        self.rotary_modules = llama_rotary_modules(self.model)  # rotary embedding by halves in training steps
+        self.fused_norms = fuse_rms_norms(self.model) if eager else 0  # RMSNorm as one function
+        self.rotary_modules = llama_rotary_modules(self.model) if eager else []  # rotary embedding by halves
         self.layout = packing_layout(self.model) if cfg.train.packing else None
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
         self.compiled_blocks = 0
-        if resolve_compile(cfg.train.compile, self.device):
+        if not eager:
             if self.dist.enabled:
                 log("note: train.compile applies to single-process runs; this one runs uncompiled")
             else:
