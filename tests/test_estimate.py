@@ -586,3 +586,37 @@ def test_the_copies_report_to_tensorboard_as_the_run_does_and_to_no_other_tracke
         path = depth._copy_config(cfg, tmp_path / "blocks-1", tmp_path / "runs", 6)
         copy = json.loads(path.read_text())
         assert copy["report_to"] == kept and "mlflow" not in copy and copy["train"]["max_steps"] == 6
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+@pytest.mark.parametrize("low", [False, True])
+def test_the_lora_input_term_is_what_a_fused_lora_layer_saves(dropout, low):
+    """A LoRA layer run as training.fused_lora's function keeps of its input exactly the estimator's bytes per
+    input feature (besides the weights and the rank-wide A output); DoRA, QLoRA and compiled runs keep peft's."""
+    import torch
+
+    from tunelab.config import build_config
+    from tunelab.estimate.memory import FUSED_LORA_INPUT_BYTES, PEFT_LORA_INPUT_BYTES, lora_input_bytes
+    from tunelab.methods import get_method
+    from tunelab.training.fused_lora import LoraLinear
+
+    tokens, d_in, d_out, rank = 24, 40, 56, 4
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    x_c = x.detach().bfloat16() if low else x
+    weight = torch.randn(d_out, d_in).to(x_c.dtype)
+    a = torch.randn(rank, d_in, requires_grad=True)
+    b = torch.randn(d_out, rank, requires_grad=True)
+    with SavedBytes() as saved:
+        LoraLinear.apply(x, x_c, weight, None, a, b, 2.0, dropout)
+    kept = saved.total - sum(t.numel() * t.element_size() for t in (weight, a, b)) - tokens * rank * 4
+    kind = "low" if low else "fp32"
+    assert kept == tokens * d_in * FUSED_LORA_INPUT_BYTES[dropout > 0, kind]
+
+    def picked(method, **over):
+        cfg = build_config({"model": "tiny-llama", "method": method, "data": {"train": "x.jsonl"}, **over})
+        quant = get_method(method).quant_bits(cfg) if hasattr(get_method(method), "quant_bits") else None
+        return lora_input_bytes(cfg, get_method(method), low, quant, "single", cpu=True)
+
+    assert picked("lora", lora={"dropout": dropout}) == FUSED_LORA_INPUT_BYTES[dropout > 0, kind]
+    assert picked("dora") == picked("qlora") == PEFT_LORA_INPUT_BYTES[kind]
+    assert picked("lora", train={"compile": True}) == PEFT_LORA_INPUT_BYTES[kind]

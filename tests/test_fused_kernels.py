@@ -92,7 +92,8 @@ def test_a_fused_lora_layer_keeps_a_small_update_and_takes_bf16_inputs():
 
 
 def test_only_plain_lora_layers_are_fused_and_the_rest_is_peft():
-    """DoRA keeps peft's forward; mixed-adapter batches (extra arguments) and a disabled adapter fall back to it."""
+    """DoRA keeps peft's forward; mixed-adapter batches (extra arguments), a disabled adapter and another adapter
+    switched on after fusing fall back to it."""
     assert fuse_lora_layers(tiny_lora_model(use_dora=True)) == 0
     unfused = tiny_lora_model(b_std=0.02).eval()  # peft takes adapter_names in eval mode only
     model = copy.deepcopy(unfused)
@@ -108,6 +109,14 @@ def test_only_plain_lora_layers_are_fused_and_the_rest_is_peft():
         torch.testing.assert_close(with_adapter, unfused(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         mixed = model(input_ids=ids, adapter_names=["default"]).logits  # extra arguments: peft's own path
         assert torch.equal(mixed, unfused(input_ids=ids, adapter_names=["default"]).logits)
+    from peft import LoraConfig
+
+    for m in (model, unfused):  # another adapter switched on after fusing: the layer is peft's again
+        torch.manual_seed(1)
+        m.add_adapter("other", LoraConfig(r=2, target_modules="all-linear", init_lora_weights="gaussian"))
+        m.set_adapter("other")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, unfused(input_ids=ids).logits)
 
 
 def test_the_trainer_fuses_plain_lora_layers_but_not_under_compile(tiny_config):

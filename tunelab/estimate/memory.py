@@ -31,7 +31,14 @@ ACT_COEFF = {"fp32": (36, 12, 12), "low": (38, 10, 8)}
 # where the unpacked model's bf16 SDPA saves bf16 ones), bytes more per token and block (x hidden, x kv width),
 # counted with saved_tensors_hooks on tiny-llama (tests/test_estimate.py); in fp32 both save the same
 PACKED_CPU_ATTENTION_BYTES = (4, 4)
-LORA_INPUT_BYTES = {"fp32": 5, "low": 7}  # per adapted module's input feature: dropout output + mask (+ cast)
+# per adapted module's input feature, what a LoRA layer keeps of its input for A's gradient. peft's own modules
+# (DoRA, QLoRA's 4-bit base, compiled or FSDP runs): the dropout output (fp32), its mask and, under autocast, the
+# bf16 cast. training.fused_lora (every other LoRA layer): with dropout the masked input at the compute dtype and
+# a boolean mask; without, the input at the compute dtype, one tensor for all the layers reading it (counted per
+# layer here: an upper bound). The rank-wide A output (4 bytes a rank and token) is left out. Counted with
+# saved_tensors_hooks (tests/test_estimate.py)
+PEFT_LORA_INPUT_BYTES = {"fp32": 5, "low": 7}
+FUSED_LORA_INPUT_BYTES = {(True, "fp32"): 5, (True, "low"): 3, (False, "fp32"): 4, (False, "low"): 2}
 # under autocast a LoRA layer's output is fp32 (training.frozen.lora_sums_in_fp32), so part of what a gated MLP
 # saves for backward (gate_proj's and up_proj's outputs, for training.gated_mlp's SiLU x up) is fp32 instead of
 # bf16. Bytes more per token and intermediate feature, by (gate_proj adapted, up_proj adapted), as counted with
@@ -68,15 +75,26 @@ class Workload:
     packed: bool = False  # rows of several examples, attended per example (tunelab.attention)
 
 
+def lora_input_bytes(cfg, method, low: bool, quant_bits, strategy: str, cpu: bool) -> int:
+    """Bytes per adapted module's input feature (see FUSED_LORA_INPUT_BYTES): as the trainer decides whether a
+    LoRA layer runs as training.fused_lora's one function (an eager run, not sharded, a plain linear base)."""
+    kind = "low" if low else "fp32"
+    lora = getattr(cfg, "lora", None)
+    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and not cpu)
+    if lora is None or quant_bits or strategy == "fsdp" or compiled or not method.frozen_at_compute_dtype(cfg):
+        return PEFT_LORA_INPUT_BYTES[kind]
+    return FUSED_LORA_INPUT_BYTES[lora.dropout > 0, kind]
+
+
 def _activations_per_block(
-    shape, counts, work, low: bool, lora_inputs_per_block: float, adapters_per_block: int, cpu: bool
+    shape, work, low: bool, lora_inputs_per_block: float, lora_bytes: int, adapters_per_block: int, cpu: bool
 ):
     kind = "low" if low else "fp32"
     a_h, a_kv, a_i = ACT_COEFF[kind]
     per_token = a_h * shape.hidden + a_kv * shape.kv_hidden + a_i * shape.intermediate
     if low and cpu and work.packed:
         per_token += PACKED_CPU_ATTENTION_BYTES[0] * shape.hidden + PACKED_CPU_ATTENTION_BYTES[1] * shape.kv_hidden
-    per_token += LORA_INPUT_BYTES[kind] * lora_inputs_per_block + ADAPTER_BYTES * shape.hidden * adapters_per_block
+    per_token += lora_bytes * lora_inputs_per_block + ADAPTER_BYTES * shape.hidden * adapters_per_block
     return per_token * work.tokens
 
 
@@ -141,8 +159,9 @@ def breakdown(
             cast_blocks /= max(shape.layers, 1)
         casts = 2 * (cast_blocks + head)
     terms["weight_casts"] = casts
+    lora_bytes = lora_input_bytes(cfg, method, low, quant_bits, strategy, cpu) if lora_inputs else 0
     per_block = _activations_per_block(
-        shape, counts, work, low, lora_inputs / max(shape.layers, 1), adapters // max(shape.layers, 1), cpu
+        shape, work, low, lora_inputs / max(shape.layers, 1), lora_bytes, adapters // max(shape.layers, 1), cpu
     )
     if low:
         per_block += work.tokens * lora_fp32_outputs / max(shape.layers, 1)

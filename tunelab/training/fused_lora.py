@@ -101,9 +101,10 @@ def _fusable(layer) -> bool:
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    if args or kwargs or self.disable_adapters or self.merged or not x.is_floating_point():
-        return self._tunelab_peft_forward(x, *args, **kwargs)
     name = self._tunelab_adapter
+    plain = not (args or kwargs or self.disable_adapters or self.merged) and self.active_adapters == [name]
+    if not (plain and x.is_floating_point()):  # another adapter switched on since, or mixed batches: peft's own
+        return self._tunelab_peft_forward(x, *args, **kwargs)
     base = self.get_base_layer()
     kind = x.device.type
     compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
