@@ -103,10 +103,10 @@ def shared_input_casts(model: nn.Module) -> int:
     times for q/k/v with adapters); returns how many modules read the shared casts."""
     from peft.tuners.lora import LoraLayer
 
-    casts = InputCasts()
-    hooked = 0
     from .fused_lora import is_fused
 
+    casts = InputCasts()
+    hooked = 0
     for layer in [m for m in model.modules() if isinstance(m, LoraLayer) and not is_fused(m)]:
         base = layer.get_base_layer()
         readers = [base] if type(base) is nn.Linear else []  # not a 4-bit base: autocast does not cast for it

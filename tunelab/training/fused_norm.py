@@ -1,14 +1,15 @@
 """Llama-style RMSNorm as one autograd function (after Liger's RMSNorm).
 
-transformers' RMSNorm runs as six autograd ops (cast, pow, mean, add, rsqrt, two multiplications) and autograd
-keeps two (tokens x hidden) fp32 tensors of each for backward: the input (for pow and the first product) and
-the normalised input (for the weight's product). `RMSNorm` computes the same forward, op for op, so the output
-is bit for bit the same, keeps the input and the per-token 1/rms only, and takes the closed-form gradient:
+transformers' RMSNorm runs as six autograd ops (cast, pow, mean, add, rsqrt, two multiplications), each with
+its own backward, and when the weight trains (full fine-tuning) autograd keeps the normalised input besides the
+input. `RMSNorm` computes the same forward, op for op, so the output is bit for bit the same, keeps the input
+and the per-token 1/rms only, and takes the closed-form gradient:
 
     n = x * r,  r = 1 / sqrt(mean(x^2) + eps),  y = w * n
     dx = r * (dn - n * mean(dn * n)),  dn = dy * w,  dw = sum over tokens of dy * n
 
-A smollm2 step has 61 of them: in a profile their elementwise kernels were about a tenth of the step.
+A smollm2 step has 61 of them. Alone, forward and backward at 867 x 576 took 0.75 ms against autograd's 1.05 ms;
+in a bench step no change was measurable.
 """
 
 from __future__ import annotations

@@ -37,21 +37,17 @@ def rotate_half(x):
 """
 
 
-def _rotate(x, cos, sin, sign: float):
-    """x * cos + sign-rotated halves of x * sin; sign -1 is the forward rotation, +1 its transpose."""
-    h = x.shape[-1] // 2
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
-    torch.mul(x[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(x[..., h:], sin[..., :h], value=sign)
-    torch.mul(x[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(x[..., :h], sin[..., h:], value=-sign)
-    return out
-
-
 class Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.dtype = x.dtype
-        return _rotate(x, cos, sin, -1.0)
+        h = x.shape[-1] // 2
+        shape, dtype = torch.broadcast_shapes(x.shape, cos.shape), torch.result_type(x, cos)
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+        torch.mul(x[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(x[..., h:], sin[..., :h], value=-1.0)
+        torch.mul(x[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(x[..., :h], sin[..., h:])
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -165,7 +165,8 @@ class Trainer:
             cast = store_frozen_at(self.model, low)
             self.base_footprint["base_footprint_bytes"] -= cast * (4 - low.itemsize)
         # the hand-fused functions are for eager runs: inductor fuses a compiled block's elementwise ops itself
-        eager = not resolve_compile(cfg.train.compile, self.device)
+        # (compiling applies to single-process runs)
+        eager = not resolve_compile(cfg.train.compile, self.device) or self.dist.enabled
         self.fused_lora = 0
         if eager and not self.dist.sharded:
             self.fused_lora = fuse_lora_layers(self.model)  # a plain LoRA layer as one autograd function
@@ -179,7 +180,7 @@ class Trainer:
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.model = prepare_model(self.model, cfg, self.dist, self.device)  # fsdp: sharded from here on
         self.compiled_blocks = 0
-        if not eager:
+        if resolve_compile(cfg.train.compile, self.device):
             if self.dist.enabled:
                 log("note: train.compile applies to single-process runs; this one runs uncompiled")
             else:
