@@ -377,6 +377,47 @@ def test_the_peak_rss_can_restart_and_the_process_peak_still_covers_the_whole_ru
     block.close()
 
 
+def test_freed_heap_memory_goes_back_to_the_system():
+    """Blocks freed in the middle of glibc's heap stay resident (only a free top is trimmed by itself);
+    return_freed_memory hands them back (the trainer does before it restarts the peak for training, so a training
+    peak does not carry what loading the model happened to leave resident)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    from tunelab.device import return_freed_memory
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+    def resident() -> int:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [libc.malloc(64 * 1024) for _ in range(1000)]  # under the mmap threshold: on the heap
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    for block in blocks[:-1]:  # the last one stays: the freed pages are not the heap's top
+        libc.free(block)
+    before = resident()
+    assert return_freed_memory()
+    assert resident() < before - 32 * 2**20
+    libc.free(blocks[-1])
+
+
+def test_the_trainer_returns_freed_memory_before_it_restarts_the_peak(tiny_config, monkeypatch):
+    import tunelab.training.loop as loop
+    from tunelab.config import build_config
+
+    calls = []
+    restart = loop.restart_rss_peak
+    monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(loop, "restart_rss_peak", lambda: calls.append("restart") or restart())
+    tiny_config["train"].update(max_steps=1, eval_every=None)
+    loop.Trainer(build_config(tiny_config), progress=False).run()
+    assert calls[:2] == ["trim", "restart"]
+
+
 def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
     from tunelab.estimate import cache
 

@@ -29,6 +29,7 @@ from ..device import (
     pick_device,
     resolve_precision,
     restart_rss_peak,
+    return_freed_memory,
     rss_peak_since_restart,
 )
 from ..errors import UserError
@@ -477,6 +478,8 @@ class Trainer:
         )
 
         # on a CPU, the peak RSS of loading and of training apart (the estimator extrapolates both from copies)
+        if self.device.type == "cpu":
+            return_freed_memory()  # what loading freed, so the training peak is training's own
         self.load_peak = restart_rss_peak() if self.device.type == "cpu" else None
         if self.dist.is_main:
             self.observer.started(self.run_dir)
