@@ -78,9 +78,14 @@ class Workload:
 def lora_input_bytes(cfg, method, low: bool, quant_bits, strategy: str, cpu: bool) -> int:
     """Bytes per adapted module's input feature (see FUSED_LORA_INPUT_BYTES): as the trainer decides whether a
     LoRA layer runs as training.fused_lora's one function (an eager run, not sharded, a plain linear base)."""
+    import torch
+
+    from ..training.compiled import resolve_compile
+
     kind = "low" if low else "fp32"
     lora = getattr(cfg, "lora", None)
-    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and not cpu)
+    # as the trainer decides: compiling applies to single-process runs only
+    compiled = strategy == "single" and resolve_compile(cfg.train.compile, torch.device("cpu" if cpu else "cuda"))
     if lora is None or quant_bits or strategy == "fsdp" or compiled or not method.frozen_at_compute_dtype(cfg):
         return PEFT_LORA_INPUT_BYTES[kind]
     return FUSED_LORA_INPUT_BYTES[lora.dropout > 0, kind]

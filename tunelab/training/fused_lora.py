@@ -74,19 +74,19 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, None, None, None, grad_a, grad_b, None, None
 
 
-def _fusable(layer) -> bool:
-    """A peft LoRA Linear whose forward is vanilla LoRA on a plain frozen linear: one adapter, plain dropout or
-    none, no DoRA or other variant, no bias on B, not merged."""
+def _plain_adapter(layer) -> str | None:
+    """The adapter's name where `layer` is a peft LoRA Linear whose forward is vanilla LoRA on a plain frozen
+    linear: one adapter, plain dropout or none, no DoRA or other variant, no bias on B, not merged; else None."""
     from peft.tuners.lora.layer import Linear as PeftLinear
 
     if type(layer) is not PeftLinear or layer.merged or layer.disable_adapters:
-        return False
+        return None
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(adapters) != 1:
-        return False
+        return None
     name = adapters[0]
     base, a, b = layer.get_base_layer(), layer.lora_A[name], layer.lora_B[name]
-    return (
+    plain = (
         type(base) is nn.Linear
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
@@ -98,6 +98,7 @@ def _fusable(layer) -> bool:
         and a.bias is None
         and b.bias is None
     )
+    return name if plain else None
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -127,15 +128,16 @@ def _dropout_p(module) -> float:
 
 
 def fuse_lora_layers(model: nn.Module) -> int:
-    """Give every plain peft LoRA Linear (see `_fusable`) the one-function forward; returns how many. The layers
-    keep their modules and state dict (saving, merging and peft's own loading are untouched); a call with extra
-    arguments (mixed-adapter batches) takes peft's forward."""
+    """Give every plain peft LoRA Linear (see `_plain_adapter`) the one-function forward; returns how many. The
+    layers keep their modules and state dict (saving, merging and peft's own loading are untouched); a call with
+    extra arguments (mixed-adapter batches) takes peft's forward."""
     casts = InputCasts()
     fused = 0
     for layer in model.modules():
-        if not _fusable(layer):
+        name = _plain_adapter(layer)
+        if name is None:
             continue
-        layer._tunelab_adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+        layer._tunelab_adapter = name
         layer._tunelab_casts = casts
         layer._tunelab_peft_forward = layer.forward
         layer.forward = types.MethodType(_fused_forward, layer)

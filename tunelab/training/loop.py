@@ -478,9 +478,10 @@ class Trainer:
         )
 
         # on a CPU, the peak RSS of loading and of training apart (the estimator extrapolates both from copies)
+        self.load_peak = None
         if self.device.type == "cpu":
             return_freed_memory()  # what loading freed, so the training peak is training's own
-        self.load_peak = restart_rss_peak() if self.device.type == "cpu" else None
+            self.load_peak = restart_rss_peak()
         if self.dist.is_main:
             self.observer.started(self.run_dir)
         self.energy_before, self.energy = self.state.get("energy_j", 0.0), EnergyMeter(self.device)
