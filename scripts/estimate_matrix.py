@@ -25,7 +25,7 @@ from pathlib import Path
 METHODS = ("full", "lora", "qlora", "adapter", "prefix")
 NO_CHECKPOINTING = {"prefix"}  # peft's prefix tuning refuses gradient checkpointing (tunelab says so)
 SHAPES = ((2, 64), (4, 256))  # (batch_size, max_length)
-MEASURE_SECONDS, MIN_STEPS, MAX_STEPS = 10.0, 6, 60  # the measured run: as many steps as fill 10 s
+MEASURE_SECONDS, MIN_STEPS, MAX_STEPS = 10.0, 6, 600  # the measured run: as many steps as fill 10 s
 WORDS = "the quick brown fox jumps over a lazy dog while seven red birds sing in the old tall tree".split()
 
 

@@ -292,6 +292,32 @@ def test_a_larger_micro_batch_after_the_copies_steps_adds_the_models_difference(
     )
 
 
+def test_a_load_peak_that_would_set_the_estimate_is_measured_twice_and_the_lower_taken(tiny_config, monkeypatch):
+    """A copy's load peak moves between identical processes (what the allocator still holds when loading ends);
+    where the extrapolated load is above the extrapolated training peak, each copy loads once more."""
+    from transformers import AutoConfig
+
+    from tunelab.estimate import baseline, depth, estimate
+
+    MiB, seen = 2**20, []
+
+    def scripted(cfg, folder, out):
+        blocks = AutoConfig.from_pretrained(folder).num_hidden_layers
+        seen.append((blocks, out.name))
+        first = out.name == "runs"
+        load = {1: 600, 2: 900 if first else 700}[blocks]  # the 2-block copy's first load read high
+        return {"load_peak": load * MiB, "train_peak": (600 + 100 * blocks) * MiB}
+
+    monkeypatch.setattr(depth, "_copy_run", scripted)
+    monkeypatch.setattr(depth, "_paired_run", lambda *a: {"lo": [0.1] * 4, "hi": [0.2] * 4})
+    monkeypatch.setattr(baseline, "runtime_baseline", lambda *a, **k: 300 * MiB)
+    monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
+    r = estimate(build_config(tiny_config))
+    assert seen == [(1, "runs"), (2, "runs"), (1, "again"), (2, "again")]
+    assert r["depth_calibration"]["load_peak_bytes"] == [600 * MiB, 700 * MiB]  # each copy's lower reading
+    assert r["memory"]["total"] == 800 * MiB  # the training peak at 2 blocks, above the load's 700
+
+
 def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):
     """With a data file, the step time and (on a CPU) the peak RSS come from real steps of the run's own loop, in
     their own processes, on two copies of its architecture (full width: 16 blocks and 8, or the model's own depth
@@ -572,14 +598,8 @@ def test_advice_when_the_peak_does_not_fit_says_what_each_change_gives_and_when_
     assert "loading the model sets it" in shown and "no training setting lowers the load's peak" in shown
 
 
-def test_the_copies_are_timed_by_turns_on_the_runs_own_windows(tmp_path, write_jsonl, monkeypatch):
-    """paired.py steps both copies in one process by turns (shallow then deep, then deep then shallow), each pair
-    on one data window, in the run's own order across epochs, with the run's own Trainer (here a preference
-    run's: answer pairs)."""
-    from tunelab.estimate import paired
-    from tunelab.training.batching import epoch_windows
-    from tunelab.training.preference import PreferenceTrainer
-
+def _preference_copies(tmp_path, write_jsonl) -> list[str]:
+    """Two copies' configs ('lo', 'hi') of a tiny preference run: 3 windows an epoch."""
     rows = [{"prompt": f"Repeat: {c}", "chosen": c, "rejected": f"{c} {c} {c}"} for c in ("red", "blue", "green")] * 4
     cfg = {
         "model": "tiny-llama",
@@ -587,12 +607,19 @@ def test_the_copies_are_timed_by_turns_on_the_runs_own_windows(tmp_path, write_j
         "seed": 0,
         "out_dir": str(tmp_path / "runs"),
         "data": {"train": str(write_jsonl(rows)), "val_fraction": 0.0, "max_length": 32},
-        "train": {"batch_size": 4, "max_steps": 10, "precision": "fp32"},  # 3 windows an epoch
+        "train": {"batch_size": 4, "max_steps": 20, "precision": "fp32"},  # 3 windows an epoch
     }
     paths = []
     for name in ("lo", "hi"):
         paths.append(tmp_path / f"{name}.yaml")
         paths[-1].write_text(json.dumps(cfg | {"run_name": name}))
+    return [str(p) for p in paths]
+
+
+def _record_steps(monkeypatch) -> tuple[list, dict]:
+    """Every train_step of a PreferenceTrainer as (run_name, window), and the trainers by run name."""
+    from tunelab.training.preference import PreferenceTrainer
+
     steps, trainers, real = [], {}, PreferenceTrainer.train_step
 
     def recorded(self, window):
@@ -601,20 +628,75 @@ def test_the_copies_are_timed_by_turns_on_the_runs_own_windows(tmp_path, write_j
         return real(self, window)
 
     monkeypatch.setattr(PreferenceTrainer, "train_step", recorded)
+    return steps, trainers
+
+
+def test_the_copies_are_timed_by_turns_on_the_runs_own_windows(tmp_path, write_jsonl, monkeypatch):
+    """paired.py steps both copies in one process by turns (shallow then deep, then deep then shallow), each pair
+    on one data window, in the run's own order across epochs, with the run's own Trainer (here a preference
+    run's: answer pairs)."""
+    from tunelab.estimate import paired
+    from tunelab.training.batching import epoch_windows
+
+    paths = _preference_copies(tmp_path, write_jsonl)
+    steps, trainers = _record_steps(monkeypatch)
     monkeypatch.setattr(paired, "MIN_PAIRS", 3)
     monkeypatch.setattr(paired, "MAX_PAIRS", 3)
-    times = paired.paired_steps(*map(str, paths))
-    assert len(times["lo"]) == len(times["hi"]) == 3 and min(times["lo"] + times["hi"]) > 0  # after 2 warm-up pairs
-    assert [name for name, _ in steps] == ["lo", "hi", "hi", "lo"] * 2 + ["lo", "hi"]
+    monkeypatch.setattr(paired, "BURST_SECONDS", 0.0)  # a step a turn
+    times = paired.paired_steps(*paths)
+    assert len(times["lo"]) == len(times["hi"]) == 3 and min(times["lo"] + times["hi"]) > 0  # after 3 warm-up pairs
+    assert [name for name, _ in steps] == ["lo", "hi", "hi", "lo"] * 3
     first = trainers["lo"]
     run_order = [w for epoch in (0, 1) for w in epoch_windows(first.lengths, first.cfg, epoch)]
-    assert [w for _, w in steps[0::2]] == [w for _, w in steps[1::2]] == run_order[:5]
-    assert trainers["lo"].state["step"] == trainers["hi"].state["step"] == 5
+    assert [w for _, w in steps[0::2]] == [w for _, w in steps[1::2]] == run_order[:6]
+    assert trainers["lo"].state["step"] == trainers["hi"].state["step"] == 6
     for name in ("lo", "hi"):  # each step's record written as the loop writes it, TensorBoard's too
         run = tmp_path / "runs" / name
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["train_s"] > 0
+        assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and records[-1]["train_s"] > 0
         assert any((run / "tb").iterdir())
+
+
+def test_short_steps_are_timed_in_bursts_without_their_cache_warming_first_step(tmp_path, write_jsonl, monkeypatch):
+    """After the warm-up pairs, a turn of a short step is a burst of steps of one copy; the other copy's turn
+    takes the same windows; a turn's time is its mean step after the first (which refills the caches the other
+    copy's turn evicted)."""
+    from tunelab.estimate import paired
+
+    paths = _preference_copies(tmp_path, write_jsonl)
+    steps, _ = _record_steps(monkeypatch)
+    timed, real_timed = [], paired._timed_step
+
+    def recorded(trainer, window):
+        timed.append((trainer.cfg.run_name, real_timed(trainer, window)))
+        return timed[-1][1]
+
+    monkeypatch.setattr(paired, "_timed_step", recorded)
+    monkeypatch.setattr(paired, "burst_length", lambda step_s: 3)
+    monkeypatch.setattr(paired, "MIN_PAIRS", 2)
+    monkeypatch.setattr(paired, "MAX_PAIRS", 2)
+    times = paired.paired_steps(*paths)
+    names = [name for name, _ in steps]
+    assert names == ["lo", "hi", "hi", "lo", "lo", "hi"] + ["hi"] * 3 + ["lo"] * 3 + ["lo"] * 3 + ["hi"] * 3
+    for start in (6, 12):  # both copies' turns of a pair: the same three windows
+        first, second = steps[start : start + 3], steps[start + 3 : start + 6]
+        assert [w for _, w in first] == [w for _, w in second]
+    burst = {  # the burst steps' seconds, by pair and copy
+        (pair, name): [s for n, s in timed[6 + 6 * pair : 12 + 6 * pair] if n == name]
+        for pair in (0, 1)
+        for name in ("lo", "hi")
+    }
+    for name in ("lo", "hi"):
+        assert times[name] == [pytest.approx(sum(burst[pair, name][1:]) / 2, rel=1e-12) for pair in (0, 1)]
+
+
+def test_a_burst_fills_its_seconds_when_steps_are_short():
+    from tunelab.estimate import paired
+
+    assert paired.burst_length(1.2) == paired.burst_length(paired.BURST_SECONDS / 2.9) == 1  # long: a step a turn
+    assert paired.burst_length(paired.BURST_SECONDS / 3.5) == 3
+    assert paired.burst_length(paired.BURST_SECONDS / 7.5) == 7
+    assert paired.burst_length(1e-6) == paired.MAX_BURST
 
 
 def test_the_copies_report_to_tensorboard_as_the_run_does_and_to_no_other_tracker(tmp_path, tiny_config):

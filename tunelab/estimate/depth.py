@@ -33,9 +33,9 @@ DEEPEST = 16  # the deeper copy; the shallower has half its blocks: their distan
 COPY_STEPS = 6  # the run's first steps: each copy's own process trains these windows (their peak RSS)
 MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
-METHOD_VERSION = (
-    2  # in the cache key: a calibration taken another way (1: each copy timed in its own process) is redone
-)
+# in the cache key: a calibration taken another way is redone (1: each copy timed in its own process; 2: by turns
+# of one step each)
+METHOD_VERSION = 3
 VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
 
 
@@ -119,9 +119,10 @@ def _copy_run(cfg, folder: Path, out: Path) -> dict:
 
 def _paired_run(cfg, folders: list[Path], out: Path) -> dict:
     """Both copies' step times, taken by turns in one process (paired.py): {'lo': [...], 'hi': [...]}."""
-    from .paired import MAX_PAIRS, WARMUP
+    from .paired import MAX_BURST, MAX_PAIRS, WARMUP
 
-    paths = [str(_copy_config(cfg, folder, out / "paired", WARMUP + MAX_PAIRS)) for folder in folders]
+    steps = WARMUP + MAX_PAIRS * MAX_BURST  # the copies' schedules (warm-up, decay) cover every step they may take
+    paths = [str(_copy_config(cfg, folder, out / "paired", steps)) for folder in folders]
     return json.loads(_run([sys.executable, "-m", "tunelab.estimate.paired", *paths]).strip().splitlines()[-1])
 
 
@@ -165,14 +166,34 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
                 with contextlib.redirect_stderr(io.StringIO()):
                     _write_copy(cfg, config, tokenizer, blocks, folder)
                 runs[blocks] = _copy_run(cfg, folder, Path(tmp) / "runs")
+            if _load_decides(runs, depths, shape.layers):
+                # the load's peak would set the estimate, and it moves between identical processes (a 16-block
+                # 4-bit copy's: 740-1,002 MiB, what the allocator still holds when loading ends): extrapolated
+                # over 30 blocks one high reading is 2.75-fold; each copy loads once more, its lower peak taken
+                for blocks, folder in zip(depths, folders):
+                    again = _copy_run(cfg, folder, Path(tmp) / "again")
+                    runs[blocks]["load_peak"] = min(runs[blocks]["load_peak"], again["load_peak"])
             times = _paired_run(cfg, folders, Path(tmp) / "runs")
         out = {"depths": list(depths), **fit_depth(times["lo"], times["hi"], *depths)}
         for kind in ("load_peak", "train_peak"):  # bytes at each depth, when the copies' peaks were measured
-            values = [runs[blocks][kind] for blocks in depths]
-            out[f"{kind}_bytes"] = values if all(isinstance(v, int) for v in values) else None
+            out[f"{kind}_bytes"] = _peaks(runs, depths, kind)
         return out
 
     return cached("copies", _key(cfg, config), measure, timing=True), "measured"
+
+
+def _peaks(runs: dict, depths, kind: str) -> list[int] | None:
+    values = [runs[blocks][kind] for blocks in depths]
+    return values if all(isinstance(v, int) for v in values) else None
+
+
+def _load_decides(runs: dict, depths, layers: int) -> bool:
+    """Whether the copies' load peak, extrapolated to `layers` blocks, is above their training peak."""
+    load, train = _peaks(runs, depths, "load_peak"), _peaks(runs, depths, "train_peak")
+    if load is None or train is None:
+        return False
+    at = {"depths": list(depths), "load": load, "train": train}
+    return at_depth(at, "load", layers) > at_depth(at, "train", layers)
 
 
 def fit_depth(shallow: list[float], deep: list[float], lo: int, hi: int) -> dict:
