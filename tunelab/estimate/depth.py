@@ -192,8 +192,7 @@ def _load_decides(runs: dict, depths, layers: int) -> bool:
     load, train = _peaks(runs, depths, "load_peak"), _peaks(runs, depths, "train_peak")
     if load is None or train is None:
         return False
-    at = {"depths": list(depths), "load": load, "train": train}
-    return at_depth(at, "load", layers) > at_depth(at, "train", layers)
+    return _extrapolate(depths, load, layers) > _extrapolate(depths, train, layers)
 
 
 def fit_depth(shallow: list[float], deep: list[float], lo: int, hi: int) -> dict:
@@ -225,7 +224,10 @@ def step_spread(shallow: list[float], deep: list[float]) -> float:
 def at_depth(calibration: dict, kind: str, blocks: int) -> float | None:
     """A copies' measurement (`load_peak_bytes`, `train_peak_bytes`) extrapolated linearly to `blocks`."""
     values = calibration.get(kind)
-    if not values:
-        return None
-    (lo, hi), (a, b) = calibration["depths"], values
+    return _extrapolate(calibration["depths"], values, blocks) if values else None
+
+
+def _extrapolate(depths, values, blocks: int) -> float:
+    """The line through (depths[i], values[i]) at `blocks`."""
+    (lo, hi), (a, b) = depths, values
     return a + (b - a) / (hi - lo) * (blocks - lo)
