@@ -127,23 +127,49 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # KiB on Linux, bytes on macOS
 
 
-def return_freed_memory() -> bool:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim); False where there is no glibc. Loading a
-    model frees far more than it keeps (the checkpoint's fp32 tensors, a 4-bit quantization's temporaries), and
-    how much of that glibc had returned varied from process to process: a QLoRA copy's training peak RSS followed
-    its load peak (1,046-1,164 MiB over load peaks of 763-915, five identical processes)."""
+@functools.cache
+def _libc():
+    """glibc's functions, or None (another C library, no C library found)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
     except (OSError, AttributeError):
-        trim = None
-    if trim is None:
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim); False where there is no glibc. Loading a
+    model frees far more than it keeps (the checkpoint's fp32 tensors, a 4-bit quantization's temporaries), and
+    how much of that glibc had returned varied from process to process: a QLoRA copy's training peak RSS followed
+    its load peak (1,046-1,164 MiB over load peaks of 763-915, five identical processes)."""
+    libc = _libc()
+    if libc is None:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+KEEP_TOP = 2**31 - 1  # mallopt takes an int: free memory at the heap's top above 2 GiB is still returned
+
+
+def keep_freed_memory() -> bool:
+    """From now on glibc keeps the memory a training step frees for the next step, instead of returning it to
+    the OS and faulting it in again, zeroed, page by page: no allocation is mmapped (a step's large tensors,
+    an embedding's gradient among them, each munmapped when freed) and the heap's top is not trimmed. Measured
+    on smollm2 full fine-tuning at 4 x 256 (2-core AMX Xeon, README): 3.6M minor page faults in 11 steps -> 1.0M,
+    the median step 6-16% shorter, peak RSS +0-2%; and the estimator's copies, stepped by turns in one process,
+    took steps as steady as each alone. LoRA-like steps, which fault far less, did not move. False where there
+    is no glibc. Set after loading (its freed memory is returned first); Trainer.close() returns what training
+    freed."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TOP))
 
 
 def restart_rss_peak() -> int | None:

@@ -25,6 +25,7 @@ from ..data.collate import example_loss_tokens
 from ..device import (
     autocast_dtype,
     cpu_capability,
+    keep_freed_memory,
     peak_memory,
     pick_device,
     resolve_precision,
@@ -456,6 +457,8 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
         self.dist.close()
+        if self.device.type == "cpu":
+            return_freed_memory()  # what training kept for its next step
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -482,6 +485,7 @@ class Trainer:
         if self.device.type == "cpu":
             return_freed_memory()  # what loading freed, so the training peak is training's own
             self.load_peak = restart_rss_peak()
+            keep_freed_memory()  # each step's freed memory for the next step, not back to the OS
         if self.dist.is_main:
             self.observer.started(self.run_dir)
         self.energy_before, self.energy = self.state.get("energy_j", 0.0), EnergyMeter(self.device)
