@@ -439,13 +439,20 @@ def test_the_trainer_returns_freed_memory_before_it_restarts_the_peak(tiny_confi
     restart = loop.restart_rss_peak
     monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append("trim") or True)
     monkeypatch.setattr(loop, "restart_rss_peak", lambda: calls.append("restart") or restart())
-    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append("keep") or True)
-    tiny_config["train"].update(max_steps=1, eval_every=None)
-    trainer = loop.Trainer(build_config(tiny_config), progress=False)
-    trainer.run()
-    trainer.close("FINISHED")
-    # loading's freed memory returned, the peak restarted, then training's freed memory kept; returned at the end
-    assert calls == ["trim", "restart", "keep", "trim"]
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda keep=True: calls.append(f"keep {keep}") or True)
+    for method in ("lora", "full"):
+        calls.clear()
+        tiny_config.update(method=method, run_name=method)
+        tiny_config["train"].update(max_steps=1, eval_every=None)
+        trainer = loop.Trainer(build_config(tiny_config), progress=False)
+        trainer.run()
+        trainer.close("FINISHED")
+        # loading's freed memory returned and the peak restarted; full fine-tuning (its gradients freed and
+        # allocated every step) then keeps training's freed memory, set back after it is returned at the end
+        if method == "full":
+            assert calls == ["trim", "restart", "keep True", "trim", "keep False"]
+        else:
+            assert calls == ["trim", "restart", "trim"]
 
 
 # a fresh process (glibc's defaults; a trainer in this one has changed them): minor page faults of allocating,
@@ -455,8 +462,9 @@ import ctypes, ctypes.util, resource, sys
 from tunelab.device import keep_freed_memory
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+kept = keep_freed_memory() if sys.argv[1] in ("keep", "set back") else None
+if sys.argv[1] == "set back":
+    assert keep_freed_memory(False)
 def rounds(n):
     for _ in range(n):
         block = libc.malloc(64 << 20)
@@ -465,7 +473,7 @@ def rounds(n):
 rounds(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 rounds(4)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
@@ -473,18 +481,26 @@ def test_kept_freed_memory_is_not_faulted_in_again():
     """glibc mmaps a 64 MiB block and unmaps it when freed, so every round faults its 16,384 pages in again
     (a full fine-tuning step's gradients, freed and allocated each step, are such blocks); kept, the heap
     reuses the block's pages."""
+    import os
     import subprocess
     import sys
 
-    faults = {
-        how: int(
-            subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True, check=True).stdout
-        )
-        for how in ("default", "keep")
-    }
+    def run(how: str, **env) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
+        out = subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True, check=True, env=env)
+        kept, faults = out.stdout.split()
+        return kept, int(faults)
+
     pages = 4 * (64 << 20) // 4096
-    assert faults["default"] >= pages * 0.9
-    assert faults["keep"] < pages * 0.05
+    kept, faults = run("default")
+    assert faults >= pages * 0.9
+    kept, faults = run("keep")
+    assert kept == "True" and faults < pages * 0.05
+    kept, faults = run("set back")  # as Trainer.close() does: glibc's starting values, the block mmapped again
+    assert kept == "True" and faults >= pages * 0.9
+    # an allocator the user set is theirs: here told to mmap from 128 KiB, as the README's FSDP note has it
+    kept, faults = run("keep", MALLOC_MMAP_THRESHOLD_="131072")
+    assert kept == "False" and faults >= pages * 0.9
 
 
 def test_a_timing_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):

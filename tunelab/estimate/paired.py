@@ -68,13 +68,13 @@ def _turn(trainer, windows) -> tuple[float, float]:
 def paired_steps(lo_path: str, hi_path: str) -> dict:
     """{'lo': [...], 'hi': [...]}: the seconds per step of each timed pair of turns, both on the same data windows."""
     from ..config import load_config
-    from ..device import keep_freed_memory, return_freed_memory
+    from ..device import return_freed_memory
     from ..training.loop import trainer_for
 
     configs = [load_config(path) for path in (lo_path, hi_path)]
     trainers = [trainer_for(cfg)(cfg, progress=False) for cfg in configs]
     return_freed_memory()
-    keep_freed_memory()  # as Trainer.run steps: the copies' steps keep their freed memory, as the real run's do
+    trainers[0].keep_step_memory()  # as Trainer.run does: the copies' steps keep their freed memory where the run's do
     try:
         windows = run_windows(trainers[0])
         times: dict[str, list[float]] = {"lo": [], "hi": []}

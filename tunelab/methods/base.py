@@ -20,6 +20,10 @@ class Method:
     # an error in its config)
     sections: dict = {}
     virtual_tokens = False  # prepends virtual tokens to every row (so packing several examples is not exact)
+    # whole weights train, so each step frees their gradients and allocates them again: on a CPU the trainer has
+    # glibc keep that memory for the next step (device.keep_freed_memory; measured faster there, and it
+    # fragmented the heap of a prefix-tuning step by half its peak)
+    frees_weight_gradients = False
 
     def load_base(self, cfg, device):
         """The base model this method trains on (fp32 master weights unless the method quantizes)."""

@@ -53,6 +53,7 @@ class FullMethod(Method):
     default_lr = 2e-5
     summary = "every weight trains; saves a full model directory; LR 2e-5"
     needs_base = False
+    frees_weight_gradients = True
 
     def apply(self, model, cfg, total_steps: int = 1000):
         for p in model.parameters():

@@ -146,6 +146,7 @@ class Trainer:
 
         # 2. the final config, once: from here on it is read-only
         self.method = get_method(cfg.method)
+        self.kept_step_memory = False  # glibc told to keep freed memory (keep_step_memory); close() sets it back
         self.cfg = cfg = resolve_run_config(cfg, self.method, self.data.labels, grad_accum)
 
         # 3. model + method
@@ -459,6 +460,15 @@ class Trainer:
         self.dist.close()
         if self.device.type == "cpu":
             return_freed_memory()  # what training kept for its next step
+            if self.kept_step_memory:
+                keep_freed_memory(False)
+
+    def keep_step_memory(self) -> bool:
+        """On a CPU, have glibc keep what a step frees for the next step where the method frees whole weights'
+        gradients each step (device.keep_freed_memory); close() sets it back."""
+        kept = self.device.type == "cpu" and self.method.frees_weight_gradients and keep_freed_memory()
+        self.kept_step_memory = self.kept_step_memory or kept
+        return kept
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -485,7 +495,7 @@ class Trainer:
         if self.device.type == "cpu":
             return_freed_memory()  # what loading freed, so the training peak is training's own
             self.load_peak = restart_rss_peak()
-            keep_freed_memory()  # each step's freed memory for the next step, not back to the OS
+            self.keep_step_memory()
         if self.dist.is_main:
             self.observer.started(self.run_dir)
         self.energy_before, self.energy = self.state.get("energy_j", 0.0), EnergyMeter(self.device)
