@@ -453,6 +453,8 @@ def test_the_trainer_returns_freed_memory_before_it_restarts_the_peak(tiny_confi
             assert calls == ["trim", "restart", "keep True", "trim", "keep False"]
         else:
             assert calls == ["trim", "restart", "trim"]
+        summary = json.loads((trainer.run_dir / "summary.json").read_text())
+        assert summary["freed_memory_kept"] is (method == "full")
 
 
 # a fresh process (glibc's defaults; a trainer in this one has changed them): minor page faults of allocating,

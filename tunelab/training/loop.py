@@ -630,6 +630,7 @@ class Trainer:
             "precision": self.precision,
             "compiled_blocks": self.compiled_blocks,
             "fused_mlps": self.fused_mlps,
+            "freed_memory_kept": self.kept_step_memory,
             "hints": hints,
             "config_hash": cfg.hash(),
             "versions": versions(),
