@@ -13,10 +13,13 @@ from tunelab.data.encode import IGNORE_INDEX
 from tunelab.losses import (
     FusedLinearCrossEntropy,
     head_ce_sum,
+    head_on_labels,
     label_logps,
     label_suffix,
+    loss_sum,
     plain_loss_sum,
     selected_loss_sum,
+    supports_selected_loss,
 )
 from tunelab.models import load_causal_lm
 
@@ -75,28 +78,44 @@ def test_label_suffix_starts_one_before_the_first_label_of_any_row():
 
 
 @pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix"])
-def test_virtual_token_methods_take_the_label_suffix_of_the_logits_with_the_same_numbers(smol_tokenizer, kind):
-    """Prompt learning cannot take the fused path (peft adds the virtual tokens in its forward); its loss
-    asks for the logits from the first label on only. Value, every trainable gradient and the per-token
-    log-probs (DPO) equal the full-logits path; fp32, so 1e-5 relative."""
+def test_virtual_token_methods_take_the_fused_label_path_with_the_same_numbers(smol_tokenizer, kind):
+    """Prompt learning (peft adds the virtual tokens in its own forward) runs that forward with the LM head
+    bypassed, then the fused head on label positions only (loss_sum's fast path); the plain path asks for the
+    logits from the first label on only. Value, every trainable gradient and the per-token log-probs (DPO) of
+    both equal the full-logits path; fp32, so 1e-5 relative. The head is the model's own again afterwards."""
     model = _prompt_learning(kind)
+    head = model.get_base_model().get_output_embeddings()
+    assert head_on_labels(model) and not supports_selected_loss(model)
     batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
     assert 0 < label_suffix(batch["labels"]) < batch["input_ids"].shape[1]
     full = plain_loss_sum(model, batch, suffix=False)
     full.backward()
     g_full = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    short = plain_loss_sum(model, batch)
-    short.backward()
-    g_short = grads_of(model)
-    assert float(short) == pytest.approx(float(full), rel=1e-5)
-    assert g_short.keys() == g_full.keys() and g_full
-    for name, ref in g_full.items():
-        torch.testing.assert_close(g_short[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
+    assert g_full
+    for loss in (lambda: plain_loss_sum(model, batch), lambda: loss_sum(model, batch)):
+        model.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        grads = grads_of(model)
+        assert float(value.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+        assert grads.keys() == g_full.keys()
+        for name, ref in g_full.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)
     with torch.no_grad():
         torch.testing.assert_close(
             label_logps(model, batch), label_logps(model, batch, fast=False), rtol=1e-5, atol=1e-5
         )
+    assert model.get_base_model().get_output_embeddings() is head
+
+
+def test_a_bypassed_head_comes_back_when_the_forward_fails(smol_tokenizer):
+    model = _prompt_learning("prefix")
+    head = model.get_base_model().get_output_embeddings()
+    batch = tiny_lm_batch(smol_tokenizer.pad_token_id)
+    batch["input_ids"] = batch["input_ids"] + 10**6  # out of the vocabulary: the embedding fails
+    with pytest.raises(IndexError):
+        loss_sum(model, batch)
+    assert model.get_base_model().get_output_embeddings() is head
 
 
 def test_fused_loss_keeps_no_vocabulary_sized_tensor_for_backward():

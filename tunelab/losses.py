@@ -2,13 +2,15 @@
 
 The fast path never materialises full-vocabulary logits for every position: it runs the decoder,
 keeps only hidden states at label positions, and applies the LM head and cross-entropy there in
-chunks (fused, Liger-style). It is used for architectures whose logits are exactly lm_head(hidden);
-others (and methods that change the forward, e.g. prefixes) take the plain path, which still asks the
-model for the logits from the first label position on only (`logits_to_keep`).
+chunks (fused, Liger-style). It is used for architectures whose logits are exactly lm_head(hidden).
+Prompt learning (prefix, prompt and P-tuning: peft adds the virtual tokens in its own forward) takes it
+too, through peft's forward with the LM head bypassed. Other architectures take the plain path, which
+still asks the model for the logits from the first label position on only (`logits_to_keep`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -42,11 +44,24 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in _MODEL_KEYS if k in batch}
 
 
+def _plain_head(model) -> bool:
+    """Whether the causal LM's logits are exactly lm_head(its decoder's last hidden state)."""
+    return getattr(getattr(_causal_lm(model), "config", None), "model_type", None) in _PLAIN_HEAD_TYPES
+
+
 def supports_selected_loss(model) -> bool:
-    if is_prompt_learning(model):  # peft adds virtual tokens in its own forward
-        return False
-    lm = _causal_lm(model)
-    return getattr(getattr(lm, "config", None), "model_type", None) in _PLAIN_HEAD_TYPES and hasattr(lm, "get_decoder")
+    """Whether the decoder can be called on its own for the hidden states at label positions (not under prompt
+    learning, whose virtual tokens peft adds in its own forward)."""
+    return not is_prompt_learning(model) and _plain_head(model) and hasattr(_causal_lm(model), "get_decoder")
+
+
+def head_on_labels(model) -> bool:
+    """Whether the loss can run the LM head on label positions only (label_hidden). Not prompt learning on an
+    FSDP-sharded model: its loss runs as a registered forward method of the root (SHARDED_LOSS), which calls the
+    decoder, not the root's own forward that peft's virtual tokens need."""
+    if supports_selected_loss(model):
+        return True
+    return is_prompt_learning(model) and _plain_head(model) and getattr(model, SHARDED_LOSS, None) is None
 
 
 def _keeps_logits(model) -> bool:
@@ -73,10 +88,10 @@ def label_suffix(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(has.nonzero()[0])
 
 
-def label_logits(model, batch, suffix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits at the positions that predict each label, with the labels they predict (shifted). With
-    `suffix` the head runs on the positions from the first label on only (the prompt's are never used): the
-    same numbers, without full-vocabulary logits for every prompt token."""
+def _label_outputs(model, batch, suffix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs (`.logits`) at the positions that predict each label, with the labels they predict
+    (shifted). With `suffix` the head runs on the positions from the first label on only (the prompt's are never
+    used): the same numbers, without full-vocabulary logits for every prompt token."""
     ids, labels = batch["input_ids"], batch["labels"]
     kwargs = model_inputs(batch)
     keep = label_suffix(labels) if suffix and _keeps_logits(model) else 0
@@ -84,7 +99,41 @@ def label_logits(model, batch, suffix: bool = True) -> tuple[torch.Tensor, torch
         kwargs["logits_to_keep"] = keep
     logits = model(input_ids=ids, **kwargs).logits
     width = keep or ids.shape[1]  # prompt/P-tuning prepend virtual-token positions to the logits: keep the real ones
-    return logits[:, -width:-1].float(), labels[:, labels.shape[1] - width + 1 :]
+    return logits[:, -width:-1], labels[:, labels.shape[1] - width + 1 :]
+
+
+def label_logits(model, batch, suffix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits at the positions that predict each label, with the labels they predict (shifted)."""
+    logits, labels = _label_outputs(model, batch, suffix)
+    return logits.float(), labels
+
+
+@contextlib.contextmanager
+def _head_bypassed(lm):
+    """The causal LM's forward returns its last hidden states as `.logits` (its LM head an identity meanwhile)."""
+    head = lm.get_output_embeddings()
+    lm.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        lm.set_output_embeddings(head)
+
+
+def label_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """(hidden states at the positions that predict each label [N, H], those labels [N], the LM head), row by
+    row, for a model where head_on_labels: from the decoder alone, or, under prompt learning, from peft's own
+    forward with the head bypassed (its virtual tokens added as in training; the head then runs on label
+    positions only, as on the decoder path)."""
+    lm = _causal_lm(model)
+    if supports_selected_loss(model):
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state[:, :-1]
+        labels = batch["labels"][:, 1:]
+        head = lm.get_output_embeddings()
+    else:
+        with _head_bypassed(lm) as head:
+            hidden, labels = _label_outputs(model, batch)
+    mask = labels != IGNORE_INDEX
+    return hidden[mask], labels[mask], head
 
 
 def plain_loss_sum(model, batch, suffix: bool = True) -> torch.Tensor:
@@ -223,12 +272,8 @@ def head_ce_sum(hidden, head, targets, chunk: int = CHUNK) -> torch.Tensor:
 
 def selected_loss_sum(model, batch, chunk: int = CHUNK) -> torch.Tensor:
     """Same value as plain_loss_sum, computing the LM head only on label positions, chunk by chunk."""
-    lm = _causal_lm(model)
-    kwargs = model_inputs(batch)
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], **kwargs).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    return head_ce_sum(hidden[:, :-1][mask], lm.get_output_embeddings(), labels[mask], chunk)
+    hidden, targets, head = label_hidden(model, batch)
+    return head_ce_sum(hidden, head, targets, chunk)
 
 
 def classification_loss_sum(model, batch) -> torch.Tensor:
@@ -244,7 +289,7 @@ def loss_sum(model, batch, fast: bool = True) -> torch.Tensor:
     A batch with `loss_weight` 0 is a filler pass (FSDP: ranks run as many passes); its loss counts zero."""
     if batch["labels"].dim() == 1:
         total = classification_loss_sum(model, batch)
-    elif fast and supports_selected_loss(model):
+    elif fast and head_on_labels(model):
         sharded = getattr(model, SHARDED_LOSS, None)
         total = sharded(batch) if sharded is not None else selected_loss_sum(model, batch)
     else:
@@ -260,16 +305,12 @@ def _head_logps(hidden, weight, bias, targets):
 def label_logps(model, batch, fast: bool = True, chunk: int = CHUNK) -> torch.Tensor:
     """Log-probability of every label token (labels shifted by one), in the order of
     `batch["labels"][:, 1:] != -100` flattened row by row: the pieces of a sequence log-prob."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    targets = labels[mask]
-    if not (fast and supports_selected_loss(model)):
+    if not (fast and head_on_labels(model)):
         logits, shifted = label_logits(model, batch, suffix=fast)
-        logits = logits[shifted != IGNORE_INDEX]  # row by row: the same order as `mask`
+        targets = shifted[shifted != IGNORE_INDEX]
+        logits = logits[shifted != IGNORE_INDEX]  # row by row, as `targets`
         return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
-    lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], **model_inputs(batch)).last_hidden_state[:, :-1][mask]
-    head = lm.get_output_embeddings()
+    hidden, targets, head = label_hidden(model, batch)
     parts = []
     for start in range(0, targets.numel(), chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]

@@ -149,7 +149,7 @@ def estimate(
 
     t = cfg.train
     step_tokens_all = work.tokens * t.grad_accum  # the largest micro-batch, grad_accum times, per process
-    selected = work.label_positions / max(work.tokens, 1) if not method.virtual_tokens else 1.0
+    selected = work.label_positions / max(work.tokens, 1)  # the LM head runs on label positions only (losses.py)
     flops = step_flops(shape, counts, work, step_tokens_all, cfg.method in ("full", "freeze"), ckpt, selected)
     if teacher is not None:
         from .distill import teacher_flops

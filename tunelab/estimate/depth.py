@@ -34,8 +34,9 @@ COPY_STEPS = 6  # the run's first steps: each copy's own process trains these wi
 MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
 # in the cache key: a calibration taken another way is redone (1: each copy timed in its own process; 2: by turns
-# of one step each; 3: by bursts of short steps; 4: the copies keep their freed memory, as training now does)
-METHOD_VERSION = 4
+# of one step each; 3: by bursts of short steps; 4: the copies keep their freed memory, as training now does;
+# 5: prompt learning's loss runs the LM head on label positions only, as the others' does)
+METHOD_VERSION = 5
 VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
 
 

@@ -105,8 +105,11 @@ def _activations_per_block(
 
 def loss_positions(shape, cfg, method, work: Workload) -> tuple[int, int, bool]:
     """(positions, outputs per position, whether the head runs on label positions only) of the loss's largest
-    buffer: one chunk of label positions on the selected path, every token otherwise; classes for classification."""
-    selected = shape.model_type in _PLAIN_HEAD_TYPES and not method.virtual_tokens and cfg.task != "classification"
+    buffer: one chunk of label positions on the selected path, every token otherwise; classes for classification.
+    Prompt learning takes the selected path for its loss, not for distillation (distill/loss.py) nor sharded
+    (losses.head_on_labels)."""
+    prompt_plain = method.virtual_tokens and (cfg.distill is not None or cfg.train.distributed == "fsdp")
+    selected = shape.model_type in _PLAIN_HEAD_TYPES and cfg.task != "classification" and not prompt_plain
     positions = min(work.label_positions, CHUNK) if selected else work.tokens
     vocab = len(cfg.data.labels or [0, 0]) if cfg.task == "classification" else shape.vocab
     return positions, vocab, selected
