@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from helpers import SavedBytes, run_cli
@@ -111,7 +112,8 @@ def test_predicted_peak_within_ten_percent_of_a_real_run(tmp_path, long_data, ce
     # from a cache an older environment (other package versions) may have written
     monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
     report = estimate(build_config(cfg))
-    assert report["depth_calibration"]["depths"] == [1, 2] and len(copies) == 2  # tiny-llama: 2 blocks
+    # tiny-llama: 2 blocks; full fine-tuning keeps its freed memory: each copy's training peak from 3 processes
+    assert report["depth_calibration"]["depths"] == [1, 2] and len(copies) == 2 * depth.KEPT_PEAK_RUNS
     MiB = 2**20
     (times,) = pairs  # one process timed both copies, step by step in turns
     assert paired.MIN_PAIRS <= len(times["lo"]) == len(times["hi"]) <= paired.MAX_PAIRS
@@ -316,6 +318,37 @@ def test_a_load_peak_that_would_set_the_estimate_is_measured_twice_and_the_lower
     assert seen == [(1, "runs"), (2, "runs"), (1, "again"), (2, "again")]
     assert r["depth_calibration"]["load_peak_bytes"] == [600 * MiB, 700 * MiB]  # each copy's lower reading
     assert r["memory"]["total"] == 800 * MiB  # the training peak at 2 blocks, above the load's 700
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_kept_memory_runs_copies_peak_as_the_median_of_three_processes(tiny_config, monkeypatch, method):
+    """Where the run keeps its freed memory (full on a CPU), a copy's training peak moves between identical
+    processes (the kept heap): each copy trains in three, and the median peak is taken. LoRA's peak repeats:
+    one process each."""
+    from transformers import AutoConfig
+
+    from tunelab.estimate import baseline, depth, estimate
+
+    MiB, seen = 2**20, []
+    readings = {1: iter([700, 760, 720]), 2: iter([1000, 800, 900])}  # the 2-block copy's first read high
+
+    def scripted(cfg, folder, out):
+        blocks = AutoConfig.from_pretrained(folder).num_hidden_layers
+        seen.append((blocks, out.name))
+        return {"load_peak": 500 * MiB, "train_peak": next(readings[blocks]) * MiB}
+
+    monkeypatch.setattr(depth, "_copy_run", scripted)
+    monkeypatch.setattr(depth, "_paired_run", lambda *a: {"lo": [0.1] * 4, "hi": [0.2] * 4})
+    monkeypatch.setattr(baseline, "runtime_baseline", lambda *a, **k: 300 * MiB)
+    monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
+    tiny_config["method"] = method
+    r = estimate(build_config(tiny_config), device=torch.device("cpu"))
+    if method == "full":
+        assert seen == [(1, "runs"), (1, "peak-1"), (1, "peak-2"), (2, "runs"), (2, "peak-1"), (2, "peak-2")]
+        assert r["depth_calibration"]["train_peak_bytes"] == [720 * MiB, 900 * MiB]
+    else:
+        assert seen == [(1, "runs"), (2, "runs")]
+        assert r["depth_calibration"]["train_peak_bytes"] == [700 * MiB, 1000 * MiB]
 
 
 def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):

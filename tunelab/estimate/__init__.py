@@ -160,7 +160,8 @@ def estimate(
     depth, why = None, "asked for the memory only"
     if overhead:
         try:
-            depth, why = depth_calibration(cfg, get_config, shape, counts)
+            kept = device.type == "cpu" and method.frees_weight_gradients  # as Trainer.keep_step_memory decides
+            depth, why = depth_calibration(cfg, get_config, shape, counts, kept)
         except Exception as exc:  # noqa: BLE001 - a run its shallow copies cannot train: the FLOPs model
             why = f"the shallow copies did not train ({type(exc).__name__}: {str(exc)[:120]})"
     if depth is not None:

@@ -31,12 +31,18 @@ from .cache import cached
 
 DEEPEST = 16  # the deeper copy; the shallower has half its blocks: their distance divides the timing noise
 COPY_STEPS = 6  # the run's first steps: each copy's own process trains these windows (their peak RSS)
+# a copy's training peak, where the run keeps its freed memory (device.keep_freed_memory: full and freeze on a
+# CPU), is the median of this many processes: the kept heap of smollm2 full 2 x 64's copies peaked at 1,741-1,848
+# MiB (8 blocks) and 2,076-2,343 (16) in identical processes, 3,396 to 2,475 MiB extrapolated to 30 blocks, where
+# the real run peaked at 2,957-2,975 in three; without the setting each copy's peak repeated to the MiB
+KEPT_PEAK_RUNS = 3
 MAX_PARAMS = 400_000_000  # the deeper copy (weights, embeddings, head): above it, no calibration
 VOLATILE = {"out_dir", "run_name"}
 # in the cache key: a calibration taken another way is redone (1: each copy timed in its own process; 2: by turns
 # of one step each; 3: by bursts of short steps; 4: the copies keep their freed memory, as training now does;
-# 5: prompt learning's loss runs the LM head on label positions only, as the others' does)
-METHOD_VERSION = 5
+# 5: prompt learning's loss runs the LM head on label positions only, as the others' does; 6: a kept-memory run's
+# copies peak-measured KEPT_PEAK_RUNS times)
+METHOD_VERSION = 6
 VOLATILE_TRAIN = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit"}
 
 
@@ -138,10 +144,11 @@ def _key(cfg, config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]:
+def depth_calibration(cfg, get_config, shape, counts, kept_memory: bool = False) -> tuple[dict | None, str]:
     """({'fixed_s', 'per_block_s', 'depths', 'timed_steps'} per optimizer step, note); (None, why) when the
     run cannot be calibrated so (no data file, a distillation, a copy too large to train here).
-    `get_config()`: the architecture's transformers config."""
+    `get_config()`: the architecture's transformers config. `kept_memory`: the run keeps its freed memory (its
+    copies' training peaks are the median of KEPT_PEAK_RUNS processes)."""
     if not cfg.data.train or not Path(cfg.data.train).exists():
         return None, "no data file to time real steps on"
     if cfg.distill is not None:
@@ -167,6 +174,13 @@ def depth_calibration(cfg, get_config, shape, counts) -> tuple[dict | None, str]
                 with contextlib.redirect_stderr(io.StringIO()):
                     _write_copy(cfg, config, tokenizer, blocks, folder)
                 runs[blocks] = _copy_run(cfg, folder, Path(tmp) / "runs")
+                if kept_memory:
+                    peaks = [runs[blocks]["train_peak"]]
+                    peaks += [
+                        _copy_run(cfg, folder, Path(tmp) / f"peak-{i}")["train_peak"] for i in range(1, KEPT_PEAK_RUNS)
+                    ]
+                    if all(isinstance(p, int) for p in peaks):
+                        runs[blocks]["train_peak"] = int(statistics.median(peaks))
             if _load_decides(runs, depths, shape.layers):
                 # the load's peak would set the estimate, and it moves between identical processes (a 16-block
                 # 4-bit copy's: 740-1,002 MiB, what the allocator still holds when loading ends): extrapolated
