@@ -185,6 +185,15 @@ def keep_freed_memory(keep: bool = True) -> bool:
     )
 
 
+def keeps_step_memory(device, method) -> bool:
+    """Whether a run of `method` on `device` has glibc keep what a step frees (keep_freed_memory): methods that
+    free whole weights' gradients every step, on a CPU, where glibc is there and the user left its allocator
+    alone. The trainer and the estimator's copies decide by it."""
+    return (
+        device.type == "cpu" and method.frees_weight_gradients and _libc() is not None and not allocator_set_by_user()
+    )
+
+
 _RELEASE_SETTINGS = ("mmap_threshold", "trim_threshold", "mmap_max", "top_pad")  # when glibc returns memory
 
 

@@ -307,8 +307,8 @@ def label_logps(model, batch, fast: bool = True, chunk: int = CHUNK) -> torch.Te
     `batch["labels"][:, 1:] != -100` flattened row by row: the pieces of a sequence log-prob."""
     if not (fast and head_on_labels(model)):
         logits, shifted = label_logits(model, batch, suffix=fast)
-        targets = shifted[shifted != IGNORE_INDEX]
-        logits = logits[shifted != IGNORE_INDEX]  # row by row, as `targets`
+        labelled = shifted != IGNORE_INDEX
+        targets, logits = shifted[labelled], logits[labelled]  # row by row
         return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
     hidden, targets, head = label_hidden(model, batch)
     parts = []

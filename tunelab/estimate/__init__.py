@@ -81,7 +81,7 @@ def estimate(
     precision): for callers that need the memory only."""
     import torch
 
-    from ..device import pick_device, resolve_precision
+    from ..device import keeps_step_memory, pick_device, resolve_precision
     from ..methods import get_method
     from ..training.resolve import resolve_run_config
     from .arith import preset_counts, preset_shape
@@ -160,7 +160,7 @@ def estimate(
     depth, why = None, "asked for the memory only"
     if overhead:
         try:
-            kept = device.type == "cpu" and method.frees_weight_gradients  # as Trainer.keep_step_memory decides
+            kept = keeps_step_memory(device, method)  # as the trainer decides: its copies keep it too
             depth, why = depth_calibration(cfg, get_config, shape, counts, kept)
         except Exception as exc:  # noqa: BLE001 - a run its shallow copies cannot train: the FLOPs model
             why = f"the shallow copies did not train ({type(exc).__name__}: {str(exc)[:120]})"

@@ -26,6 +26,7 @@ from ..device import (
     autocast_dtype,
     cpu_capability,
     keep_freed_memory,
+    keeps_step_memory,
     peak_memory,
     pick_device,
     resolve_precision,
@@ -466,7 +467,7 @@ class Trainer:
     def keep_step_memory(self) -> bool:
         """On a CPU, have glibc keep what a step frees for the next step where the method frees whole weights'
         gradients each step (device.keep_freed_memory); close() sets it back."""
-        kept = self.device.type == "cpu" and self.method.frees_weight_gradients and keep_freed_memory()
+        kept = keeps_step_memory(self.device, self.method) and keep_freed_memory()
         self.kept_step_memory = self.kept_step_memory or kept
         return kept
 
