@@ -351,6 +351,46 @@ def test_a_kept_memory_runs_copies_peak_as_the_median_of_three_processes(tiny_co
         assert r["depth_calibration"]["train_peak_bytes"] == [700 * MiB, 1000 * MiB]
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_copies_training_peak_grows_at_least_by_each_blocks_weights(tiny_config, tmp_path, monkeypatch, method):
+    """A kept heap's peak moves between identical processes, and the slope between the copies is multiplied by
+    the blocks the extrapolation adds. A deeper model holds each block's weights throughout training (a trainable
+    one's as fp32 weight, gradient and two AdamW moments): the line through the copies is taken no shallower
+    than that, through the deeper copy. A steeper line is kept as measured."""
+    from tunelab.estimate import baseline, depth, estimate
+    from tunelab.models import load_tokenizer, tiny_llama_config
+
+    tok = load_tokenizer("tiny-llama")
+    config = tiny_llama_config(tok)
+    config.num_hidden_layers = 6
+    path = tmp_path / "six-blocks"  # its config and tokenizer: the copies are scripted, nothing loads weights
+    config.save_pretrained(path)
+    tok.save_pretrained(path)
+    MiB = 2**20
+    monkeypatch.setattr(depth, "DEEPEST", 4)  # copies of 2 and 4 blocks, extrapolated to 6
+    monkeypatch.setattr(depth, "_write_copy", lambda cfg, config, tok, blocks, folder: folder.mkdir(parents=True))
+    trained = {"full": {"blocks-2": 700 * MiB, "blocks-4": 701 * MiB}, "lora": {"blocks-2": 700, "blocks-4": 900}}
+    trained["lora"] = {k: v * MiB for k, v in trained["lora"].items()}
+    monkeypatch.setattr(
+        depth,
+        "_copy_run",
+        lambda cfg, folder, out: {"load_peak": 500 * MiB, "train_peak": trained[method][folder.name]},
+    )
+    monkeypatch.setattr(depth, "_paired_run", lambda *a: {"lo": [0.1] * 4, "hi": [0.2] * 4})
+    monkeypatch.setattr(baseline, "runtime_baseline", lambda *a, **k: 300 * MiB)
+    monkeypatch.setenv("TUNELAB_ESTIMATE_NO_CACHE", "1")
+    tiny_config.update(model=str(path), method=method)
+    r = estimate(build_config(tiny_config), device=torch.device("cpu"))
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    if method == "full":  # every block linear trainable: 16 bytes a weight, two blocks beyond the deeper copy
+        expected = 701 * MiB + 2 * 16 * (2 * h * h + 2 * h * kv + 3 * h * i)
+    else:  # 100 MiB a block measured, far above the block's fp32 base and adapters
+        expected = 900 * MiB + 2 * 100 * MiB
+    assert r["memory"]["total"] == expected
+    assert any("grew by less than" in n for n in r["notes"]) == (method == "full")
+
+
 def test_step_time_and_memory_are_measured_on_shallow_copies_of_the_run(tiny_config, monkeypatch):
     """With a data file, the step time and (on a CPU) the peak RSS come from real steps of the run's own loop, in
     their own processes, on two copies of its architecture (full width: 16 blocks and 8, or the model's own depth

@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 
 from ..errors import UserError
-from .memory import Workload, breakdown, lora_output_bytes, with_load
+from .memory import Workload, block_state_bytes, breakdown, frozen_linear_bytes, lora_output_bytes, with_load
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -190,7 +190,11 @@ def estimate(
         seconds = compute_s + overhead_s
     memory = mem(ckpt)
     if depth is not None and base:  # a CPU's peak RSS: the copies' load and training peaks at this depth
-        load, trained = (at_depth(depth, kind, shape.layers) for kind in ("load_peak_bytes", "train_peak_bytes"))
+        load = at_depth(depth, "load_peak_bytes", shape.layers)
+        # training holds each block's weights (and a trainable one's gradient and moments) throughout: a deeper
+        # model's training peak grows by at least that per block
+        floor = block_state_bytes(counts, shape.layers, frozen_linear_bytes(cfg, method, precision, quant_bits))
+        trained = at_depth(depth, "train_peak_bytes", shape.layers, floor)
         if load is not None and trained is not None:
             # no floor from the model's load term: a frozen fp32 base loads zero-copy from its safetensors (pages
             # resident only once the first forward reads them), so most runs peak in training, as their copies do
@@ -202,6 +206,12 @@ def estimate(
             notes.append(
                 f"peak memory measured on the same copies: loading {load / 2**20:,.0f} MiB, training "
                 f"{trained / 2**20:,.0f} MiB at {shape.layers} blocks"
+                + (
+                    f" (the copies' peaks grew by less than the {floor / 2**20:,.1f} MiB a block that its weights "
+                    "hold: that much a block taken from the deeper copy)"
+                    if trained > at_depth(depth, "train_peak_bytes", shape.layers)
+                    else ""
+                )
                 + (
                     f", + {later / 2**20:,.0f} MiB for the run's largest micro-batch ({work.tokens:,} tokens; the "
                     f"copies' first {COPY_STEPS} steps: {copies_work.tokens:,}) by the model"

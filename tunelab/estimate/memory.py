@@ -138,15 +138,8 @@ def breakdown(
     low = precision != "fp32"
     stored_low = low and not quant_bits and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg)
     frozen = counts.total - counts.trainable
-    if quant_bits == 4:
-        per = NF4_BYTES if cfg.quant.double_quant else FP4_PLAIN_BYTES
-        frozen_bytes = counts.frozen_block_linear * per + (frozen - counts.frozen_block_linear) * 4
-    elif quant_bits == 8:
-        frozen_bytes = counts.frozen_block_linear * (1 + 4 / 4096) + (frozen - counts.frozen_block_linear) * 4
-    elif stored_low:  # tunelab.training.frozen: the frozen block linears held at the compute dtype
-        frozen_bytes = counts.frozen_block_linear * 2 + (frozen - counts.frozen_block_linear) * 4
-    else:
-        frozen_bytes = frozen * 4
+    per_frozen_linear = frozen_linear_bytes(cfg, method, precision, quant_bits, strategy)
+    frozen_bytes = counts.frozen_block_linear * per_frozen_linear + (frozen - counts.frozen_block_linear) * 4
     shard = nproc if strategy == "fsdp" else 1
     terms = {
         "frozen_weights": frozen_bytes / shard,
@@ -188,6 +181,26 @@ def breakdown(
     terms = {k: int(v) for k, v in terms.items()}
     terms["total"] = sum(terms.values())
     return terms
+
+
+def frozen_linear_bytes(cfg, method, precision: str, quant_bits, strategy: str = "single") -> float:
+    """Bytes a frozen block-linear weight is stored in: 4-bit NF4/FP4 or 8-bit for QLoRA, the compute dtype where
+    tunelab.training.frozen holds it so, fp32 otherwise."""
+    if quant_bits == 4:
+        return NF4_BYTES if cfg.quant.double_quant else FP4_PLAIN_BYTES
+    if quant_bits == 8:
+        return 1 + 4 / 4096
+    if precision != "fp32" and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg):
+        return 2
+    return 4
+
+
+def block_state_bytes(counts, layers: int, per_frozen_linear: float) -> float:
+    """Bytes a transformer block's linear weights hold for the whole run (one process, unsharded): the frozen ones
+    at their storage dtype, the trainable ones as fp32 weight, gradient and AdamW's two moments. A deeper model's
+    training peak is at least this much higher per block: the floor of the copies' extrapolation (estimate/depth.py)."""
+    trainable = counts.block_linear - counts.frozen_block_linear
+    return (16 * trainable + per_frozen_linear * counts.frozen_block_linear) / max(layers, 1)
 
 
 def with_load(terms: dict, baseline: int, params: int) -> dict:
