@@ -143,6 +143,7 @@ if __name__ == "__main__":
     p.add_argument("--checkpointing", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     args = p.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the hour of runs, not after it
     rows = run_matrix(args.models, args.methods, shapes, [c == "yes" for c in args.checkpointing])
     Path(f"{args.out}.json").write_text(json.dumps(rows, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(markdown(rows))
