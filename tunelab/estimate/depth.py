@@ -247,7 +247,7 @@ def _extrapolate(depths, values, blocks: int, min_slope: float = 0.0) -> float:
     """The line through (depths[i], values[i]) at `blocks`; where its slope is below `min_slope`, the line of that
     slope through the deeper point. Why a floor: a kept heap's peak moves between identical processes (smollm2 full
     4 x 256 with checkpointing: its copies of 8 and 16 blocks once read 42 MB a block, where the blocks' weights,
-    gradients and AdamW moments alone are 57 MB; the other full cells' copies read 57-58 with checkpointing), and
+    gradients and AdamW moments alone are 57 MB; the other full cells' copies read 55-80 in two matrices), and
     a shallow slope is multiplied by the 14 blocks the extrapolation adds."""
     (lo, hi), (a, b) = depths, values
     slope = (b - a) / (hi - lo)
