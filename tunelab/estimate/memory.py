@@ -136,7 +136,7 @@ def breakdown(
     the bytes per token, over all blocks, that the LoRA layers' fp32 outputs add under autocast (lora_output_bytes);
     `cpu`: the run trains on a CPU (packed rows attend in fp32 there)."""
     low = precision != "fp32"
-    stored_low = low and not quant_bits and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg)
+    stored_low = stored_at_compute_dtype(cfg, method, precision, quant_bits, strategy)
     frozen = counts.total - counts.trainable
     per_frozen_linear = frozen_linear_bytes(cfg, method, precision, quant_bits, strategy)
     frozen_bytes = counts.frozen_block_linear * per_frozen_linear + (frozen - counts.frozen_block_linear) * 4
@@ -190,9 +190,13 @@ def frozen_linear_bytes(cfg, method, precision: str, quant_bits, strategy: str =
         return NF4_BYTES if cfg.quant.double_quant else FP4_PLAIN_BYTES
     if quant_bits == 8:
         return 1 + 4 / 4096
-    if precision != "fp32" and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg):
-        return 2
-    return 4
+    return 2 if stored_at_compute_dtype(cfg, method, precision, quant_bits, strategy) else 4
+
+
+def stored_at_compute_dtype(cfg, method, precision: str, quant_bits, strategy: str = "single") -> bool:
+    """Whether tunelab.training.frozen holds the frozen block linears at the compute dtype (low precision, not
+    quantized, not sharded, a method that allows it)."""
+    return precision != "fp32" and not quant_bits and strategy != "fsdp" and method.frozen_at_compute_dtype(cfg)
 
 
 def block_state_bytes(counts, layers: int, per_frozen_linear: float) -> float:
