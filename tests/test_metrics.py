@@ -8,6 +8,7 @@ from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_sco
 
 from tunelab.errors import UserError
 from tunelab.eval.metrics import (
+    CJKCharTokenizer,
     bleu,
     bleu_omission_reason,
     classification_metrics,
@@ -128,6 +129,29 @@ def test_rouge_chinese_counts_characters():
     assert rouge([pred], [ref], lang="zh")["rouge1"] == pytest.approx(0.75)
     default = rouge_scorer.RougeScorer(["rouge1"]).score(ref, pred)["rouge1"].fmeasure
     assert default == 0.0  # rouge-score's own tokenizer drops every Chinese character
+
+
+def test_a_mixed_chinese_english_set_scores_its_chinese_answers_by_character():
+    # The README's example file mixes the two. With 13a (chosen while most references were English) a wrong
+    # Chinese answer was one wrong token among the English ones: BLEU 0.955 for one right answer of two. With
+    # rouge-score's own tokenizer a right Chinese answer scored 0.
+    preds, refs = ["晨赌穴走近！", "She walked to school."], ["早上好。", "She walked to school."]
+    zh = sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score / 100
+    assert zh != pytest.approx(sacrebleu.corpus_bleu(preds, [refs], tokenize="13a").score / 100)
+    assert generation_metrics(preds, refs)["bleu"] == pytest.approx(zh)  # eval.lang's default: auto
+    assert bleu(preds, refs, lang="en") != pytest.approx(zh)  # told English: 13a, as asked
+    right = rouge(["早上好。", "She walks."], ["早上好。", "She walked to school."])
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    english = scorer.score("She walked to school.", "She walks.")["rouge1"].fmeasure
+    assert right["rouge1"] == pytest.approx((1.0 + english) / 2)
+
+
+def test_the_cjk_tokenizer_is_rouge_scores_own_on_other_text():
+    from rouge_score import tokenize
+
+    texts = EN_REFS + EN_PREDS + ["Hello, World! It's 3.5 km (approx.)", "naïve café — e.g. U.S.A.; x=y&z", ""]
+    for text in texts:
+        assert CJKCharTokenizer().tokenize(text) == tokenize.tokenize(text, None)
 
 
 def test_rouge_cjk_tokenizer_keeps_latin_words():

@@ -258,7 +258,11 @@ class EvalConfig(Section):
     latency_examples: int = Field(
         8, ge=0, description="examples also answered one at a time, for the latency figures (eval_latency_*)"
     )
-    lang: str = Field("auto", description="zh tokenizes BLEU/ROUGE for Chinese; auto detects CJK references")
+    lang: str = Field(
+        "auto",
+        description="BLEU's tokenizer: zh splits Chinese characters (sacrebleu's zh); auto: zh where any reference "
+        "has CJK text, else 13a (ROUGE always counts CJK characters one by one)",
+    )
     scorer: str | None = Field(
         None, description="your own metric: 'module:function(prediction, reference, record) -> float'"
     )

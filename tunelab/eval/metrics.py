@@ -103,16 +103,10 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def _looks_cjk(references: list[str]) -> bool:
-    """True when most references contain at least one CJK character."""
-    with_cjk = sum(1 for ref in references if _CJK_RE.search(ref))
-    return with_cjk * 2 > len(references)
-
-
-def _is_cjk(lang: str, references: list[str]) -> bool:
-    if lang == "auto":
-        return _looks_cjk(references)
-    return lang.lower().startswith(("zh", "ja", "ko"))
+def _any_cjk(references: list[str]) -> bool:
+    """True when any reference contains a CJK character: in a mixed Chinese-English set, 13a would read each
+    Chinese answer as one word (a wrong one costs one token of the corpus, a right one earns one)."""
+    return any(_CJK_RE.search(ref) for ref in references)
 
 
 def exact_match(predictions: list[str], references: list[str], normalize: bool = True) -> float:
@@ -126,13 +120,14 @@ def exact_match(predictions: list[str], references: list[str], normalize: bool =
 
 
 def _bleu_tokenize(lang: str, references: list[str]) -> str:
-    # 13a keeps a run of Chinese characters as one token, so BLEU on it is near zero even for good output.
-    return "zh" if lang.lower().startswith("zh") or (lang == "auto" and _looks_cjk(references)) else "13a"
+    # 13a keeps a run of Chinese characters as one token, so BLEU on it is near zero even for good output;
+    # sacrebleu's zh splits Chinese characters and tokenizes everything else as 13a does
+    return "zh" if lang.lower().startswith("zh") or (lang == "auto" and _any_cjk(references)) else "13a"
 
 
 def bleu(predictions: list[str], references: list[str], lang: str = "en") -> float:
     """Corpus BLEU as a fraction in [0, 1] (sacrebleu's 0-100 score / 100), one reference per
-    prediction. Chinese (`lang` 'zh...', or 'auto' with mostly-CJK references) uses sacrebleu's 'zh'
+    prediction. Chinese (`lang` 'zh...', or 'auto' with any CJK reference) uses sacrebleu's 'zh'
     tokenizer, otherwise '13a'."""
     import sacrebleu
 
@@ -167,13 +162,13 @@ class CJKCharTokenizer:
 
 
 def rouge(predictions: list[str], references: list[str], lang: str = "auto") -> dict:
-    """Mean over examples of the ROUGE-1/2/L F-measures, each in [0, 1] (no stemming). CJK text
-    (`lang` zh/ja/ko, or 'auto' with mostly-CJK references) is tokenized per character."""
+    """Mean over examples of the ROUGE-1/2/L F-measures, each in [0, 1] (no stemming). CJK characters are
+    tokens each, whatever `lang` says: `CJKCharTokenizer` tokenizes other text as rouge-score's default does,
+    which would drop them (a mixed Chinese-English set scored its Chinese answers 0, right or wrong)."""
     from rouge_score import rouge_scorer
 
     _require_nonempty_pairs(predictions, references, "predictions", "references")
-    tokenizer = CJKCharTokenizer() if _is_cjk(lang, references) else None
-    scorer = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=False, tokenizer=tokenizer)
+    scorer = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=False, tokenizer=CJKCharTokenizer())
     totals = dict.fromkeys(_ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references):
         # rouge-score takes (target, prediction); an empty prediction scores 0 rather than failing.
