@@ -19,6 +19,7 @@ from tunelab.export import export_run
 from tunelab.export.merge import adapter_on, check_mergeable, dequantized_base
 from tunelab.export.modelfile import modelfile_text, parse_modelfile
 from tunelab.export.quantize import quantize_rows
+from tunelab.io import created_mode
 
 IDS = torch.tensor([[1, 4093, 198, 28120, 905, 28, 27709, 2, 198, 1, 520, 9531, 198]])
 
@@ -173,6 +174,8 @@ def test_gguf_and_ollama_export_round_trips_through_transformers_gguf_reader(tmp
         == tokenizer("Repeat the word: 红色 <|im_end|>").input_ids
     )
     assert report["kind"] == "gguf-f16" and report["within_tolerance"] and report["gguf_tokenizer_agreement"] == 1.0
+    for path in [*out.iterdir(), *merged_dir.iterdir()]:  # an Ollama service reads them as another user
+        assert path.stat().st_mode & 0o777 == created_mode(), path
     modelfile = parse_modelfile((out / "Modelfile").read_text())
     assert "<|im_end|>" in modelfile["stops"] and (out / "Modelfile").read_text().startswith("FROM ./model.gguf")
 

@@ -11,6 +11,7 @@ import torch
 import tunelab
 from tunelab.config import build_config
 from tunelab.data.encode import IGNORE_INDEX
+from tunelab.io import created_mode
 from tunelab.training.loop import Trainer
 
 SPEC_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "tb", "eval.json"]
@@ -63,6 +64,9 @@ def test_run_directory_has_every_spec_file(tiny_run):
     # the saved config is complete and loads back
     cfg = tunelab.config.load_config(run / "config.yaml")
     assert cfg.model == "tiny-llama" and cfg.train.max_steps == 5
+    # readable as any file the user writes: not tempfile's or safetensors' private 0600 / 0700
+    for path in [run, *run.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == created_mode(directory=path.is_dir()), path
 
 
 def _logits(model, ids):

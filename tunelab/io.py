@@ -11,11 +11,48 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where Linux shows it, else set and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def created_mode(directory: bool = False) -> int:
+    """The mode a plain open() or mkdir() gives a new file or folder (0644 / 0755 under the usual umask).
+    tempfile's are private (0600 / 0700), and so are the files safetensors writes (0.8): a saved model, a
+    cleaned data file or a GGUF would stay unreadable to anyone else, the Ollama service's user included."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def normal_modes(root) -> None:
+    """Give folder `root` and everything under it the modes a plain write would have (`created_mode`)."""
+    file_mode, dir_mode = created_mode(), created_mode(directory=True)
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, dir_mode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` atomically; a new file gets the usual mode, a replaced one keeps its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = created_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, did_you_mean
+from .io import normal_modes
 from .trust import check_remote_code, model_weights_are_safetensors, needs_custom_code_message
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -58,6 +59,7 @@ def _materialise(name: str, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:
         build(tmp)
+        normal_modes(tmp)  # a cache other users of the machine may read too
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race

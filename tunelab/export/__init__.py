@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text, dir_bytes, read_json_object
+from ..io import atomic_write_json, atomic_write_text, dir_bytes, normal_modes, read_json_object
 from ..log import log
 
 FORMATS = ("hf", "gguf", "ollama")
@@ -156,6 +156,7 @@ def export_run(
     )
     atomic_write_json(out / "parity.json", report)
     atomic_write_text(out / "README.md", model_card(info, cfg, summary, report))
+    normal_modes(out)  # safetensors and tempfile write private files: a model is there to be shared
     print_report(report)
     return report
 

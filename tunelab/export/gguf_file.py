@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io import created_mode
 from ..log import log
 
 OUTTYPES = ("f16", "q8_0")
@@ -167,6 +168,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", name: str = "
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, created_mode())  # mkstemp's file is private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

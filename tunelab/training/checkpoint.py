@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..io import atomic_write_json, fsync_dir, read_json_object, read_safetensors
+from ..io import atomic_write_json, fsync_dir, normal_modes, read_json_object, read_safetensors
 from . import sharding
 from .checkpoint_dirs import MARKER, complete_checkpoints
 
@@ -146,6 +146,7 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         (tmp / MARKER).write_text(f"{step}\n")
+        normal_modes(tmp)
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

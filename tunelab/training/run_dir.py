@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_write_text, plain_name_problem, read_metrics
+from ..io import atomic_write_text, normal_modes, plain_name_problem, read_metrics
 
 FAILURE_FILE = "failure.json"  # why a run stopped with an error: {"error", "step"}
 PARENT_FILE = "parent.json"  # what started the run, written by it (a sweep): {"parent", ...}
@@ -74,6 +74,7 @@ def save_artifact(method, model, run_dir: Path, tokenizer=None) -> Path:
         method.save(model, tmp)
         if method.artifact == "model" and tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        normal_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
