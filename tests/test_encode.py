@@ -120,6 +120,18 @@ def test_two_assistant_turns_both_supervised(smol_tokenizer, template, eos):
     assert all(labels[i] == IGNORE_INDEX for i in range(end_of_first + 1, start_of_second))
 
 
+@pytest.mark.parametrize("system", [None, "你是客服。"])
+def test_a_conversation_opening_with_the_assistant_learns_only_its_answers(smol_tokenizer, template, system):
+    # SmolLM2's template puts its default system prompt ahead of an opening assistant turn: that prompt and the
+    # turn's header are not the answer (they were learned, 42 tokens of them, until the opening span was found)
+    turns = [("assistant", "欢迎光临"), ("user", "谢谢"), ("assistant", "不客气")]
+    example = Example(1, messages=[{"role": r, "content": c} for r, c in turns])
+    enc, _ = encode_example(example, smol_tokenizer, template, 512, system_prompt=system)
+    assert smol_tokenizer.decode(supervised(enc)) == "欢迎光临" + IM_END + "不客气" + IM_END
+    text = smol_tokenizer.decode(enc["input_ids"])
+    assert text.startswith("<|im_start|>system\n" + (system or "You are a helpful AI assistant named SmolLM"))
+
+
 def test_messages_file_two_turns(write_jsonl, smol_tokenizer, template, eos):
     row = {
         "messages": [

@@ -107,6 +107,15 @@ def _check_template_renders_tools(example: Example, template: str, where) -> Non
             )
 
 
+def _before_opening_answer(tokenizer, template: str, message: dict, tools=None) -> str | None:
+    """The text a template renders ahead of the content of a conversation's opening assistant turn (SmolLM2: its
+    default system prompt and `<|im_start|>assistant\n`), found by rendering a marker in the content's place;
+    None when the marker does not come through."""
+    marker = "\x00ANSWER\x00"
+    head, found, _ = render(tokenizer, template, [dict(message, content=marker)], tools=tools).partition(marker)
+    return head if found else None
+
+
 def _completion_spans(
     tokenizer, template: str, messages: list[dict], full: str, where, tools=None, first: int = 0
 ) -> list[tuple[int, int]]:
@@ -116,9 +125,12 @@ def _completion_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < first:
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        if i:
+            before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools)
+        else:  # an opening answer: the template may still put a default system prompt and a header before it
+            before = _before_opening_answer(tokenizer, template, message, tools)
         upto = render(tokenizer, template, messages[: i + 1], tools=tools)
-        if not (full.startswith(upto) and upto.startswith(before)):
+        if before is None or not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(
                 where[0],
                 where[1],
