@@ -157,6 +157,56 @@ def test_json_list_error_line(tmp_path):
     assert "data.json:4" in str(err.value) and "output" in str(err.value)
 
 
+def test_pandas_nan_is_an_empty_cell_and_infinity_an_error(tmp_path):
+    # json.dumps(df.to_dict("records")) writes a missing cell as NaN, which Python's json reads as a float
+    path = tmp_path / "from_pandas.jsonl"
+    path.write_text('{"instruction": "翻译", "input": NaN, "output": "hello"}\n', encoding="utf-8")
+    examples, _, _ = load_examples(path)
+    assert user_and_answer(examples[0]) == [("user", "翻译"), ("assistant", "hello")]  # not "翻译\n\nnan"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": NaN}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="from_pandas.jsonl:2.*output"):
+        load_examples(path)
+    path.write_text('[{"instruction": "a", "output": "b"},\n {"text": Infinity}]', encoding="utf-8")
+    path = path.rename(tmp_path / "inf.json")
+    with pytest.raises(DataError, match="inf.json:2: invalid JSON: Infinity is not a JSON value"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    "content, line, message",
+    [
+        ('[{"text": "a"}]\n[{"text": "b"}, {"text": "c"}]\n', 2, "more after the list's closing"),  # cat a.json b.json
+        ('[\n{"text": "a"},\n{"text": "b"},\n]\n', 4, "Expecting value"),  # a trailing comma
+        ('[\n{"text": "a"}\n{"text": "b"}\n]\n', 3, "expected ',' or ']'"),  # a missing comma
+        ('[\n{"text": "a"},\n', 3, "not closed"),
+        ('{"data": [{"text": "a"}, "junk"]}', 1, "data[1]"),
+    ],
+)
+def test_a_json_list_is_read_strictly(tmp_path, content, line, message):
+    path = tmp_path / "data.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert f"data.json:{line}" in str(err.value) and message in str(err.value)
+
+
+def test_a_wrapped_list_across_lines_is_one_json_document(tmp_path):
+    path = tmp_path / "data.json"
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    path.write_text('{"data": [\n' + ",\n".join(json.dumps(r) for r in rows) + "\n]}\n", encoding="utf-8")
+    examples, fmt, _ = load_examples(path)  # was read as JSON Lines for its "\n{" and refused
+    assert fmt == "alpaca" and [user_and_answer(e)[1][1] for e in examples] == ["b", "d"]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")  # JSON Lines named .json
+    assert [e.line for e in load_examples(path)[0]] == [1, 2]
+
+
+def test_a_csv_column_named_twice_is_an_error(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("instruction,output,output\n你好,世界,另一个\n", encoding="utf-8")
+    with pytest.raises(DataError, match="dup.csv:1: column 'output' appears more than once"):
+        load_examples(path)
+
+
 def test_csv_with_quoted_newline(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text('instruction,output\n"line one\nline two",a1\nq2,a2\nq3,\n', encoding="utf-8")

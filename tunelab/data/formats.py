@@ -116,9 +116,20 @@ def _check_depth(obj, path, line, depth=0):
             _check_depth(v, path, line, depth + 1)
 
 
+def _json_constant(name: str):
+    """Python's json reads NaN and Infinity, which JSON has not. NaN is how pandas writes an empty cell
+    (`to_json`, `json.dumps(df.to_dict("records"))`): read it as null, not as the text "nan"."""
+    if name == "NaN":
+        return None
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_json_constant)
+
+
 def _parse_json(text: str, path: Path, line: int):
     try:
-        return json.loads(text)
+        return _DECODER.decode(text)
     except RecursionError:
         raise DataError(path, line, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
@@ -155,29 +166,34 @@ def _read_json(path: Path, raw: bytes) -> list[Record]:
     text = _decode(path, raw, 0).removeprefix("\ufeff")
     stripped = text.lstrip()
     if not stripped.startswith("["):
-        if stripped.startswith("{") and "\n{" in text:
+        if stripped.startswith("{") and _several_values(text):
             return _read_jsonl(path, raw)  # JSON Lines saved with a .json name
         obj = _parse_json(text, path, 1)
         if isinstance(obj, dict):  # a single object, or {"data": [...]}
             for key in ("data", "examples", "records"):
                 if isinstance(obj.get(key), list):
-                    return [Record(1, r) for r in obj[key] if isinstance(r, dict)]
+                    for i, item in enumerate(obj[key]):
+                        if not isinstance(item, dict):
+                            raise DataError(
+                                path, 1, f"must be a JSON object, got {type(item).__name__}", field=f"{key}[{i}]"
+                            )
+                    return [Record(1, r) for r in obj[key]]
             return [Record(1, obj)]
         raise DataError(path, 1, "expected a JSON list of objects")
+
     # walk the list element by element so each record knows its line
-    decoder = json.JSONDecoder()
+    def line_of(at: int) -> int:
+        return text.count("\n", 0, at) + 1
+
     records = []
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
+    pos = _skip_space(text, text.index("[") + 1)
+    closed = pos < len(text) and text[pos] == "]"
+    while not closed:
         if pos >= len(text):
-            raise DataError(path, text.count("\n", 0, pos) + 1, "invalid JSON: the list is not closed with ']'")
-        if text[pos] == "]":
-            break
-        line = text.count("\n", 0, pos) + 1
+            raise DataError(path, line_of(pos), "invalid JSON: the list is not closed with ']'")
+        line = line_of(pos)
         try:
-            obj, end = decoder.raw_decode(text, pos)
+            obj, end = _DECODER.raw_decode(text, pos)
         except RecursionError:
             raise DataError(path, line, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
         except json.JSONDecodeError as exc:
@@ -188,8 +204,35 @@ def _read_json(path: Path, raw: bytes) -> list[Record]:
             raise DataError(path, line, f"each list item must be a JSON object, got {type(obj).__name__}")
         _check_depth(obj, path, line)
         records.append(Record(line, obj))
-        pos = end
+        pos = _skip_space(text, end)
+        closed = pos < len(text) and text[pos] == "]"
+        if not closed and pos < len(text) and text[pos] != ",":
+            raise DataError(path, line_of(pos), "invalid JSON: expected ',' or ']' after a list item")
+        pos = _skip_space(text, pos + 1) if not closed else pos
+    if text[pos + 1 :].strip():
+        raise DataError(
+            path,
+            line_of(_skip_space(text, pos + 1)),
+            "invalid JSON: more after the list's closing ']' (two files joined? make it one list, or JSON Lines)",
+        )
     return records
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _several_values(text: str) -> bool:
+    """True when `text` holds more than one JSON value one after the other (JSON Lines), not one object."""
+    try:
+        _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        return exc.msg == "Extra data"
+    except ValueError:  # NaN / Infinity / a huge integer: the reader names it
+        return False
+    return False
 
 
 def _read_csv(path: Path, raw: bytes) -> list[Record]:
@@ -204,6 +247,9 @@ def _read_csv(path: Path, raw: bytes) -> list[Record]:
     except csv.Error as exc:
         raise DataError(path, 1, f"invalid CSV: {exc}") from None
     header = [h.strip() for h in header]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:  # a dict would keep the last column of each name and drop the others unseen
+        raise DataError(path, 1, f"column {', '.join(map(repr, repeated))} appears more than once in the header")
     records = []
     start = reader.line_num + 1
     while True:
