@@ -191,6 +191,23 @@ def test_unknown_fields_reported_by_check_and_warned_once_in_training(write_json
     )
 
 
+def test_the_eval_file_is_read_in_its_own_format(write_jsonl, smol_tokenizer):
+    from tunelab.errors import ConfigError
+
+    turns = [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]
+    train = write_jsonl([{"conversations": turns}] * 3, "sharegpt.jsonl")
+    held_out = [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "不客气"}]
+    evalf = write_jsonl([{"messages": held_out}], "messages.jsonl")
+    cfg = build_config({"model": "tiny-llama", "data": {"train": str(train), "eval": str(evalf)}})
+    prepared = prepare_data(cfg, smol_tokenizer)  # was: messages.jsonl:1: field 'conversations' ...
+    assert len(prepared.train) == 3 and len(prepared.val) == 1
+    assert check_file(train, smol_tokenizer, eval_path=evalf)["valid"] == 3
+    labelled = write_jsonl([{"text": "t", "label": "a"}], "labels.jsonl")
+    cfg = build_config({"model": "tiny-llama", "data": {"train": str(train), "eval": str(labelled)}})
+    with pytest.raises(ConfigError, match="labels.jsonl: classification data does not fit task: causal_lm"):
+        prepare_data(cfg, smol_tokenizer)
+
+
 def test_system_prompt_precedence_and_check_says_which(write_jsonl, smol_tokenizer, template):
     rows = [
         {"instruction": "q", "output": "a", "system": "Record system."},

@@ -28,6 +28,7 @@ def check_file(
     """Validate every record (all problems are collected), report lengths in tokens and the doctor's findings.
 
     `label_features(texts) -> array`: the representation for label-error finding (default TF-IDF)."""
+    requested = fmt  # the eval file is read in it too: its own format when auto
     try:
         examples, fmt, problems = load_examples(path, fmt, skip_invalid=True)
     except NoValidRecords as exc:  # still a report: every problem, not only the first
@@ -79,7 +80,7 @@ def check_file(
     empty = [e.line for e in examples if e.messages and any(not m["content"].strip() for m in e.messages)]
     if empty:
         report["empty_turns_at_lines"] = empty[:20]
-    eval_examples = load_examples(eval_path, fmt)[0] if eval_path else None
+    eval_examples = load_examples(eval_path, requested)[0] if eval_path else None
     report["duplicates"] = doctor.duplicate_findings(examples, eval_examples)
     pii = doctor.pii_findings(examples)
     report["pii"], report["pii_findings"] = len(pii), pii[: doctor.SHOWN * 5]

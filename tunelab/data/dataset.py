@@ -93,6 +93,27 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, 
     return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
 
 
+def _check_fits_task(path, fmt: str, task: str) -> None:
+    if (fmt in PREFERENCE_FORMATS) != (task == "preference"):
+        raise ConfigError(
+            f"{path}: {fmt} data does not fit task: {task} "
+            + (
+                "(chosen/rejected pairs need task: preference)"
+                if fmt in PREFERENCE_FORMATS
+                else "(task: preference needs prompt/chosen/rejected or conversations/chosen/rejected records)"
+            )
+        )
+    if (fmt == "classification") != (task == "classification"):
+        raise ConfigError(
+            f"{path}: {fmt} data does not fit task: {task} "
+            + (
+                "(text/label data needs task: classification)"
+                if fmt == "classification"
+                else "(classification needs text/label records)"
+            )
+        )
+
+
 def prepare_data(cfg, tokenizer) -> PreparedData:
     """Load, validate, split and encode the data named by the config (nothing is written)."""
     d = cfg.data
@@ -101,27 +122,12 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
             "data.train is not set: give a JSONL/JSON/CSV/Parquet file or a saved dataset folder (data.train=path/to/file.jsonl)"
         )
     train_examples, fmt, skipped = load_examples(d.train, d.format, d.skip_invalid)
-    if (fmt in PREFERENCE_FORMATS) != (cfg.task == "preference"):
-        raise ConfigError(
-            f"{d.train}: {fmt} data does not fit task: {cfg.task} "
-            + (
-                "(chosen/rejected pairs need task: preference)"
-                if fmt in PREFERENCE_FORMATS
-                else "(task: preference needs prompt/chosen/rejected or conversations/chosen/rejected records)"
-            )
-        )
-    if (fmt == "classification") != (cfg.task == "classification"):
-        raise ConfigError(
-            f"{d.train}: {fmt} data does not fit task: {cfg.task} "
-            + (
-                "(text/label data needs task: classification)"
-                if fmt == "classification"
-                else "(classification needs text/label records)"
-            )
-        )
+    _check_fits_task(d.train, fmt, cfg.task)
     unknown = unknown_field_lines(train_examples)
     if d.eval:
-        val_examples, _, val_skipped = load_examples(d.eval, fmt, d.skip_invalid)
+        # its own format (auto-detected unless data.format names one): ShareGPT training, OpenAI messages held out
+        val_examples, val_fmt, val_skipped = load_examples(d.eval, d.format, d.skip_invalid)
+        _check_fits_task(d.eval, val_fmt, cfg.task)
         skipped += val_skipped
         for name, lines in unknown_field_lines(val_examples).items():
             unknown.setdefault(f"{name} in data.eval", lines)
