@@ -105,6 +105,36 @@ def test_system_prompt_override_and_streaming_give_the_same_answer(tiny):
     assert generate_batch(model, tok, ["Say something"], settings, system="Answer in French.")[0] == expected
 
 
+def test_an_answer_cut_inside_a_character_ends_before_it(tiny, monkeypatch):
+    # byte-level BPE spells a Chinese character with several tokens: a token limit may stop between them, and
+    # the decoded answer then ended in U+FFFD, in generate, chat (streamed) and the server alike
+    from tunelab.serve.app import _visible
+
+    model, tok = tiny
+    ids = tok("北京欢迎你", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd") and tok.decode(ids[: n - 1]))
+    whole = tok.decode(ids[:cut]).rstrip("\ufffd")
+    assert whole and "\ufffd" not in whole
+
+    def generate(input_ids, attention_mask=None, streamer=None, **kwargs):  # the limit reached mid-character
+        if streamer is not None:
+            streamer.put(input_ids[0])
+            for token in ids[:cut]:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return torch.cat([input_ids, torch.tensor([ids[:cut]])], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    settings = GenerationSettings.greedy(cut)
+    assert generate_batch(model, tok, ["你好"], settings) == [whole]
+    chunks = []
+    assert generate_text(model, tok, "你好", settings, on_text=chunks.append) == whole == "".join(chunks)
+    cut_text = tok.decode(ids[:cut])
+    for finish in (None, "length"):
+        for chat in (True, False):
+            assert _visible(cut_text, finish, [], chat) == whole
+
+
 def test_cli_generate_on_a_bare_model_name(tiny):
     proc = subprocess.run(
         [

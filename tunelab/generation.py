@@ -80,11 +80,19 @@ def _messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+def without_cut_character(text: str) -> str:
+    """A finished answer without the U+FFFD its last token may leave: byte-level BPE spells a Chinese character
+    with up to three tokens, and a token limit can stop between them."""
+    return text.rstrip("\ufffd")
+
+
 def _streamer(tokenizer, on_text: Callable[[str], None]):
     from transformers import TextStreamer
 
     class Stream(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if stream_end:
+                text = without_cut_character(text)
             if text:
                 on_text(text)
 
@@ -134,7 +142,7 @@ def generate_batch(
                 outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
-    return [o.strip() for o in outputs]
+    return [without_cut_character(o).strip() for o in outputs]
 
 
 def generate_text(

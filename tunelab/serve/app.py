@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..generation import GenerationSettings
+from ..generation import GenerationSettings, without_cut_character
 from .adapters import AdapterError, AdapterHandle
 from .batcher import Job, QueueFull
 from .decode import BASE, Sequence
@@ -109,7 +109,8 @@ class Server:
 
 def _visible(text: str, finish: str | None, stops: list[str], chat: bool) -> str:
     """The part of a sequence's text that can be sent: while it runs, a tail that may still become a
-    stop string, an unfinished UTF-8 character or trailing space (chat answers are stripped) waits."""
+    stop string, an unfinished UTF-8 character or trailing space (chat answers are stripped) waits; once it
+    has finished, all of it but a character the token limit cut in two."""
     if finish is None:
         cut = text.find("\ufffd")
         if cut >= 0:
@@ -119,8 +120,10 @@ def _visible(text: str, finish: str | None, stops: list[str], chat: bool) -> str
             text = text[: max(len(text) - hold, 0)]
         if chat:
             text = text.rstrip()
-    elif chat:
-        text = text.rstrip()
+    else:
+        text = without_cut_character(text)
+        if chat:
+            text = text.rstrip()
     return text.lstrip() if chat else text
 
 
