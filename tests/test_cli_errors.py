@@ -102,3 +102,26 @@ def test_data_check_bad_record(tmp_path):
     assert any("bad.jsonl:3" in p and "output" in p for p in report["problems"])
     assert any("bad.jsonl:7" in p and "JSON" in p for p in report["problems"])
     assert "tokens" in report  # the valid records are still measured
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly(tmp_path):
+    # `tunelab data check F --json | head -2`: the pipe's reader closed before tunelab wrote
+    import subprocess
+    import sys
+
+    (tmp_path / "good.jsonl").write_text(jsonl(GOOD_ROWS), encoding="utf-8")
+    args = [sys.executable, "-m", "tunelab", "data", "check", "good.jsonl", "--model", "tiny-llama", "--json"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the child has imported torch and checked the file
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+@pytest.mark.parametrize("args", [["show", "--n", "-1"], ["show", "--n", "0"], ["check", "--max-length", "0"]])
+def test_data_commands_refuse_counts_the_config_would(tmp_path, capsys, args):
+    from tunelab.cli import main
+
+    (tmp_path / "good.jsonl").write_text(jsonl(GOOD_ROWS), encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:  # --n -1 showed all but the last record; --max-length 0 dropped them all
+        main(["data", args[0], str(tmp_path / "good.jsonl"), *args[1:]])
+    assert stop.value.code == 2 and "must be at least" in capsys.readouterr().err

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -345,8 +348,11 @@ def cmd_estimate(args) -> int:
     from .estimate.report import methods_table, text
     from .methods import METHODS
 
-    cfg = load_config(args.config, args.overrides)
     prices = {"price_per_hour": args.price_per_hour, "price_per_kwh": args.price_per_kwh}
+    for name, price in prices.items():
+        if price is not None and not (price >= 0 and math.isfinite(price)):
+            raise UserError(f"--{name.replace('_', '-')} {price}: a price is a finite number >= 0")
+    cfg = load_config(args.config, args.overrides)
     if args.all_methods:
         names = [n for n in METHODS if n != "qlora" or cfg.task == "causal_lm"]
         reports = [estimate(method_variant(cfg, n), args.nproc, **prices) for n in names]
@@ -557,9 +563,22 @@ def _add_generation_flags(p) -> None:
     )
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (as the config's own bound for the same setting)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message for a non-number
+    return parse
+
+
 def _add_render_flags(p) -> None:
     p.add_argument("--format", default="auto")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=_at_least(8), default=512, help="as data.max_length (at least 8)")
     p.add_argument("--chat-template", default="auto", help="auto (the tokenizer's), chatml, or a Jinja template")
     p.add_argument("--loss-on", default="completion", choices=["completion", "last_turn", "all"])
     p.add_argument("--system-prompt", default=None, help="as data.system_prompt")
@@ -649,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_data_check)
     c = data_sub.add_parser("show", help="records rendered with the chat template, loss spans marked")
     c.add_argument("file")
-    c.add_argument("--n", type=int, default=3, help="records to show")
+    c.add_argument("--n", type=_at_least(1), default=3, help="records to show")
     c.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
     c.add_argument("--no-colour", action="store_true", help="brackets instead of colour on a terminal")
     _add_render_flags(c)
@@ -814,13 +833,18 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in a traceback at exit
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tunelab data show F | head`: stop quietly, as a command killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail too
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from .memory import Workload, block_state_bytes, breakdown, frozen_linear_bytes, lora_output_bytes, with_load
 
 STRATEGIES = ("ddp", "fsdp")
@@ -25,6 +26,9 @@ def workload(cfg, method, shape, tokenizer_ok: bool, first: int = 1) -> tuple[Wo
     virtual = 0
     if method.virtual_tokens and cfg.method in ("prompt", "ptuning"):
         virtual = getattr(cfg, cfg.method).num_virtual_tokens  # prepended to every row's input
+    for path in (cfg.data.train, cfg.data.eval):  # a typo is an error here too, not a silent max_length guess
+        if path and not Path(path).exists():
+            raise DataError(path, None, "file not found")
     if not cfg.data.train or not tokenizer_ok:
         max_length = cfg.data.max_length + virtual
         tokens = t.batch_size * max_length
@@ -150,7 +154,8 @@ def estimate(
     t = cfg.train
     step_tokens_all = work.tokens * t.grad_accum  # the largest micro-batch, grad_accum times, per process
     selected = work.label_positions / max(work.tokens, 1)  # the LM head runs on label positions only (losses.py)
-    flops = step_flops(shape, counts, work, step_tokens_all, cfg.method in ("full", "freeze"), ckpt, selected)
+    # every weight's gradient for full; freeze computes those of its trainable blocks only, as an adapter does
+    flops = step_flops(shape, counts, work, step_tokens_all, cfg.method == "full", ckpt, selected)
     if teacher is not None:
         from .distill import teacher_flops
 
@@ -304,9 +309,10 @@ def advice(report: dict, cfg, mem, free: int) -> list[dict]:
             work, tokens=work.tokens // 2, label_positions=work.label_positions // 2, seq_len=max(1, work.seq_len // 2)
         )
         changes.append((f"data.max_length={cfg.data.max_length // 2}", mem(ckpt, w=w)))
-    return [
+    return [  # none that raises the peak (QLoRA: its dequantized copies can outweigh the 4-bit base it saves)
         {"change": change, "peak_bytes": terms["total"], "load_bound": terms.get("loading_excess", 0) > 0}
         for change, terms in changes
+        if terms["total"] <= peak
     ]
 
 
