@@ -255,7 +255,23 @@ def _nested_yaml(dotted: str, value: str) -> str:
 @pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
 def test_bad_values_name_the_key(key, value):
     message = config_error(None, [f"method={_method_reading(key)}", f"{key}={value}"])
-    assert f"<overrides>: {key}: " in message
+    assert f"command line {f'{key}={value}'!r}: {key}: " in message
+
+
+def test_an_override_is_blamed_for_its_own_error_in_one_line(tmp_path):
+    path = write(tmp_path, "model: tiny-llama\ntrain:\n  batch_size: 4\nlora:\n  r: 8\n")
+    assert config_error(path, ["train.batch_size=0"]) == (
+        "invalid config: command line 'train.batch_size=0': train.batch_size: "
+        "Input should be greater than or equal to 1 (got 0)"
+    )  # was: the YAML's line 3, on a second line
+    assert config_error(path, ["train.batch_sise=2"]).startswith("invalid config: command line 'train.batch_sise=2'")
+    assert config_error(path, ["lora={r: 0}"]).startswith("invalid config: command line 'lora={r: 0}': lora.r:")
+    assert config_error(path, ["train.lr=0"]).startswith("invalid config: command line 'train.lr=0': train.lr:")
+    bad = write(tmp_path, "model: tiny-llama\ntrain:\n  batch_size: 0\n")  # two problems: a line each, each its place
+    assert config_error(bad, ["lora.r=0"]).splitlines()[1:] == [
+        f"  {bad}:3: train.batch_size: Input should be greater than or equal to 1 (got 0)",
+        "  command line 'lora.r=0': lora.r: Input should be greater than or equal to 1 (got 0)",
+    ]
 
 
 @pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])

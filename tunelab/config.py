@@ -601,6 +601,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _where(source: str, lines: dict, key: str) -> str:
+    """Where a key was set: `file:line`, the override that set it or its section (a string), or the file alone."""
+    at = lines.get(key)
+    parts = key.split(".")
+    for parent in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)):
+        if at is None and isinstance(lines.get(parent), str):  # inside an overridden section: lora={r: 0}
+            at = lines[parent]
+    return source if at is None else at if isinstance(at, str) else f"{source}:{at}"
+
+
 def _reject_unencodable(data: dict, source: str, lines: dict) -> None:
     """A lone surrogate (YAML's "\\ud800", or an undecodable command-line byte) is no text: pydantic raises
     UnicodeEncodeError while quoting it in an error message, so it is reported here by key and line. A walk with
@@ -620,7 +630,7 @@ def _reject_unencodable(data: dict, source: str, lines: dict) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                where = f"{source}:{lines[dotted]}" if dotted in lines else source
+                where = _where(source, lines, dotted)
                 raise ConfigError(f"{where}: {dotted or 'key'}: not text ({value!r} holds a lone surrogate)") from None
 
 
@@ -635,14 +645,11 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
         for err in exc.errors():
             loc = tuple(str(p) for p in err["loc"])
             dotted = ".".join(loc)
-            where = f"{source}:{lines[dotted]}" if dotted in lines else source
+            where = _where(source, lines, dotted)
             if err["type"] == "unused_section":
-                section = err["ctx"]["section"]
-                where = f"{source}:{lines[section]}" if section in lines else source
-                messages.append(f"{where}: {err['msg']}")
+                messages.append(f"{_where(source, lines, err['ctx']['section'])}: {err['msg']}")
             elif err["type"] == "config_rule":
-                key = err["ctx"]["key"]
-                messages.append(f"{source}:{lines[key]}: {err['msg']}" if key in lines else f"{source}: {err['msg']}")
+                messages.append(f"{_where(source, lines, err['ctx']['key'])}: {err['msg']}")
             elif err["type"] == "extra_forbidden":
                 valid = _section_fields(loc[:-1])
                 hint = _suggest(loc[-1], valid)
@@ -653,6 +660,8 @@ def build_config(data: dict, source: str = "<config>", lines: dict | None = None
                 if err["type"] == "literal_error" and isinstance(err.get("input"), str):
                     hint = _suggest(err["input"], re.findall(r"'([^']*)'", err["ctx"]["expected"]))
                 messages.append(f"{where}: {dotted}: {msg} (got {err.get('input')!r}){hint}")
+        if len(messages) == 1:  # one problem, one line
+            raise ConfigError(f"invalid config: {messages[0]}") from None
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
 
 
@@ -714,4 +723,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 if exists:
                     data["data"][key] = str(candidate)
     apply_overrides(data, overrides or [])
+    for item in overrides or []:  # an error in an overridden key names the override, not the file's line
+        key = parse_override(item)[0]
+        for inside in [k for k in lines if k.startswith(key + ".")]:
+            del lines[inside]
+        lines[key] = f"command line {item!r}"
     return build_config(data, source, lines)
