@@ -200,6 +200,29 @@ def test_a_wrapped_list_across_lines_is_one_json_document(tmp_path):
     assert [e.line for e in load_examples(path)[0]] == [1, 2]
 
 
+def test_openai_text_parts_and_the_developer_role_read_as_tunelab_serve_reads_them(write_jsonl):
+    parts = [{"type": "text", "text": "把日期转换成"}, {"type": "text", "text": "ISO 格式"}]
+    row = {
+        "messages": [
+            {"role": "developer", "content": "你是助手。"},
+            {"role": "user", "content": parts},
+            {"role": "assistant", "content": [{"type": "text", "text": "2021-03-03"}]},
+        ]
+    }
+    examples, fmt, _ = load_examples(write_jsonl([row]))
+    assert fmt == "messages" and examples[0].messages == [
+        {"role": "system", "content": "你是助手。"},
+        {"role": "user", "content": "把日期转换成ISO 格式"},
+        {"role": "assistant", "content": "2021-03-03"},
+    ]
+    from tunelab.serve.protocol import Message
+
+    assert [Message(**m).as_dict() for m in row["messages"]] == examples[0].messages  # trained as served
+    row["messages"][1]["content"] = parts + [{"type": "image_url", "image_url": {"url": "x.png"}}]
+    with pytest.raises(DataError, match=r"field 'messages\[1\].content\[2\]': only text parts .* 'image_url'"):
+        load_examples(write_jsonl([row]))
+
+
 def test_a_csv_column_named_twice_is_an_error(tmp_path):
     path = tmp_path / "dup.csv"
     path.write_text("instruction,output,output\n你好,世界,另一个\n", encoding="utf-8")

@@ -469,6 +469,8 @@ def _turns(
                     path, record.line, "expected a non-empty list on an assistant turn", field=f"{where}.tool_calls"
                 )
             content = content if content is not None else ""
+        if key == "messages" and isinstance(content, list):
+            content = _text_parts(record, content, path, f"{where}.{content_key}")
         if not isinstance(content, str):
             raise DataError(path, record.line, "missing or not a string", field=f"{where}.{content_key}")
         message = {"role": role_map[role], "content": content}
@@ -483,6 +485,20 @@ def _turns(
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, record.line, "no assistant turn to learn from", field=key)
     return messages
+
+
+def _text_parts(record: Record, parts: list, path, where: str) -> str:
+    """OpenAI's content as a list of parts ([{"type": "text", "text": ...}]): their texts joined, as tunelab serve
+    reads a request's; a part of another kind (an image) is an error naming it."""
+    texts = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(
+                path, record.line, f"only text parts can be learned from, got {kind!r}", field=f"{where}[{i}]"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _tools(record: Record, path) -> list[dict] | None:
@@ -572,7 +588,7 @@ def _to_example(record: Record, fmt: str, path) -> Example:
             source=d,
         )
     if fmt == "messages":
-        roles = {r: r for r in ROLES}
+        roles = {r: r for r in ROLES} | {"developer": "system"}  # OpenAI's newer name for the system role
         messages = _turns(record, "messages", path, "role", "content", roles)
         return Example(record.line, messages=messages, source=d, tools=_tools(record, path))
     if fmt == "sharegpt":
