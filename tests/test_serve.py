@@ -239,19 +239,27 @@ def test_oversize_and_malformed_requests_are_4xx_never_500(served):
     assert post(b"{bad json", **{"content-type": "application/json"}).status_code == 400
     assert post(b"\xff\xfe{", **{"content-type": "application/json"}).status_code in (400, 422)
     assert post(b"[" * 50_000, **{"content-type": "application/json"}).status_code in (400, 422)
-    for body in (
-        [],
-        {"model": "repeat"},
-        {"model": "repeat", "messages": "hi"},
-        {"model": "repeat", "messages": [{"role": "wizard", "content": "hi"}]},
-        {"model": "repeat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
-        {"model": "repeat", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
-        {"model": "repeat", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
-        {"model": "repeat", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+    for body, kw in ((b"[]", {"content-type": "application/json"}), (b'{"model":', {}), (b"", {})):
+        r = post(body, **kw)  # not a JSON object, broken JSON sent as a form (plain curl -d), nothing: 400, said so
+        assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"], body
+    hi = [{"role": "user", "content": "hi"}]
+    for body, param in (
+        ({"model": "repeat"}, "messages"),
+        ({"model": "repeat", "messages": "hi"}, "messages"),
+        ({"model": "repeat", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "repeat", "messages": hi, "max_tokens": -1}, "max_tokens"),
+        ({"model": "repeat", "messages": hi, "temperature": "hot"}, "temperature"),
+        ({"model": "repeat", "messages": hi, "logprobs": True}, None),  # the message names it
+        ({"model": "repeat", "messages": hi, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ):
         r = post(json.dumps(body).encode(), **{"content-type": "application/json"})
         assert r.status_code == 422, body
-        assert r.json()["error"]["message"]
+        error = r.json()["error"]
+        assert error["message"] and "Value error" not in error["message"] and error["param"] == param, (body, error)
+    # neutral values clients send: no tools, vLLM's "top_k off"
+    neutral = {"model": "repeat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+    for extra in ({"tools": []}, {"top_k": -1}):
+        assert post(json.dumps(neutral | extra).encode(), **{"content-type": "application/json"}).status_code == 200
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens 65"):
         client.chat.completions.create(model="repeat", messages=[{"role": "user", "content": "hi"}], max_tokens=65)
     with pytest.raises(openai.UnprocessableEntityError, match="prompt has"):

@@ -33,15 +33,21 @@ def _error(status: int, message: str, param=None, code=None, type_=None) -> JSON
     return JSONResponse(error_body(message, type_, param, code), status_code=status)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, str | None]:
+    """(status, message, param: the first field at fault, as OpenAI names it)."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return 400, "The request body is not valid JSON."
-    parts = []
+        return 400, "The request body is not valid JSON.", None
+    not_an_object = ("missing", "model_attributes_type", "model_type", "dict_type")  # empty, [], a form's text
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in not_an_object for e in errors):
+        return 400, "The request body must be a JSON object (Content-Type: application/json).", None
+    parts, params = [], []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return 422, "; ".join(parts) or "invalid request"
+        params.append(where)
+        message = str(e.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return 422, "; ".join(parts) or "invalid request", next((p for p in params if p), None)
 
 
 class Server:
@@ -61,7 +67,7 @@ class Server:
             max_new_tokens=max_tokens or min(defaults.max_new_tokens, self.limits.max_tokens),
             temperature=defaults.temperature if req.temperature is None else req.temperature,
             top_p=defaults.top_p if req.top_p is None else req.top_p,
-            top_k=defaults.top_k if req.top_k is None else req.top_k,
+            top_k=defaults.top_k if req.top_k is None else max(req.top_k, 0),  # vLLM: -1 is off
             repetition_penalty=req.repetition_penalty,
             seed=None if req.seed is None else req.seed + n_index,  # n choices: n reproducible streams
         )
@@ -141,8 +147,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        status, message = _validation_message(exc)
-        return _error(status, message)
+        status, message, param = _validation_message(exc)
+        return _error(status, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):

@@ -46,7 +46,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # vLLM's extra
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extra; -1, as 0, switches it off
     repetition_penalty: float | None = Field(None, gt=0)  # vLLM's extra
     ignore_eos: bool = False  # vLLM's extra: always decode max_tokens (load tests)
     stop: str | list[str] | None = Field(None, validate_default=True)
@@ -83,7 +83,7 @@ class _Sampling(BaseModel):
                 ("frequency_penalty", (None, 0, 0.0)),
                 ("tools", (None,)),
             )
-            if getattr(self, name) not in neutral and getattr(self, name) != {}
+            if getattr(self, name) not in neutral and getattr(self, name) not in ({}, [])
         ]
         if self.best_of not in (None, self.n):
             unsupported.append("best_of")
