@@ -177,3 +177,14 @@ def test_missing_run_path_says_it_does_not_exist(tmp_path):
     assert "does not exist" in proc.stderr and "hub" not in proc.stderr.replace("Hugging Face cache", ""), proc.stderr
     version = subprocess.run([sys.executable, "-m", "tunelab", "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == f"tunelab {tunelab.__version__}"
+
+
+def test_a_file_or_nothing_given_as_the_model_is_named_so(tmp_path):
+    from tunelab.models import resolve_model_path
+
+    key = tmp_path / "key.txt"
+    key.write_text("secret")
+    with pytest.raises(UserError, match="key.txt is a file: give a run folder"):
+        resolve_model_path(str(key))  # was: "model directory .../key.txt has no config.json"
+    with pytest.raises(UserError, match="no model given"):
+        resolve_model_path("")  # was: "model directory . has no config.json"

@@ -171,8 +171,12 @@ def resolve_model_path(name: str) -> str:
     """A registry name -> its local directory; a local path -> itself; else a (cached) hub id."""
     if name in REGISTRY:
         return str(REGISTRY[name]())
+    if not name.strip():
+        raise UserError("no model given: a run folder, a model directory or a registry name")
     path = Path(name).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is a file: give a run folder, a model directory or a registry name")
         if not (path / "config.json").exists():
             raise UserError(f"model directory {path} has no config.json")
         return str(path)
