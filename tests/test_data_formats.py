@@ -223,10 +223,14 @@ def test_openai_text_parts_and_the_developer_role_read_as_tunelab_serve_reads_th
         load_examples(write_jsonl([row]))
 
 
-def test_a_csv_column_named_twice_is_an_error(tmp_path):
+def test_a_csv_column_or_a_json_key_named_twice_is_an_error(tmp_path):
     path = tmp_path / "dup.csv"
     path.write_text("instruction,output,output\n你好,世界,另一个\n", encoding="utf-8")
     with pytest.raises(DataError, match="dup.csv:1: column 'output' appears more than once"):
+        load_examples(path)
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "output": "e"}\n')
+    with pytest.raises(DataError, match="dup.jsonl:2: invalid JSON: key 'output' appears twice in one object"):
         load_examples(path)
 
 

@@ -124,7 +124,17 @@ def _json_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_json_constant)
+def _unique_keys(pairs: list) -> dict:
+    """An object whose key repeats would keep the last value unseen (`{"output": "a", "output": "b"}`)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {repeated!r} appears twice in one object")
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_json_constant, object_pairs_hook=_unique_keys)
 
 
 def _parse_json(text: str, path: Path, line: int):
