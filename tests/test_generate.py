@@ -87,6 +87,9 @@ def test_chat_loop_keeps_history_and_resets(tiny):
     text = out.getvalue()
     assert text.count("model> ") == 2  # /help and an unknown command are commands, not prompts
     assert text.count("/reset clears the history") == 3 and "unknown command /nope" in text
+    ended = io.StringIO()
+    chat_loop(model, tok, GenerationSettings(max_new_tokens=3, temperature=0), io.StringIO(""), ended)
+    assert ended.getvalue().endswith("you> \n")  # at the end of input the shell's prompt starts a new line
 
 
 def test_system_prompt_override_and_streaming_give_the_same_answer(tiny):

@@ -171,7 +171,8 @@ def chat_loop(
     while True:
         print("you> ", end="", file=stdout, flush=True)
         line = stdin.readline()
-        if not line:
+        if not line:  # Ctrl-D or the end of piped input: leave the shell's prompt on a line of its own
+            print(file=stdout, flush=True)
             break
         line = line.strip()
         if line in ("/exit", "/quit"):
