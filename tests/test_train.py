@@ -11,6 +11,7 @@ import torch
 import tunelab
 from tunelab.config import build_config
 from tunelab.data.encode import IGNORE_INDEX
+from tunelab.errors import UserError
 from tunelab.io import created_mode
 from tunelab.training.loop import Trainer
 
@@ -162,6 +163,15 @@ def test_resume_reaches_the_same_final_loss(tmp_path, tiny_config):
     a = [json.loads(x)["loss"] for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    # fewer steps than the checkpoint has taken: refused, the run's record untouched (was: accepted, config
+    # rewritten to max_steps 3, a new hash, the run its own parent)
+    before = (interrupted / "config.yaml").read_bytes()
+    with pytest.raises(
+        UserError, match="6 steps are taken .* stops at 3: train.max_steps / train.epochs can only grow"
+    ):
+        tunelab.train(None, resume=interrupted, overrides=["train.max_steps=3"], progress=False)
+    assert (interrupted / "config.yaml").read_bytes() == before
+    assert not (interrupted / "resumes.jsonl").exists()  # the resume above changed nothing; this one never ran
 
 
 def test_incomplete_checkpoint_is_ignored_and_corrupt_one_is_a_clear_error(tmp_path, tiny_config):

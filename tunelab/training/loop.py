@@ -220,6 +220,11 @@ class Trainer:
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
             self.state.update(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler))
+            if self.total_steps < self.state["step"]:  # before anything of the run is rewritten
+                raise UserError(
+                    f"{self.run_dir}: {self.state['step']} steps are taken (checkpoint {ckpt.name}); this config "
+                    f"stops at {self.total_steps}: train.max_steps / train.epochs can only grow on resume"
+                )
             rebase_schedule(self.optimizer, self.scheduler, base_lrs)  # a new train.lr or total applies from here
             self.best_weights = load_best_weights(ckpt)
             log(f"resuming {self.run_dir} from {ckpt.name}")
