@@ -79,6 +79,19 @@ def test_auc_with_a_single_true_class_is_none_with_a_warning():
     assert len(m["warnings"]) == 1 and "only one class" in m["warnings"][0]
 
 
+def test_an_evaluation_missing_a_class_says_why_it_has_no_auc():
+    # eval.json had no eval_auc and nothing said why (the validation split had drawn no example of a class)
+    from types import SimpleNamespace
+
+    from tunelab.eval.loss import _classification_scores
+
+    model = SimpleNamespace(config=SimpleNamespace(id2label={0: "中性", 1: "负面", 2: "正面"}))
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2]])
+    scores = _classification_scores(model, [0, 1, 0], [0, 1, 0], probs)
+    assert "eval_auc" not in scores
+    assert scores["eval_classification_warnings"] == ["ROC AUC is undefined: no true example of 正面"]
+
+
 def test_empty_classification_input_is_a_user_error():
     with pytest.raises(UserError, match="the evaluation set is empty"):
         classification_metrics([], [], None, ["a", "b"])

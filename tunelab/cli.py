@@ -175,7 +175,12 @@ def _print_eval_table(metrics: dict) -> None:
             print(f"  {key:32s} {value:.4f}", file=sys.stderr)
         elif isinstance(value, int):
             print(f"  {key:32s} {value}", file=sys.stderr)
-    for kind, key in (("note", "eval_generation_notes"), ("warning", "eval_generation_warnings")):
+    shown = (
+        ("note", "eval_generation_notes"),
+        ("warning", "eval_generation_warnings"),
+        ("warning", "eval_classification_warnings"),
+    )
+    for kind, key in shown:
         for line in metrics.get(key, []):
             print(f"  {kind}: {line}", file=sys.stderr)
     print(f"  {'scale':32s} {metrics['scale']} (exact match, BLEU, ROUGE, accuracy, F1)", file=sys.stderr)

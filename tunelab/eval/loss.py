@@ -32,6 +32,7 @@ def _classification_scores(model, y_true, y_pred, probs) -> dict:
     if m.get("roc_auc") is not None:
         out["eval_auc"] = m["roc_auc"]
     out["eval_confusion_matrix"] = m["confusion_matrix"]
+    out["eval_classification_warnings"] = m["warnings"]  # why eval_auc is missing (a class absent from the split)
     return out
 
 

@@ -63,22 +63,23 @@ def classification_metrics(y_true: list[int], y_pred: list[int], probs: np.ndarr
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=label_ids).tolist()
     result["warnings"] = []
     if probs is not None:
-        result["roc_auc"] = _roc_auc(y_true, np.asarray(probs, dtype=float), len(labels), result["warnings"])
+        result["roc_auc"] = _roc_auc(y_true, np.asarray(probs, dtype=float), labels, result["warnings"])
     return result
 
 
-def _roc_auc(y_true: list[int], probs: np.ndarray, n_labels: int, warnings: list[str]) -> float | None:
+def _roc_auc(y_true: list[int], probs: np.ndarray, labels: list[str], warnings: list[str]) -> float | None:
     """Binary AUC from the positive-class column, else one-vs-rest macro AUC; None when undefined."""
     from sklearn.metrics import roc_auc_score
 
+    n_labels = len(labels)
     present = sorted(set(int(y) for y in y_true))
     if len(present) < 2:
-        warnings.append(f"ROC AUC is undefined: only one class ({present[0]}) is present in the true labels")
+        warnings.append(f"ROC AUC is undefined: only one class ({labels[present[0]]}) is present in the true labels")
         return None
     if n_labels > 2 and len(present) < n_labels:
         # One-vs-rest needs positives for every class; sklearn would return NaN here.
-        absent = [i for i in range(n_labels) if i not in present]
-        warnings.append(f"ROC AUC is undefined: classes {absent} have no examples in the true labels")
+        absent = ", ".join(labels[i] for i in range(n_labels) if i not in present)
+        warnings.append(f"ROC AUC is undefined: no true example of {absent}")
         return None
     scores = probs[:, 1] if n_labels == 2 and probs.ndim == 2 else probs
     try:
