@@ -300,6 +300,25 @@ def test_split_validation_deterministic_disjoint_covering():
     assert sorted(other[0] + other[1]) == items
 
 
+def test_a_classification_split_keeps_every_class_in_training():
+    # 13 examples, 正面 only twice: an unstratified 0.2 split could draw both into validation, and training
+    # then failed with "label '正面' does not occur in the training data" naming a line of the training file
+    labels = ["中性"] * 6 + ["负面"] * 5 + ["正面"] * 2
+    whole = [seed for seed in range(100) if {11, 12} <= set(split_validation(list(range(13)), 0.2, seed)[1])]
+    assert whole  # seeds whose plain draw holds out both 正面
+    for seed in range(100):
+        train, val = split_validation(list(range(13)), 0.2, seed, strata=labels)
+        assert sorted(train + val) == list(range(13)) and {labels[i] for i in train} == {"中性", "负面", "正面"}
+        if seed not in whole:  # where the plain draw was fine it stays: the same split as before
+            assert (train, val) == split_validation(list(range(13)), 0.2, seed)
+        else:  # else each class's share: 中性 round(1.2), 负面 round(1.0), 正面 none of 2 (its last stays)
+            assert sorted(labels[i] for i in val) == ["中性", "负面"]
+    # too few for any class's share: one validation example from the largest class, never a class's last one
+    train, val = split_validation(list(range(3)), 0.2, 0, strata=["a", "a", "b"])
+    assert len(val) == 1 and val[0] in (0, 1) and 2 in train
+    assert split_validation(list(range(3)), 0.2, 0, strata=["a", "b", "c"]) == ([0, 1, 2], [])
+
+
 def test_split_validation_zero_and_small():
     items = list(range(10))
     assert split_validation(items, 0.0, seed=0) == (items, [])

@@ -82,14 +82,28 @@ def class_weights(encoded: list[dict], n_classes: int) -> list[float]:
     return [len(encoded) / (n_classes * c) if c else 0.0 for c in counts]
 
 
-def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded random split; at least one validation example when fraction > 0 and there are 2+ examples."""
+def split_validation(examples: list, fraction: float, seed: int, strata: list | None = None) -> tuple[list, list]:
+    """Seeded random split; at least one validation example when fraction > 0 and there are 2+ examples.
+    With `strata` (an example's class): where that draw takes a class whole into validation, which left training
+    without it (an error on a small, uneven set, that named a line of the training file), each class gives its
+    share instead and keeps at least one example in training (none held out when every class has one)."""
     if fraction <= 0 or len(examples) < 2:
         return list(examples), []
+    rng = random.Random(seed)
     order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    rng.shuffle(order)
     n_val = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
     val_idx = set(order[:n_val])
+    if strata is not None and set(strata) != {strata[i] for i in order[n_val:]}:
+        groups: dict = {}
+        for i in order:
+            groups.setdefault(strata[i], []).append(i)
+        val_idx = {
+            i for members in groups.values() for i in members[: min(round(len(members) * fraction), len(members) - 1)]
+        }
+        largest = max(groups.values(), key=len)
+        if not val_idx and len(largest) > 1:  # too few of every class for its share: one from the largest
+            val_idx.add(largest[0])
     return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
 
 
@@ -132,7 +146,8 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         for name, lines in unknown_field_lines(val_examples).items():
             unknown.setdefault(f"{name} in data.eval", lines)
     else:
-        train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed)
+        strata = [str(e.label) for e in train_examples] if cfg.task == "classification" else None
+        train_examples, val_examples = split_validation(train_examples, d.val_fraction, cfg.seed, strata)
     if cfg.distill is not None and cfg.distill.prompts:  # the teacher's answers: training only
         from ..distill.answers import answered_examples
 
