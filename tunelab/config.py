@@ -33,7 +33,11 @@ class DataConfig(Section):
     )
     eval: str | None = Field(None, description="evaluation data; unset: data.val_fraction of the training data")
     val_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="share of the training data held out for evaluation when data.eval is unset"
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of the training data held out for evaluation when data.eval is unset (classification: "
+        "never a class's last training example)",
     )
     format: Literal[
         "auto",
