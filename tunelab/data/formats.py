@@ -176,9 +176,14 @@ def _read_json(path: Path, raw: bytes) -> list[Record]:
     text = _decode(path, raw, 0).removeprefix("\ufeff")
     stripped = text.lstrip()
     if not stripped.startswith("["):
-        if stripped.startswith("{") and _several_values(text):
-            return _read_jsonl(path, raw)  # JSON Lines saved with a .json name
-        obj = _parse_json(text, path, 1)
+        try:  # one parse: a single object, or the first line of JSON Lines saved with a .json name
+            obj = _DECODER.decode(text)
+        except json.JSONDecodeError as exc:
+            if stripped.startswith("{") and exc.msg == "Extra data":
+                return _read_jsonl(path, raw)
+            obj = _parse_json(text, path, 1)  # raises, naming the line
+        except (ValueError, RecursionError):  # NaN's kin, a huge integer, deep nesting: the same
+            obj = _parse_json(text, path, 1)
         if isinstance(obj, dict):  # a single object, or {"data": [...]}
             for key in ("data", "examples", "records"):
                 if isinstance(obj.get(key), list):
@@ -232,17 +237,6 @@ def _skip_space(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
     return pos
-
-
-def _several_values(text: str) -> bool:
-    """True when `text` holds more than one JSON value one after the other (JSON Lines), not one object."""
-    try:
-        _DECODER.decode(text)
-    except json.JSONDecodeError as exc:
-        return exc.msg == "Extra data"
-    except ValueError:  # NaN / Infinity / a huge integer: the reader names it
-        return False
-    return False
 
 
 def _read_csv(path: Path, raw: bytes) -> list[Record]:
